@@ -1,0 +1,3 @@
+from mfprune.cli import app
+
+app(prog_name="mfprune")

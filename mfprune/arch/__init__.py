@@ -1,0 +1,61 @@
+"""Architecture adapters: built-in families (TOML data files) and lookup by ``model_type``."""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from mfprune.arch.spec import (
+    ArchSpec,
+    ExpertSpec,
+    HeadSpec,
+    HeadTensor,
+    MoeLayers,
+    StackedTensor,
+    load_spec_file,
+    parse_spec,
+)
+from mfprune.errors import ArchError, did_you_mean
+
+__all__ = [
+    "ArchSpec",
+    "ExpertSpec",
+    "HeadSpec",
+    "HeadTensor",
+    "MoeLayers",
+    "StackedTensor",
+    "builtin_specs",
+    "load_spec_file",
+    "spec_for_config",
+]
+
+
+@functools.cache
+def builtin_specs() -> dict[str, ArchSpec]:
+    """Every built-in adapter, keyed by family name."""
+    specs: dict[str, ArchSpec] = {}
+    for entry in sorted(resources.files("mfprune.arch").joinpath("families").iterdir(), key=str):
+        if entry.name.endswith(".toml"):
+            spec = parse_spec(tomllib.loads(entry.read_text("utf-8")), source=entry.name)
+            specs[spec.family] = spec
+    return specs
+
+
+def spec_for_config(config: dict[str, Any], *, arch_file: str | Path | None = None) -> ArchSpec:
+    """The adapter for a model: the user's file when given, else found from ``model_type``."""
+    if arch_file is not None:
+        return load_spec_file(arch_file)
+    model_type = config.get("model_type")
+    by_type = {mt: spec for spec in builtin_specs().values() for mt in spec.model_types}
+    if model_type in by_type:
+        return by_type[model_type]
+    families = ", ".join(sorted(by_type))
+    shown = f"'{model_type}'" if model_type else "missing"
+    raise ArchError(
+        f"unsupported model_type {shown}{did_you_mean(str(model_type), by_type)}; "
+        f"supported: {families}",
+        hint="pass your own adapter with --arch FILE (docs/adding-an-architecture.md)",
+    )

@@ -1,0 +1,194 @@
+"""ModelLayout: an adapter resolved against one checkpoint — which layers are MoE, how many
+experts, top-k, groups, heads — with the config checked against the tensors on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
+from mfprune.checkpoint import Checkpoint
+from mfprune.errors import ArchError, ModelError
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Routed experts of one kind (``kind`` is 'experts' or 'attention_experts')."""
+
+    kind: str
+    spec: ExpertSpec
+    layers: tuple[int, ...]  # decoder layers that route over these experts
+    num_experts: int  # E
+    top_k: int  # K
+    count_key: str  # the config key that holds E
+    n_group: int = 1  # group-limited routing (DeepSeek-V3): E splits into n_group equal groups
+    topk_group: int = 1
+
+    @property
+    def group_size(self) -> int:
+        return self.num_experts // self.n_group
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    spec: HeadSpec
+    num_heads: int  # H (query heads)
+    num_kv_heads: int  # KV
+    head_dim: int
+    config: dict[str, Any]
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def width(self, t: HeadTensor) -> int:
+        """Elements per head of ``t`` along its head axis."""
+        if t.width == "head_dim":
+            return self.head_dim
+        if isinstance(t.width, int):
+            return t.width
+        keys = (t.width,) if isinstance(t.width, str) else t.width
+        missing = [k for k in keys if not isinstance(self.config.get(k), int)]
+        if missing:
+            raise ArchError(
+                f"head tensor {t.name} takes its width from config keys {missing} that are missing",
+                hint="fix the adapter's heads.tensors width",
+            )
+        return sum(self.config[k] for k in keys)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    spec: ArchSpec
+    num_layers: int  # L
+    experts: ExpertLayout
+    attention_experts: ExpertLayout | None
+    heads: HeadLayout | None  # None when the config does not say how many heads
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+
+def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
+    """Check the adapter against the config and the tensors; raise ModelError on a mismatch."""
+    cfg = ckpt.config
+    num_layers = cfg.get(spec.num_layers_key)
+    if not isinstance(num_layers, int) or num_layers <= 0:
+        raise ModelError(
+            f"config.json has no valid '{spec.num_layers_key}' (got {num_layers!r})",
+            hint="the adapter's num_layers_key must name the decoder-layer count",
+        )
+    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers)
+    attention = (
+        _resolve_experts(ckpt, spec.attention_experts, "attention_experts", num_layers)
+        if spec.attention_experts
+        else None
+    )
+    return ModelLayout(
+        spec=spec,
+        num_layers=num_layers,
+        experts=experts,
+        attention_experts=attention,
+        heads=_resolve_heads(cfg, spec.heads),
+    )
+
+
+def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:
+    value = cfg.get(key) if key else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int) -> bool:
+    rules = spec.layers
+    if layer < _int_key(cfg, rules.first_dense_key, 0):
+        return False
+    dense = cfg.get(rules.dense_layers_key) if rules.dense_layers_key else None
+    if isinstance(dense, list) and layer in dense:
+        return False
+    return (layer + 1) % max(1, _int_key(cfg, rules.sparse_step_key, 1)) == 0
+
+
+def _resolve_experts(
+    ckpt: Checkpoint, spec: ExpertSpec, kind: str, num_layers: int
+) -> ExpertLayout:
+    cfg, tensors = ckpt.config, ckpt.tensors
+    count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
+    if count_key is None:
+        raise ModelError(
+            f"config.json has none of {list(spec.count_keys)} ({kind} count)",
+            hint="is this a Mixture-of-Experts checkpoint? mfprune only prunes MoE models",
+        )
+    num_experts, top_k = cfg[count_key], _int_key(cfg, spec.top_k_key, 0)
+    with_router = [L for L in range(num_layers) if spec.router.format(layer=L) in tensors]
+    if not with_router:
+        raise ModelError(
+            f"no MoE layer found: no tensor named like '{spec.router.format(layer=0)}'",
+            hint="a dense model has no experts to prune; for another layout pass --arch FILE",
+        )
+    by_config = [L for L in range(num_layers) if _moe_by_config(cfg, spec, L)]
+    if by_config != with_router:
+        raise ModelError(
+            f"config.json makes layers {by_config} MoE but router tensors exist for {with_router}",
+            hint="the config does not match the weights; check first_k_dense_replace / "
+            "decoder_sparse_step / mlp_only_layers",
+        )
+    if top_k <= 0 or top_k > num_experts:
+        raise ModelError(f"config.json '{spec.top_k_key}' = {top_k!r} is not a valid top-k")
+    for L in with_router:
+        rows = tensors[spec.router.format(layer=L)].shape[0]
+        if rows != num_experts:
+            raise ModelError(
+                f"config.json says {count_key} = {num_experts} but layer {L}'s router has "
+                f"{rows} rows",
+                hint="the config does not match the weights; fix config.json",
+            )
+        for st in spec.stacked:
+            info = tensors.get(st.name.format(layer=L))
+            if info is None and not st.optional:
+                raise ModelError(f"expert tensor {st.name.format(layer=L)} is missing")
+            if info is not None and (
+                len(info.shape) <= st.axis or info.shape[st.axis] != num_experts
+            ):
+                raise ModelError(
+                    f"{info.name} has shape {list(info.shape)}, not {num_experts} experts "
+                    f"along axis {st.axis}",
+                    hint="the config does not match the weights",
+                )
+        for template in spec.per_expert:
+            for e in range(num_experts):
+                if template.format(layer=L, expert=e) not in tensors:
+                    raise ModelError(
+                        f"expert tensor {template.format(layer=L, expert=e)} is missing "
+                        f"({count_key} = {num_experts})",
+                        hint="the config does not match the weights",
+                    )
+            if template.format(layer=L, expert=num_experts) in tensors:
+                raise ModelError(
+                    f"config.json says {count_key} = {num_experts} but "
+                    f"{template.format(layer=L, expert=num_experts)} exists",
+                    hint="the config does not match the weights; fix config.json",
+                )
+    n_group = max(1, _int_key(cfg, spec.groups_key, 1))
+    if num_experts % n_group:
+        raise ModelError(f"{num_experts} experts do not split into n_group = {n_group} groups")
+    return ExpertLayout(
+        kind=kind,
+        spec=spec,
+        layers=tuple(with_router),
+        num_experts=num_experts,
+        top_k=top_k,
+        count_key=count_key,
+        n_group=n_group,
+        topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
+    )
+
+
+def _resolve_heads(cfg: dict[str, Any], spec: HeadSpec) -> HeadLayout | None:
+    heads = _int_key(cfg, spec.count_key, 0)
+    if heads <= 0:
+        return None
+    kv = _int_key(cfg, spec.kv_count_key, heads)
+    head_dim = _int_key(cfg, spec.head_dim_key, 0) or _int_key(cfg, "hidden_size", 0) // heads
+    return HeadLayout(spec=spec, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, config=cfg)

@@ -1,0 +1,314 @@
+"""ArchSpec: where a model family keeps its experts, routers and attention heads.
+
+An adapter is a TOML file (``mfprune/arch/families/*.toml``, or the user's own passed with
+``--arch FILE``). Names are on-disk safetensors names with two placeholders: ``{layer}`` (the
+decoder-layer index) and ``{expert}`` (the expert index, for per-expert tensors). Parsing is
+closed: unknown keys are errors, and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mfprune.errors import ArchError, did_you_mean
+
+HeadAxisOwner = Literal["query", "kv"]
+
+
+@dataclass(frozen=True)
+class StackedTensor:
+    """A tensor that holds one slice per expert (or head) along ``axis``."""
+
+    name: str
+    axis: int = 0
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class MoeLayers:
+    """Which decoder layers are MoE, from config keys (each optional).
+
+    A layer L is MoE unless ``L < config[first_dense_key]``, or ``L in config[dense_layers_key]``,
+    or ``(L + 1) % config[sparse_step_key] != 0`` — the rules of DeepSeek and Qwen-MoE.
+    """
+
+    first_dense_key: str | None = None
+    sparse_step_key: str | None = None
+    dense_layers_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """Routed experts of one kind (the MLP experts, or JetMoE's attention experts)."""
+
+    count_keys: tuple[
+        str, ...
+    ]  # config keys holding the expert count; every one present is patched
+    top_k_key: str
+    router: str  # router weight [E, D]: rows are experts; its presence marks an MoE layer
+    stacked: tuple[StackedTensor, ...] = ()  # fused expert tensors, router biases, score biases
+    per_expert: tuple[str, ...] = ()  # legacy per-expert names with {expert}
+    shared: tuple[str, ...] = ()  # name prefixes of shared experts (never pruned)
+    layers: MoeLayers = MoeLayers()
+    groups_key: str | None = None  # DeepSeek-V3 n_group: group-limited routing
+    topk_groups_key: str | None = None
+    group_score_topk: int = 1  # experts per group summed into the group score (V3: 2)
+    selection: Literal["logits", "biased_score"] = "logits"  # where a mask must go to drop one
+    selection_bias: str | None = None  # the bias added to scores before selection (V3)
+
+
+@dataclass(frozen=True)
+class HeadTensor:
+    """An attention tensor with one slice per head along ``axis``.
+
+    ``width`` is the slice size per head: ``"head_dim"`` (the model's head size), an integer,
+    or config keys whose values add up (DeepSeek MLA: ``["qk_nope_head_dim", "v_head_dim"]``).
+    """
+
+    name: str
+    axis: int
+    owner: HeadAxisOwner
+    width: str | int | tuple[str, ...] = "head_dim"
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    count_key: str = "num_attention_heads"
+    kv_count_key: str | None = "num_key_value_heads"
+    head_dim_key: str | None = "head_dim"
+    pin_head_dim: bool = True  # write head_dim into config when it was derived from hidden/heads
+    tensors: tuple[HeadTensor, ...] = ()
+    unsupported: str | None = None  # why heads cannot be pruned exactly in this family
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    experts: ExpertSpec
+    heads: HeadSpec = field(default_factory=HeadSpec)
+    attention_experts: ExpertSpec | None = None  # JetMoE / ModuleFormer mixture of attention
+    num_layers_key: str = "num_hidden_layers"
+    description: str = ""
+    source: str = ""  # the file it came from
+
+
+# ---------------------------------------------------------------------------------- parsing
+
+
+class _Reader:
+    """Pulls typed fields out of a TOML table and collects every problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def table(self, data: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            self.problems.append(f"{where}: expected a table")
+            return {}
+        for key in data:
+            if key not in allowed:
+                hint = did_you_mean(key, allowed)
+                self.problems.append(f"{where}: unknown key '{key}'{hint}")
+        return data
+
+    def get(self, data: dict, key: str, where: str, kind: type | tuple, default: Any = ...) -> Any:
+        if key not in data:
+            if default is ...:
+                self.problems.append(f"{where}: missing required key '{key}'")
+                return None
+            return default
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.problems.append(f"{where}.{key}: expected {names}, got {value!r}")
+            return None if default is ... else default
+        return value
+
+    def names(self, data: dict, key: str, where: str) -> tuple[str, ...]:
+        value = self.get(data, key, where, list, [])
+        if value is None:
+            return ()
+        bad = [v for v in value if not isinstance(v, str)]
+        if bad:
+            self.problems.append(f"{where}.{key}: expected strings, got {bad!r}")
+        return tuple(v for v in value if isinstance(v, str))
+
+
+_STACKED_KEYS = {"name", "axis", "optional"}
+_EXPERT_KEYS = {
+    "count_keys",
+    "top_k_key",
+    "router",
+    "stacked",
+    "per_expert",
+    "shared",
+    "first_dense_key",
+    "sparse_step_key",
+    "dense_layers_key",
+    "groups_key",
+    "topk_groups_key",
+    "group_score_topk",
+    "selection",
+    "selection_bias",
+}
+_HEAD_KEYS = {
+    "count_key",
+    "kv_count_key",
+    "head_dim_key",
+    "pin_head_dim",
+    "tensors",
+    "unsupported",
+}
+_HEAD_TENSOR_KEYS = {"name", "axis", "owner", "width", "optional"}
+_TOP_KEYS = {
+    "family",
+    "model_types",
+    "description",
+    "num_layers_key",
+    "experts",
+    "attention_experts",
+    "heads",
+}
+
+
+def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
+    t = r.table(data, where, _EXPERT_KEYS)
+    stacked = []
+    for i, item in enumerate(r.get(t, "stacked", where, list, [])):
+        s = r.table(item, f"{where}.stacked[{i}]", _STACKED_KEYS)
+        name = r.get(s, "name", f"{where}.stacked[{i}]", str)
+        axis = r.get(s, "axis", f"{where}.stacked[{i}]", int, 0)
+        optional = r.get(s, "optional", f"{where}.stacked[{i}]", bool, False)
+        if name is not None:
+            _check_template(r, name, f"{where}.stacked[{i}].name", need_expert=False)
+            stacked.append(StackedTensor(name=name, axis=axis or 0, optional=bool(optional)))
+    per_expert = r.names(t, "per_expert", where)
+    for name in per_expert:
+        _check_template(r, name, f"{where}.per_expert", need_expert=True)
+    router = r.get(t, "router", where, str)
+    if router is not None:
+        _check_template(r, router, f"{where}.router", need_expert=False)
+    selection = r.get(t, "selection", where, str, "logits")
+    if selection not in ("logits", "biased_score"):
+        r.problems.append(f"{where}.selection: expected 'logits' or 'biased_score'")
+    count_keys = r.names(t, "count_keys", where)
+    if not count_keys:
+        r.problems.append(f"{where}.count_keys: name at least one config key")
+    if router is None:
+        return None
+    return ExpertSpec(
+        count_keys=count_keys,
+        top_k_key=r.get(t, "top_k_key", where, str, "num_experts_per_tok"),
+        router=router,
+        stacked=tuple(stacked),
+        per_expert=per_expert,
+        shared=r.names(t, "shared", where),
+        layers=MoeLayers(
+            first_dense_key=r.get(t, "first_dense_key", where, str, None),
+            sparse_step_key=r.get(t, "sparse_step_key", where, str, None),
+            dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
+        ),
+        groups_key=r.get(t, "groups_key", where, str, None),
+        topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
+        group_score_topk=r.get(t, "group_score_topk", where, int, 1),
+        selection=selection if selection in ("logits", "biased_score") else "logits",
+        selection_bias=r.get(t, "selection_bias", where, str, None),
+    )
+
+
+def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
+    t = r.table(data, where, _HEAD_KEYS)
+    tensors = []
+    for i, item in enumerate(r.get(t, "tensors", where, list, [])):
+        w = f"{where}.tensors[{i}]"
+        s = r.table(item, w, _HEAD_TENSOR_KEYS)
+        name, axis = r.get(s, "name", w, str), r.get(s, "axis", w, int)
+        owner = r.get(s, "owner", w, str, "query")
+        if owner not in ("query", "kv"):
+            r.problems.append(f"{w}.owner: expected 'query' or 'kv', got {owner!r}")
+        width = r.get(s, "width", w, (str, int, list), "head_dim")
+        if isinstance(width, list):
+            width = tuple(width)
+        if name is not None and axis is not None:
+            _check_template(r, name, f"{w}.name", need_expert=False)
+            tensors.append(
+                HeadTensor(
+                    name=name,
+                    axis=axis,
+                    owner=owner if owner in ("query", "kv") else "query",
+                    width=width,
+                    optional=bool(r.get(s, "optional", w, bool, False)),
+                )
+            )
+    return HeadSpec(
+        count_key=r.get(t, "count_key", where, str, "num_attention_heads"),
+        kv_count_key=r.get(t, "kv_count_key", where, str, "num_key_value_heads"),
+        head_dim_key=r.get(t, "head_dim_key", where, str, "head_dim"),
+        pin_head_dim=bool(r.get(t, "pin_head_dim", where, bool, True)),
+        tensors=tuple(tensors),
+        unsupported=r.get(t, "unsupported", where, str, None),
+    )
+
+
+def _check_template(r: _Reader, name: str, where: str, *, need_expert: bool) -> None:
+    if "{layer}" not in name:
+        r.problems.append(f"{where}: '{name}' has no {{layer}} placeholder")
+    if need_expert and "{expert}" not in name:
+        r.problems.append(f"{where}: '{name}' has no {{expert}} placeholder")
+    if not need_expert and "{expert}" in name:
+        r.problems.append(f"{where}: '{name}' must not use {{expert}} (it is stacked)")
+
+
+def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
+    """Build an ArchSpec from a parsed TOML table; raise ArchError listing every problem."""
+    problems: list[str] = []
+    r = _Reader(problems)
+    t = r.table(data, "adapter", _TOP_KEYS)
+    family = r.get(t, "family", "adapter", str)
+    model_types = r.names(t, "model_types", "adapter")
+    experts = _parse_experts(r, t.get("experts"), "experts") if "experts" in t else None
+    if "experts" not in t:
+        problems.append("adapter: missing required table [experts]")
+    attention = (
+        _parse_experts(r, t["attention_experts"], "attention_experts")
+        if "attention_experts" in t
+        else None
+    )
+    heads = _parse_heads(r, t.get("heads", {}), "heads")
+    if problems:
+        raise ArchError(
+            f"adapter {source} is invalid: " + "; ".join(problems),
+            hint="compare with a built-in adapter in mfprune/arch/families/ and "
+            "docs/adding-an-architecture.md",
+        )
+    assert family is not None and experts is not None  # guaranteed by the problem checks
+    return ArchSpec(
+        family=family,
+        model_types=model_types or (family,),
+        experts=experts,
+        heads=heads,
+        attention_experts=attention,
+        num_layers_key=r.get(t, "num_layers_key", "adapter", str, "num_hidden_layers"),
+        description=r.get(t, "description", "adapter", str, ""),
+        source=source,
+    )
+
+
+def load_spec_file(path: str | Path) -> ArchSpec:
+    """Read a user's adapter file (same schema as the built-in ones)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArchError(f"adapter file {p} does not exist", hint="pass a TOML adapter file")
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ArchError(
+            f"adapter file {p} is not valid TOML: {exc}",
+            hint="see docs/adding-an-architecture.md",
+        ) from None
+    return parse_spec(data, source=str(p))

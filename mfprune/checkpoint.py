@@ -1,0 +1,168 @@
+"""A model folder on disk: its config, its safetensors shards and where every tensor lies.
+
+Opening a checkpoint validates it without loading a weight: the folder and ``config.json``
+exist, weights are safetensors (pickle files are refused, never unpickled), the index names
+files inside the folder, and every header is sound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mfprune.errors import CheckpointError, ModelError
+from mfprune.io.reader import SafetensorsHeader, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    root: Path
+    config: dict[str, Any]
+    shards: tuple[SafetensorsHeader, ...]
+    tensors: dict[str, TensorInfo]  # every tensor, shard by shard in on-disk order
+    index: dict[str, Any] | None  # the parsed index file, when there is one
+
+    @property
+    def weight_files(self) -> set[Path]:
+        return {s.path for s in self.shards} | ({self.root / INDEX_NAME} if self.index else set())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.file_size for s in self.shards)
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every shard header: cheap, changes when weights move."""
+        h = hashlib.sha256((self.root / "config.json").read_bytes())
+        for shard in self.shards:
+            h.update(shard.path.name.encode())
+            h.update(shard.raw_header)
+            h.update(str(shard.file_size).encode())
+        return h.hexdigest()
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Validate a model folder and index its tensors (headers only)."""
+    root = Path(path)
+    if not root.exists():
+        raise ModelError(f"model folder {root} does not exist", hint="check the path")
+    if not root.is_dir():
+        raise ModelError(
+            f"{root} is a file, not a model folder", hint="pass the folder holding config.json"
+        )
+    root = root.resolve()
+    config = read_config(root)
+    files = _shard_files(root)
+    shards = tuple(read_header(f) for f in files)
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in shard.tensors.items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor '{name}' appears in both {tensors[name].file.name} and "
+                    f"{shard.path.name}"
+                )
+            tensors[name] = info
+    index = _read_index(root) if (root / INDEX_NAME).exists() else None
+    if index is not None:
+        _check_index_matches(root, index["weight_map"], tensors)
+    return Checkpoint(root=root, config=config, shards=shards, tensors=tensors, index=index)
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        raise ModelError(
+            f"no config.json in {root}",
+            hint="a model folder is what save_pretrained writes: config.json + *.safetensors",
+        )
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"config.json in {root} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"config.json in {root} is not a JSON object")
+    return config
+
+
+def _inside(root: Path, p: Path) -> bool:
+    """Whether ``p`` (links resolved) lies in ``root`` or in a Hugging Face cache's blobs."""
+    target = p.resolve()
+    if target.is_relative_to(root):
+        return True
+    # hub cache: <repo>/snapshots/<rev>/file -> <repo>/blobs/<sha>
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+
+
+def _shard_files(root: Path) -> list[Path]:
+    index = root / INDEX_NAME
+    if index.exists():
+        weight_map = _read_index(root)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    else:
+        names = sorted(p.name for p in root.glob("*.safetensors"))
+    if not names:
+        pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(
+                f"{root} holds only pickle weights ({', '.join(pickles[:3])}); mfprune never "
+                "unpickles files",
+                hint="convert to safetensors: load once in a trusted environment and "
+                "save_pretrained(dir, safe_serialization=True)",
+            )
+        raise ModelError(f"no *.safetensors weights in {root}", hint="check the model folder")
+    files = []
+    for name in names:
+        p = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not _inside(root, p):
+            raise CheckpointError(
+                f"the index points outside the model folder: '{name}'",
+                hint="an index may only name shard files inside the model folder",
+            )
+        if not p.is_file():
+            raise CheckpointError(
+                f"shard {name} named by the index is missing", hint="re-download the checkpoint"
+            )
+        files.append(p)
+    for p in root.glob("*.safetensors"):
+        if p.is_symlink() and not _inside(root, p):
+            raise CheckpointError(
+                f"{p.name} is a symlink that points outside the model folder",
+                hint="copy the file into the folder instead of linking it",
+            )
+    return files
+
+
+def _read_index(root: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{INDEX_NAME} is not valid JSON: {exc}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{INDEX_NAME} has no valid weight_map")
+    return index
+
+
+def _check_index_matches(
+    root: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]
+) -> None:
+    for name, file in weight_map.items():
+        if name not in tensors:
+            raise CheckpointError(f"{INDEX_NAME} lists '{name}' but no shard holds it")
+        if tensors[name].file.name != Path(file).name:
+            raise CheckpointError(
+                f"{INDEX_NAME} puts '{name}' in {file} but it is in {tensors[name].file.name}"
+            )
+    missing = sorted(set(tensors) - set(weight_map))
+    if missing:
+        raise CheckpointError(
+            f"{INDEX_NAME} does not list '{missing[0]}' (and {len(missing) - 1} more)"
+        )

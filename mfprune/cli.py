@@ -1,0 +1,192 @@
+"""The `mfprune` command line: each command parses its options, calls one library function
+and prints the result. Domain errors become one `error: ... (hint: ...)` line and exit 2."""
+
+import functools
+import os
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from mfprune.console import OutputFormat, Sink
+from mfprune.errors import MfpruneError
+
+app = typer.Typer(
+    name="mfprune",
+    help="Shrink Mixture-of-Experts LLMs to the task they are used for.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", help="human (rich), json (machine-readable) or quiet")
+]
+ArchOpt = Annotated[
+    Path | None,
+    typer.Option("--arch", help="your own adapter TOML for a family mfprune does not know"),
+]
+
+
+def _sigterm(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def command(fn: F) -> F:
+    """Run a command body; turn MfpruneError / Ctrl-C into one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        sink = Sink(kwargs.get("fmt", OutputFormat.human))
+        signal.signal(signal.SIGTERM, _sigterm)
+        try:
+            return fn(*args, sink=sink, **kwargs)
+        except MfpruneError as exc:
+            sink.error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            sink.error("interrupted; no output was left behind", "re-run the command to resume")
+            raise typer.Exit(130) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            sink.error(f"{exc.strerror or exc}{where}", "check disk space and permissions")
+            raise typer.Exit(1) from None
+        except Exception as exc:
+            if os.environ.get("MFPRUNE_DEBUG"):
+                raise
+            sink.error(
+                f"internal error: {type(exc).__name__}: {exc}",
+                "re-run with MFPRUNE_DEBUG=1 for the traceback and report it",
+            )
+            raise typer.Exit(3) from None
+
+    # typer reads the signature: hide the injected ``sink`` parameter
+    import inspect
+
+    sig = inspect.signature(fn)
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in sig.parameters.values() if p.name != "sink"]
+    )
+    return wrapper  # type: ignore[return-value]
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' / '500MiB' / '123' -> bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise MfpruneError(f"cannot read size '{text}'", hint="write e.g. 5GB, 500MB or 2GiB")
+    number, unit = float(m.group(1)), m.group(2).upper()
+    power = " KMGT".index(unit[0]) if unit and unit[0] in "KMGT" else 0
+    base = 1024 if "I" in unit else 1000
+    return int(number * base**power)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+@command
+def inspect(
+    model: Annotated[Path, typer.Argument(help="model folder (config.json + *.safetensors)")],
+    arch: ArchOpt = None,
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """Family, MoE layers, experts, top-k, groups, heads and the parameter split."""
+    from mfprune.arch import load_spec_file
+    from mfprune.inspect import inspect_model
+
+    report = inspect_model(model, spec=load_spec_file(arch) if arch else None)
+    table = Table(title=f"{report.path}", show_header=False, title_justify="left")
+    e = report.experts
+    table.add_row("family", f"{report.family} (model_type {report.model_type})")
+    table.add_row("layers", f"{report.num_layers}, MoE: {_layers(e.layers)}")
+    groups = f", {e.n_group} groups (top-{e.topk_group} groups)" if e.n_group > 1 else ""
+    table.add_row("experts", f"{e.experts_per_layer} per layer, top-{e.top_k}{groups}")
+    if report.attention_experts:
+        a = report.attention_experts
+        table.add_row("attention experts", f"{a.experts_per_layer} per layer, top-{a.top_k}")
+    if report.heads:
+        table.add_row(
+            "heads",
+            f"{report.heads} query, {report.kv_heads} KV, head_dim {report.head_dim}; "
+            f"pruning: {report.head_pruning}",
+        )
+    total = sum(report.params.values())
+    for role, n in report.params.items():
+        if n:
+            table.add_row(f"params: {role}", f"{n:,} ({100 * n / max(total, 1):.1f}%)")
+    table.add_row("params: total", f"{total:,}")
+    table.add_row("dtypes", ", ".join(f"{k} {v:,}" for k, v in report.dtypes.items()))
+    table.add_row("on disk", f"{_human_bytes(report.bytes_on_disk)} in {report.shards} shard(s)")
+    sink.result(report.to_dict(), table)
+
+
+def _layers(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]} ({len(layers)})"
+    return ", ".join(map(str, layers))
+
+
+@app.command()
+@command
+def prune(
+    model: Annotated[Path, typer.Argument(help="source model folder (never modified)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the pruned model")],
+    plan: Annotated[Path, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")],
+    arch: ArchOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a non-empty output folder atomically")
+    ] = False,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option("--max-shard-size", help="largest output shard, e.g. 5GB (default: source's)"),
+    ] = None,
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """Rewrite MODEL into a smaller checkpoint that keeps what the plan says."""
+    from mfprune.arch import load_spec_file
+    from mfprune.plan import PrunePlan
+    from mfprune.rewrite import rewrite_checkpoint
+
+    result = rewrite_checkpoint(
+        model,
+        PrunePlan.load(plan),
+        out,
+        spec=load_spec_file(arch) if arch else None,
+        overwrite=overwrite,
+        max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
+    )
+    for name in result.skipped_files:
+        sink.warn(f"not carried over: {name} (weights outside the safetensors index, or a folder)")
+    ratio = result.out_bytes / max(result.source_bytes, 1)
+    changes = ", ".join(f"{k} {a}→{b}" for k, (a, b) in result.config_changes.items())
+    sink.result(
+        result.to_dict(),
+        f"wrote {result.out} — {_human_bytes(result.out_bytes)} "
+        f"({ratio:.1%} of {_human_bytes(result.source_bytes)}), {result.shards} shard(s); "
+        f"{result.tensors_sliced} tensors sliced, {result.tensors_dropped} dropped; "
+        f"config: {changes or 'unchanged'}",
+    )
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,120 @@
+"""inspect_model: what a checkpoint holds, from its config and headers alone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
+from mfprune.checkpoint import Checkpoint, open_checkpoint
+
+
+@dataclass(frozen=True)
+class ExpertSummary:
+    layers: list[int]
+    experts_per_layer: int
+    top_k: int
+    n_group: int
+    topk_group: int
+    count_key: str
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    path: str
+    family: str
+    model_type: str
+    num_layers: int
+    experts: ExpertSummary
+    attention_experts: ExpertSummary | None
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    head_pruning: str  # "supported" or why not
+    params: dict[
+        str, int
+    ]  # routed_experts / attention_experts / shared_experts / attention / routers / other
+    dtypes: dict[str, int]  # dtype -> parameter count
+    bytes_on_disk: int
+    shards: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelReport:
+    ckpt = open_checkpoint(model)
+    spec = spec or spec_for_config(ckpt.config)
+    layout = resolve_layout(ckpt, spec)
+    heads = layout.heads
+    if spec.heads.unsupported or not spec.heads.tensors:
+        head_pruning = spec.heads.unsupported or "no head tensors in the adapter"
+    else:
+        head_pruning = "supported"
+    dtypes: dict[str, int] = {}
+    for info in ckpt.tensors.values():
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + info.numel
+    return ModelReport(
+        path=str(ckpt.root),
+        family=spec.family,
+        model_type=str(ckpt.config.get("model_type")),
+        num_layers=layout.num_layers,
+        experts=_summary(layout.experts),
+        attention_experts=_summary(layout.attention_experts) if layout.attention_experts else None,
+        heads=heads.num_heads if heads else None,
+        kv_heads=heads.num_kv_heads if heads else None,
+        head_dim=heads.head_dim if heads else None,
+        head_pruning=head_pruning,
+        params=param_split(ckpt, layout),
+        dtypes=dtypes,
+        bytes_on_disk=ckpt.nbytes,
+        shards=len(ckpt.shards),
+    )
+
+
+def _summary(e: ExpertLayout) -> ExpertSummary:
+    return ExpertSummary(
+        layers=list(e.layers),
+        experts_per_layer=e.num_experts,
+        top_k=e.top_k,
+        n_group=e.n_group,
+        topk_group=e.topk_group,
+        count_key=e.count_key,
+    )
+
+
+def param_split(ckpt: Checkpoint, layout: ModelLayout) -> dict[str, int]:
+    """Parameter counts by role: routed experts, attention experts, shared experts, routers,
+    attention, other."""
+    role: dict[str, str] = {}
+    for experts in filter(None, (layout.experts, layout.attention_experts)):
+        kind = "routed_experts" if experts.kind == "experts" else "attention_experts"
+        spec = experts.spec
+        for layer in experts.layers:
+            router = spec.router.format(layer=layer)
+            role[router] = "routers"
+            for st in spec.stacked:
+                name = st.name.format(layer=layer)
+                is_router = name.startswith(router.rsplit(".", 1)[0] + ".")
+                role[name] = "routers" if is_router else kind
+            for template in spec.per_expert:
+                for e in range(experts.num_experts):
+                    role[template.format(layer=layer, expert=e)] = kind
+    shared = [p.format(layer=L) for L in layout.experts.layers for p in layout.experts.spec.shared]
+    split = dict.fromkeys(
+        ("routed_experts", "attention_experts", "shared_experts", "routers", "attention", "other"),
+        0,
+    )
+    for name, info in ckpt.tensors.items():
+        if name in role:
+            key = role[name]
+        elif any(name.startswith(p) for p in shared):
+            key = "shared_experts"
+        elif ".self_attn." in name or ".self_attention." in name:
+            key = "attention"
+        else:
+            key = "other"
+        split[key] += info.numel
+    return split

@@ -1,0 +1,1 @@
+"""Byte-level safetensors I/O: validating header reader and streaming shard writer."""

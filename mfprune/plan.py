@@ -1,0 +1,245 @@
+"""PrunePlan: which experts, attention experts and query heads each decoder layer keeps.
+
+JSON form (``docs/plan-format.md``)::
+
+    {"format": "mfprune.plan/1",
+     "experts":           {"<layer>": [kept expert ids]},
+     "attention_experts": {"<layer>": [kept attention-expert ids]},
+     "heads":             {"<layer>": [kept query-head ids]},
+     "meta":              {...}}            # optional, free-form: criterion, profile, ...
+
+A layer that is absent keeps everything. Validation reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mfprune.arch.layout import ExpertLayout, HeadLayout, ModelLayout
+from mfprune.errors import PlanError, did_you_mean
+
+PLAN_FORMAT = "mfprune.plan/1"
+_SECTIONS = ("experts", "attention_experts", "heads")
+
+Kept = dict[int, tuple[int, ...]]  # layer -> sorted kept ids
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    experts: Kept = field(default_factory=dict)
+    attention_experts: Kept = field(default_factory=dict)
+    heads: Kept = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ JSON round trip
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"format": PLAN_FORMAT}
+        for section in _SECTIONS:
+            kept: Kept = getattr(self, section)
+            out[section] = {str(layer): list(ids) for layer, ids in sorted(kept.items())}
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file {p} does not exist", hint="check the --plan path")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PlanError(
+                f"plan file {p} is not valid JSON: {exc}", hint="see docs/plan-format.md"
+            ) from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PrunePlan:
+        """Parse the JSON form; every structural problem is reported at once."""
+        if not isinstance(data, dict):
+            raise PlanError("a plan must be a JSON object")
+        problems = []
+        if data.get("format") != PLAN_FORMAT:
+            problems.append(f"'format' must be \"{PLAN_FORMAT}\", got {data.get('format')!r}")
+        for key in data:
+            if key not in (*_SECTIONS, "format", "meta"):
+                problems.append(f"unknown key '{key}'{did_you_mean(key, _SECTIONS)}")
+        sections: dict[str, Kept] = {}
+        for section in _SECTIONS:
+            sections[section] = _parse_section(data.get(section, {}), section, problems)
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            problems.append("'meta' must be an object")
+        if problems:
+            raise PlanError(problems)
+        return cls(**sections, meta=meta if isinstance(meta, dict) else {})
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self, layout: ModelLayout) -> None:
+        """Raise PlanError listing every reason this plan cannot be applied to ``layout``."""
+        problems: list[str] = []
+        _check_experts(self.experts, layout.experts, layout, problems)
+        att = layout.attention_experts
+        if att is None:
+            if self.attention_experts:
+                problems.append(f"attention_experts: {layout.family} has no attention experts")
+        else:
+            _check_experts(self.attention_experts, att, layout, problems)
+            if att.count_key == layout.experts.count_key:
+                n_mlp = _uniform_count(self.experts, layout.experts)
+                n_att = _uniform_count(self.attention_experts, att)
+                if n_mlp is not None and n_att is not None and n_mlp != n_att:
+                    problems.append(
+                        f"experts keep {n_mlp} and attention_experts keep {n_att}, but both "
+                        f"counts live in one config key '{att.count_key}': keep the same number"
+                    )
+        _check_heads(self.heads, layout, problems)
+        if problems:
+            raise PlanError(problems)
+
+    def kept_experts(self, layout: ExpertLayout, layer: int) -> tuple[int, ...]:
+        kept = self.experts if layout.kind == "experts" else self.attention_experts
+        return kept.get(layer, tuple(range(layout.num_experts)))
+
+
+def _parse_section(raw: Any, section: str, problems: list[str]) -> Kept:
+    if not isinstance(raw, dict):
+        problems.append(f"'{section}' must be an object of layer -> list of ids")
+        return {}
+    kept: Kept = {}
+    for key, ids in raw.items():
+        where = f"{section}[{key}]"
+        if not (isinstance(key, str) and key.isdigit()):
+            problems.append(f'{where}: layer keys are decoder-layer indices like "3"')
+            continue
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids
+        ):
+            problems.append(f"{where}: expected a list of integer ids, got {ids!r}")
+            continue
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+        if dup:
+            problems.append(f"{where}: duplicate ids {dup}")
+        kept[int(key)] = tuple(sorted(set(ids)))
+    return kept
+
+
+def _uniform_count(kept: Kept, layout: ExpertLayout) -> int | None:
+    counts = {len(kept.get(layer, range(layout.num_experts))) for layer in layout.layers}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _check_experts(
+    kept: Kept, layout: ExpertLayout, model: ModelLayout, problems: list[str]
+) -> None:
+    kind, E, K = layout.kind, layout.num_experts, layout.top_k
+    for layer, ids in sorted(kept.items()):
+        where = f"{kind}[{layer}]"
+        if layer not in layout.layers:
+            what = "does not exist" if layer >= model.num_layers else "is not an MoE layer"
+            problems.append(f"{where}: layer {layer} {what} (MoE layers: {_ranges(layout.layers)})")
+            continue
+        bad = [i for i in ids if not 0 <= i < E]
+        if bad:
+            problems.append(
+                f"{where}: ids {bad} out of range: the layer has {E} experts (0..{E - 1})"
+            )
+            continue
+        if len(ids) < K:
+            problems.append(
+                f"{where}: keeps {len(ids)} experts but the router picks top-{K}: keep at least {K}"
+            )
+        if layout.n_group > 1:
+            per_group = Counter(i // layout.group_size for i in ids)
+            counts = [per_group.get(g, 0) for g in range(layout.n_group)]
+            need = layout.spec.group_score_topk
+            if len(set(counts)) > 1:
+                problems.append(
+                    f"{where}: group-limited routing (n_group = {layout.n_group}) needs the same "
+                    f"number kept in every group of {layout.group_size}; kept per group: {counts}"
+                )
+            elif counts[0] < need:
+                problems.append(
+                    f"{where}: each group keeps {counts[0]} but the group score sums the top "
+                    f"{need}: keep at least {need} per group ({need * layout.n_group} in all)"
+                )
+            elif layout.topk_group * counts[0] < K:
+                problems.append(
+                    f"{where}: top-{K} is picked inside {layout.topk_group} group(s) of "
+                    f"{counts[0]} kept experts: keep at least "
+                    f"{-(-K // layout.topk_group)} per group"
+                )
+    if _uniform_count(kept, layout) is None:
+        counts = {layer: len(kept.get(layer, range(E))) for layer in layout.layers}
+        shown = ", ".join(f"layer {layer}: {n}" for layer, n in counts.items())
+        problems.append(
+            f"{kind}: kept counts differ across MoE layers ({shown}); stock transformers configs "
+            f"hold one '{layout.count_key}', so every MoE layer must keep the same number "
+            "(a layer absent from the plan keeps all)"
+        )
+
+
+def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
+    if not kept:
+        return
+    heads = model.heads
+    reason = model.spec.heads.unsupported
+    if heads is None or reason or not model.spec.heads.tensors:
+        why = reason or "its adapter lists no head tensors"
+        problems.append(f"heads: {model.family} heads cannot be pruned: {why}")
+        return
+    H, G = heads.num_heads, heads.group_size
+    shapes = set()
+    for layer, ids in sorted(kept.items()):
+        where = f"heads[{layer}]"
+        if not 0 <= layer < model.num_layers:
+            problems.append(f"{where}: layer {layer} does not exist (0..{model.num_layers - 1})")
+            continue
+        bad = [i for i in ids if not 0 <= i < H]
+        if bad:
+            problems.append(
+                f"{where}: ids {bad} out of range: the layer has {H} heads (0..{H - 1})"
+            )
+            continue
+        if not ids:
+            problems.append(f"{where}: keeps no head: keep at least one")
+            continue
+        per_kv = Counter(i // G for i in ids)
+        if len(set(per_kv.values())) > 1:
+            shown = {kv: per_kv[kv] for kv in sorted(per_kv)}
+            problems.append(
+                f"{where}: KV groups would be unequal (query heads kept per KV head: {shown}); "
+                f"with {H} heads over {heads.num_kv_heads} KV heads, keep the same number of "
+                f"query heads in every KV group you keep"
+            )
+            continue
+        shapes.add((len(ids), len(per_kv)))
+    full = {(H, heads.num_kv_heads)} if len(kept) < model.num_layers else set()
+    if len(shapes | full) > 1 and not any(p.startswith("heads[") for p in problems):
+        problems.append(
+            "heads: layers would keep different head counts "
+            f"{sorted(shapes | full)} (heads, KV heads); stock configs hold one "
+            f"'{heads.spec.count_key}': prune every layer to the same shape"
+        )
+
+
+def _ranges(layers: tuple[int, ...]) -> str:
+    if layers and list(layers) == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}..{layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
+def head_index(heads: HeadLayout, kept_query: tuple[int, ...]) -> tuple[int, ...]:
+    """The KV heads that stay when ``kept_query`` query heads stay (a KV head whose query
+    heads all go, goes)."""
+    return tuple(sorted({q // heads.group_size for q in kept_query}))

@@ -1,0 +1,242 @@
+"""rewrite_checkpoint: apply a PrunePlan to a checkpoint, streaming tensor by tensor.
+
+The source is only read. Each output tensor is either copied byte for byte or sliced along its
+expert / head axis straight from the source file's byte ranges; shards are written one at a
+time into a temp folder that is renamed into place when everything is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mfprune import __version__
+from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
+from mfprune.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from mfprune.errors import ModelError
+from mfprune.io.reader import TensorInfo
+from mfprune.io.writer import OutTensor, write_shard
+from mfprune.plan import PrunePlan, head_index
+from mfprune.rewrite.config_patch import config_changes, patch_config
+from mfprune.rewrite.output import check_output, staged_output
+from mfprune.rewrite.slicing import blocks_for, copy_tensor, slice_tensor
+
+PLAN_FILE = "mfprune_plan.json"
+PROVENANCE_FILE = "mfprune_provenance.json"
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    out: Path
+    source_bytes: int
+    out_bytes: int
+    tensors_sliced: int
+    tensors_dropped: int
+    tensors_copied: int
+    shards: int
+    config_changes: dict[str, list[Any]]
+    skipped_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["out"] = str(self.out)
+        return d
+
+
+def rewrite_checkpoint(
+    model: str | Path,
+    plan: PrunePlan,
+    out: str | Path,
+    *,
+    spec: ArchSpec | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int | None = None,
+) -> RewriteResult:
+    """Write the pruned copy of ``model`` described by ``plan`` to ``out``.
+
+    Everything is validated first (model, adapter, plan, output location); nothing is written
+    unless all of it passes.
+    """
+    ckpt = open_checkpoint(model)
+    spec = spec or spec_for_config(ckpt.config)
+    layout = resolve_layout(ckpt, spec)
+    plan.validate(layout)
+    out_dir = check_output(Path(out), source=ckpt.root, overwrite=overwrite)
+    tensors, stats = plan_tensors(ckpt, layout, plan)
+    new_config = patch_config(ckpt.config, layout, plan)
+    limit = max_shard_bytes or max(s.file_size for s in ckpt.shards)
+    shards = _assign_shards(tensors, limit)
+    with staged_output(out_dir) as tmp:
+        skipped = _copy_side_files(ckpt, tmp)
+        names = _shard_names(len(shards))
+        weight_map = {}
+        for name, shard in zip(names, shards, strict=True):
+            write_shard(tmp / name, shard, metadata={"format": "pt"})
+            weight_map.update({t.name: name for t in shard})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            _write_json(tmp / INDEX_NAME, index)
+        _write_json(tmp / "config.json", new_config)
+        plan_out = PrunePlan(
+            experts=plan.experts,
+            attention_experts=plan.attention_experts,
+            heads=plan.heads,
+            meta=plan.meta,
+        )
+        plan_out.save(tmp / PLAN_FILE)
+        changes = config_changes(ckpt.config, new_config)
+        out_bytes = sum((tmp / n).stat().st_size for n in names)
+        _write_json(
+            tmp / PROVENANCE_FILE,
+            {
+                "format": "mfprune.provenance/1",
+                "mfprune_version": __version__,
+                "family": layout.family,
+                "source": {
+                    "path": str(ckpt.root),
+                    "fingerprint": ckpt.fingerprint(),
+                    "bytes": ckpt.nbytes,
+                },
+                "output_bytes": out_bytes,
+                "config_changes": changes,
+            },
+        )
+    return RewriteResult(
+        out=out_dir,
+        source_bytes=ckpt.nbytes,
+        out_bytes=out_bytes,
+        shards=len(shards),
+        config_changes=changes,
+        skipped_files=skipped,
+        **stats,
+    )
+
+
+def plan_tensors(
+    ckpt: Checkpoint, layout: ModelLayout, plan: PrunePlan
+) -> tuple[list[OutTensor], dict[str, int]]:
+    """Every output tensor, in source order, with where its bytes come from."""
+    actions: dict[str, OutTensor | None] = {}  # None: dropped
+    for experts in filter(None, (layout.experts, layout.attention_experts)):
+        _expert_actions(ckpt.tensors, experts, plan, actions)
+    if plan.heads:
+        _head_actions(ckpt.tensors, layout, plan, actions)
+    out, stats = [], {"tensors_sliced": 0, "tensors_dropped": 0, "tensors_copied": 0}
+    for name, info in ckpt.tensors.items():
+        if name not in actions:
+            out.append(copy_tensor(info))
+            stats["tensors_copied"] += 1
+        elif actions[name] is None:
+            stats["tensors_dropped"] += 1
+        else:
+            out.append(actions[name])
+            stats["tensors_sliced" if actions[name].shape != info.shape else "tensors_copied"] += 1
+    return out, stats
+
+
+def _expert_actions(
+    tensors: dict[str, TensorInfo],
+    experts: ExpertLayout,
+    plan: PrunePlan,
+    actions: dict[str, OutTensor | None],
+) -> None:
+    spec = experts.spec
+    for layer in experts.layers:
+        kept = plan.kept_experts(experts, layer)
+        if len(kept) == experts.num_experts:
+            continue
+        blocks = blocks_for(kept, 1)
+        router = tensors[spec.router.format(layer=layer)]
+        actions[router.name] = slice_tensor(router, axis=0, blocks=blocks)
+        for st in spec.stacked:
+            info = tensors.get(st.name.format(layer=layer))
+            if info is not None:
+                actions[info.name] = slice_tensor(info, axis=st.axis, blocks=blocks)
+        new_id = {old: new for new, old in enumerate(kept)}
+        for template in spec.per_expert:
+            for e in range(experts.num_experts):
+                info = tensors[template.format(layer=layer, expert=e)]
+                if e in new_id:
+                    renamed = template.format(layer=layer, expert=new_id[e])
+                    actions[info.name] = copy_tensor(info, name=renamed)
+                else:
+                    actions[info.name] = None
+
+
+def _head_actions(
+    tensors: dict[str, TensorInfo],
+    layout: ModelLayout,
+    plan: PrunePlan,
+    actions: dict[str, OutTensor | None],
+) -> None:
+    heads = layout.heads
+    assert heads is not None  # plan.validate refuses head plans for models without heads
+    for layer, kept_q in plan.heads.items():
+        kept = {"query": kept_q, "kv": head_index(heads, kept_q)}
+        total = {"query": heads.num_heads, "kv": heads.num_kv_heads}
+        for t in heads.spec.tensors:
+            info = tensors.get(t.name.format(layer=layer))
+            if info is None:
+                if t.optional:
+                    continue
+                raise ModelError(
+                    f"head tensor {t.name.format(layer=layer)} is missing",
+                    hint="the adapter's heads.tensors do not match this checkpoint",
+                )
+            width = heads.width(t)
+            if len(info.shape) <= t.axis or info.shape[t.axis] != total[t.owner] * width:
+                raise ModelError(
+                    f"{info.name} has shape {list(info.shape)}; expected {total[t.owner]} "
+                    f"{t.owner} heads x {width} along axis {t.axis}",
+                    hint="the config's head counts do not match the weights",
+                )
+            blocks = blocks_for(kept[t.owner], width)
+            actions[info.name] = slice_tensor(info, axis=t.axis, blocks=blocks)
+
+
+def _assign_shards(tensors: list[OutTensor], limit: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|msgpack|h5|gguf)$")
+
+
+def _copy_side_files(ckpt: Checkpoint, tmp: Path) -> list[str]:
+    """Copy tokenizer, generation config, chat template...; skip weights and sub-folders."""
+    skipped = []
+    for p in sorted(ckpt.root.iterdir()):
+        name = p.name
+        if name in ("config.json", INDEX_NAME, PLAN_FILE, PROVENANCE_FILE) or name.startswith("."):
+            continue
+        if p.is_dir() or _WEIGHT_FILE.match(name) or p.suffix in PICKLE_SUFFIXES:
+            if p not in ckpt.weight_files:
+                skipped.append(name)
+            continue
+        shutil.copyfile(p, tmp / name)
+    return skipped
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

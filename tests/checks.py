@@ -1,0 +1,89 @@
+"""The central checker: a rewritten checkpoint loads in stock transformers, its tensors are
+the plan's slices of the source (byte for byte), and its logits equal the masked original's."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from oracle import logits, masked_logits, sample_ids
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from mfprune.checkpoint import open_checkpoint
+
+TOL = 1e-5
+
+
+def load(path: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict]:
+    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    return model.eval(), info
+
+
+def removed(kept: dict[int, list[int]], total: int) -> dict[int, list[int]]:
+    return {layer: sorted(set(range(total)) - set(ids)) for layer, ids in kept.items()}
+
+
+def assert_exact(
+    source: Path,
+    out: Path,
+    *,
+    experts: dict[int, list[int]] | None = None,
+    attention_experts: dict[int, list[int]] | None = None,
+    heads: dict[int, list[int]] | None = None,
+    allow_unexpected: bool = False,
+) -> float:
+    """Logits of ``out`` == logits of ``source`` with the removed ids masked; returns the
+    masking effect (max |masked - unmasked|), which must be non-trivial."""
+    original, _ = load(source)
+    pruned, info = load(out)
+    assert not info["missing_keys"], info["missing_keys"]
+    if not allow_unexpected:
+        assert not info["unexpected_keys"], info["unexpected_keys"]
+    assert not info["mismatched_keys"], info["mismatched_keys"]
+    cfg = original.config
+    ids = sample_ids(cfg.vocab_size, batch=2, seq=24)
+    reference = masked_logits(
+        original, ids, experts=experts, attention_experts=attention_experts, heads=heads
+    )
+    got = logits(pruned, ids)
+    diff = (got - reference).abs().max().item()
+    assert diff <= TOL, f"pruned logits differ from the masked original by {diff:.3g}"
+    effect = (reference - logits(original, ids)).abs().max().item()
+    assert effect > 1e-4, f"masking changed logits by only {effect:.3g}: the check is vacuous"
+    return effect
+
+
+_PER_EXPERT = re.compile(r"^(.*layers\.(\d+)\..*experts\.)(\d+)(\..*)$")
+
+
+def assert_tensors_are_slices(
+    source: Path, out: Path, *, experts: dict[int, list[int]] | None = None
+) -> None:
+    """Every output tensor with its source shape is byte-identical to its source tensor (a
+    renumbered per-expert tensor to the kept expert it came from); dtypes never change."""
+    src, dst = open_checkpoint(source), open_checkpoint(out)
+    compared = 0
+    for name, info in dst.tensors.items():
+        origin = name
+        m = _PER_EXPERT.match(name)
+        if m and experts and int(m.group(2)) in experts:
+            kept = experts[int(m.group(2))]
+            origin = f"{m.group(1)}{kept[int(m.group(3))]}{m.group(4)}"
+        assert origin in src.tensors, f"{name} has no source tensor"
+        assert src.tensors[origin].dtype == info.dtype, name
+        if src.tensors[origin].shape != info.shape:
+            continue
+        with safe_open(src.tensors[origin].file, "pt") as a, safe_open(info.file, "pt") as b:
+            ta, tb = a.get_tensor(origin), b.get_tensor(name)
+        assert torch.equal(ta.view(torch.uint8), tb.view(torch.uint8)), f"{name} != {origin}"
+        compared += 1
+    assert compared > 0
+
+
+def config_diff(source: Path, out: Path) -> dict[str, tuple]:
+    a = json.loads((source / "config.json").read_text())
+    b = json.loads((out / "config.json").read_text())
+    return {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}

@@ -1,0 +1,36 @@
+"""Shared fixtures: offline Hugging Face, and tiny MoE checkpoints built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tinymodels
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_checkpoint(family, **kw)`` -> a saved checkpoint folder, built once per session.
+
+    Tests must not modify it (mfprune never does; tests that need to, copy it first).
+    """
+    cache: dict[tuple, Path] = {}
+
+    def build(family: str, **kw: object) -> Path:
+        key = (family, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(family) / "model"
+            tinymodels.build_checkpoint(family, path, **kw)
+            cache[key] = path
+        return cache[key]
+
+    return build

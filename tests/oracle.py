@@ -1,0 +1,287 @@
+"""Reference side of the exactness oracle: logits of an unpruned model with pruning *simulated*.
+
+The project's central check is that a rewritten (pruned) checkpoint computes exactly what the
+original model computes when the pruned experts can never be routed to and the pruned attention
+heads contribute nothing. ``masked_logits`` produces the right-hand side of that equation from
+the *original* model, without touching its weights:
+
+* Pruned experts get a selection score of ``-inf`` in their router, so top-k never picks them and
+  every softmax normaliser excludes them, exactly as if the router had fewer rows:
+
+  - most routers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, GPT-OSS, GraniteMoE, PhiMoE) compute
+    their logits with a single ``torch.nn.functional.linear`` call inside ``forward``; during
+    that forward, ``linear`` is temporarily swapped for one that adds the mask to its output;
+  - DeepSeek-V3 selects on ``sigmoid(logits) + e_score_correction_bias`` and weights by the
+    un-biased sigmoid, so the mask goes on the bias (pruned entries set to ``-inf``) instead;
+  - JetMoE's ``JetMoeTopKGating`` takes its logits from an ``nn.Linear`` child called ``layer``,
+    masked with a forward hook. JetMoE has two routers per layer: the MLP's (``experts``) and the
+    attention's mixture-of-attention router (``attention_experts``).
+
+* Pruned query heads are zeroed at the input of ``self_attn.o_proj`` (a forward pre-hook), which
+  is what removing the matching ``o_proj`` columns does.
+
+All patches are undone in ``finally`` blocks, so the model is unchanged after every call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+#: Ids to remove, per decoder-layer index.
+Pruned = Mapping[int, Sequence[int]]
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
+_ATTENTION_PARTS = ("self_attention", "self_attn")
+
+
+def logits(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """Plain forward pass: ``model(input_ids).logits`` as float32, without gradients."""
+    with torch.no_grad():
+        ids = input_ids.to(model.device)
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def sample_ids(vocab_size: int, *, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:
+    """Deterministic random token ids of shape ``(batch, seq)`` drawn from ``[0, vocab_size)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq), generator=generator, dtype=torch.long)
+
+
+def masked_logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    experts: Pruned | None = None,
+    attention_experts: Pruned | None = None,
+    heads: Pruned | None = None,
+) -> torch.Tensor:
+    """Logits of ``model`` with the given experts/heads masked out (see the module docstring).
+
+    Args:
+        model: the original, unpruned model. It is left unchanged.
+        input_ids: token ids, shape ``(batch, seq)``.
+        experts: per layer index, the routed MLP experts to remove.
+        attention_experts: per layer index, the attention experts to remove (JetMoE's
+            mixture-of-attention router).
+        heads: per layer index, the query heads to remove.
+
+    Returns:
+        float32 logits, shape ``(batch, seq, vocab)``.
+
+    Raises:
+        ValueError: if a layer has no router (or no ``self_attn.o_proj`` for ``heads``), an id is
+            out of range or repeated, or fewer than ``top_k`` experts would remain.
+        RuntimeError: if a router's forward did not make exactly one ``linear`` call, i.e. the
+            masking could not be applied as designed.
+    """
+    with ExitStack() as stack:
+        if experts:
+            routers = _find_routers(model, attention=False)
+            for layer, ids in experts.items():
+                stack.enter_context(_mask_router(_lookup(routers, layer, "experts"), ids))
+        if attention_experts:
+            routers = _find_routers(model, attention=True)
+            for layer, ids in attention_experts.items():
+                router = _lookup(routers, layer, "attention_experts")
+                stack.enter_context(_mask_router(router, ids))
+        if heads:
+            for layer, ids in heads.items():
+                stack.enter_context(_mask_heads(model, layer, ids))
+        return logits(model, input_ids)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _layer_index(name: str) -> int | None:
+    """Decoder-layer index in a module name such as ``model.layers.3.mlp.gate``."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _find_routers(model: nn.Module, *, attention: bool) -> dict[int, tuple[str, nn.Module]]:
+    """Map layer index -> ``(name, router)`` for the MLP (or attention) routers of ``model``."""
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for name, module in model.named_modules():
+        if not _ROUTER_CLASS.search(type(module).__name__):
+            continue
+        layer = _layer_index(name)
+        in_attention = any(part in name.split(".") for part in _ATTENTION_PARTS)
+        if layer is None or in_attention != attention:
+            continue
+        if layer in found:
+            raise ValueError(f"two routers in layer {layer}: {found[layer][0]} and {name}")
+        found[layer] = (name, module)
+    return found
+
+
+def _lookup(routers: dict[int, tuple[str, nn.Module]], layer: int, what: str) -> nn.Module:
+    """``routers[layer]``'s module, or a clear error naming the layers that do have one."""
+    if layer not in routers:
+        raise ValueError(
+            f"{what}: layer {layer} has no router; layers with one: {sorted(routers) or 'none'}"
+        )
+    return routers[layer][1]
+
+
+def _expert_mask(router: nn.Module, ids: Sequence[int]) -> torch.Tensor:
+    """A float32 vector over the router's experts: 0 for kept, ``-inf`` for pruned."""
+    num_experts = int(router.num_experts)
+    pruned = sorted({int(i) for i in ids})
+    if len(pruned) != len(ids):
+        raise ValueError(f"repeated expert ids: {list(ids)}")
+    if pruned and not 0 <= pruned[0] <= pruned[-1] < num_experts:
+        raise ValueError(f"expert ids {pruned} out of range for {num_experts} experts")
+    top_k = int(getattr(router, "top_k", 1))
+    if num_experts - len(pruned) < top_k:
+        raise ValueError(
+            f"pruning {len(pruned)} of {num_experts} experts leaves fewer than top_k={top_k}"
+        )
+    mask = torch.zeros(num_experts, dtype=torch.float32)
+    mask[pruned] = float("-inf")
+    return mask
+
+
+# --------------------------------------------------------------------------- expert masking
+
+
+@contextmanager
+def _mask_router(router: nn.Module, ids: Sequence[int]) -> Iterator[None]:
+    """Mask the pruned ``ids`` out of ``router``'s selection for the duration of the context."""
+    mask = _expert_mask(router, ids)
+    bias = getattr(router, "e_score_correction_bias", None)
+    layer = getattr(router, "layer", None)
+    if isinstance(bias, torch.Tensor):
+        ctx = _mask_correction_bias(bias, mask)
+    elif isinstance(layer, nn.Linear):
+        ctx = _mask_linear_output(layer, mask)
+    else:
+        ctx = _mask_linear_call(router, mask)
+    with ctx:
+        yield
+
+
+@contextmanager
+def _mask_correction_bias(bias: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
+    """DeepSeek-V3: add ``mask`` to the selection bias in place; restore it afterwards."""
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.add_(mask.to(device=bias.device, dtype=bias.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+@contextmanager
+def _mask_linear_output(linear: nn.Linear, mask: torch.Tensor) -> Iterator[None]:
+    """JetMoE: add ``mask`` to ``linear``'s output with a forward hook."""
+
+    def hook(_module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output + mask.to(device=output.device, dtype=output.dtype)
+
+    handle = linear.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _mask_linear_call(router: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Add ``mask`` to the result of the single ``F.linear`` call made by ``router.forward``.
+
+    ``router.forward`` is shadowed by an instance attribute that swaps
+    ``torch.nn.functional.linear`` for a masking version while the original forward runs.
+    """
+    functional = torch.nn.functional
+    had_instance_forward = "forward" in router.__dict__
+    original_forward: Callable[..., Any] = router.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        original_linear = functional.linear
+        calls = 0
+
+        def masked_linear(*linear_args: Any, **linear_kwargs: Any) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            out = original_linear(*linear_args, **linear_kwargs)
+            return out + mask.to(device=out.device, dtype=out.dtype)
+
+        functional.linear = masked_linear
+        try:
+            result = original_forward(*args, **kwargs)
+        finally:
+            functional.linear = original_linear
+        if calls != 1:
+            raise RuntimeError(
+                f"{type(router).__name__}.forward made {calls} F.linear calls, expected exactly 1;"
+                " the oracle cannot mask this router"
+            )
+        return result
+
+    router.forward = forward
+    try:
+        yield
+    finally:
+        if had_instance_forward:
+            router.forward = original_forward
+        else:
+            del router.forward
+
+
+# --------------------------------------------------------------------------- head masking
+
+
+@contextmanager
+def _mask_heads(model: PreTrainedModel, layer: int, ids: Sequence[int]) -> Iterator[None]:
+    """Zero the pruned query heads' slices at the input of layer ``layer``'s ``o_proj``."""
+    o_proj = _find_o_proj(model, layer)
+    config = model.config.get_text_config()
+    num_heads = int(config.num_attention_heads)
+    width, remainder = divmod(o_proj.in_features, num_heads)
+    if remainder:
+        raise ValueError(
+            f"layer {layer}: o_proj input width {o_proj.in_features} is not a multiple of "
+            f"num_attention_heads={num_heads}"
+        )
+    pruned = sorted({int(i) for i in ids})
+    if len(pruned) != len(ids):
+        raise ValueError(f"repeated head ids: {list(ids)}")
+    if pruned and not 0 <= pruned[0] <= pruned[-1] < num_heads:
+        raise ValueError(f"head ids {pruned} out of range for {num_heads} heads")
+    drop = torch.zeros(num_heads, 1, dtype=torch.bool)
+    drop[pruned] = True
+
+    def hook(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        per_head = hidden.reshape(*hidden.shape[:-1], num_heads, width)
+        zeroed = per_head.masked_fill(drop.to(hidden.device), 0.0)
+        return (zeroed.reshape(hidden.shape), *args[1:])
+
+    handle = o_proj.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _find_o_proj(model: nn.Module, layer: int) -> nn.Linear:
+    """The ``self_attn.o_proj`` linear of decoder layer ``layer``."""
+    for name, module in model.named_modules():
+        if (
+            name.endswith("self_attn.o_proj")
+            and _layer_index(name) == layer
+            and isinstance(module, nn.Linear)
+        ):
+            return module
+    raise ValueError(f"heads: layer {layer} has no self_attn.o_proj linear to mask")

@@ -1,0 +1,73 @@
+"""The exactness oracle for every family: rewrite, load in stock transformers, compare logits
+with the original model whose pruned experts / heads are masked."""
+
+from __future__ import annotations
+
+import pytest
+from checks import assert_exact, assert_tensors_are_slices, config_diff, removed
+
+from mfprune import PrunePlan, rewrite_checkpoint
+
+# family -> (kept experts per MoE layer, the config key holding the count)
+EXPERT_CASES = {
+    "mixtral": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
+    "qwen2_moe": ({0: [0, 1, 2, 7], 1: [3, 4, 5, 6]}, "num_experts"),
+    "qwen3_moe": ({0: [1, 2, 3, 4, 5], 1: [0, 2, 4, 6, 7]}, "num_local_experts"),
+    "olmoe": ({0: [0, 2, 5], 1: [1, 6, 7]}, "num_experts"),
+    "deepseek_v2": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
+    # V3: 2 groups of 4, group score = top-2 sum: keep 2 per group
+    "deepseek_v3": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
+    "gpt_oss": ({0: [0, 1, 2, 7], 1: [2, 3, 5, 6]}, "num_local_experts"),
+    "granitemoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
+    "phimoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPERT_CASES))
+def test_expert_pruning_is_exact(family, tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint(family)
+    kept, count_key = EXPERT_CASES[family]
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    assert_exact(source, out, experts=removed(kept, 8))
+    assert_tensors_are_slices(source, out, experts=kept)
+    n = len(next(iter(kept.values())))
+    assert config_diff(source, out) == {count_key: (8, n)}
+    assert result.tensors_sliced > 0
+    assert result.out_bytes < result.source_bytes
+    assert (out / "mfprune_plan.json").is_file()
+    assert PrunePlan.load(out / "mfprune_plan.json").experts == {
+        k: tuple(v) for k, v in kept.items()
+    }
+
+
+def test_jetmoe_mlp_and_attention_experts_are_exact(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("jetmoe")
+    kept_mlp, kept_att = {0: [0, 1, 3], 1: [1, 2, 3]}, {0: [0, 2, 3], 1: [0, 1, 2]}
+    out = tmp_path / "pruned"
+    plan = PrunePlan(experts=kept_mlp, attention_experts=kept_att)
+    rewrite_checkpoint(source, plan, out)
+    assert_exact(source, out, experts=removed(kept_mlp, 4), attention_experts=removed(kept_att, 4))
+    assert config_diff(source, out) == {"num_local_experts": (4, 3)}
+
+
+# family -> kept query heads per layer (4 heads; KV heads from the tiny config)
+HEAD_CASES = {
+    "qwen3_moe": ({0: [1, 3], 1: [0, 2]}, {}),  # GQA 4/2: one query head per KV group
+    "mixtral": ({0: [0, 1], 1: [2, 3]}, {}),  # GQA: a whole KV group goes
+    "gpt_oss": ({0: [0, 2], 1: [1, 3]}, {}),  # per-head attention sinks are sliced too
+    "deepseek_v3": ({1: [0, 2, 3], 2: [0, 1, 3], 0: [1, 2, 3]}, {}),  # MLA, KV heads == heads
+    "qwen2_moe": ({0: [0, 1], 1: [0, 1]}, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}),  # q/k/v biases
+}
+
+
+@pytest.mark.parametrize("family", sorted(HEAD_CASES))
+def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint(family)
+    heads, experts = HEAD_CASES[family]
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
+    assert_exact(source, out, heads=removed(heads, 4), experts=removed(experts, 8) or None)
+    assert_tensors_are_slices(source, out, experts=experts)
+    diff = config_diff(source, out)
+    assert diff["num_attention_heads"] == (4, len(next(iter(heads.values()))))

@@ -1,0 +1,203 @@
+"""Builders for tiny, random Mixture-of-Experts checkpoints, one per supported family.
+
+Everything is built locally from a config (no model hub access): a model is instantiated with
+``AutoModelForCausalLM.from_config``, given deterministic random weights, and optionally written
+to disk with ``save_pretrained``.
+
+Default-initialised MoE models are poor test subjects: with ``initializer_range=0.02`` and a
+64-wide hidden state the router logits are nearly uniform, and several routing parameters
+(DeepSeek-V3's ``e_score_correction_bias``, GPT-OSS's router and expert biases, JetMoE's MoE
+biases) start at exactly zero, so a bug that mishandles them would go unnoticed. ``build_model``
+therefore re-randomises these with a fixed generator, so routing genuinely varies between tokens
+and pruning an expert changes the logits.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+_BASE: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+_DEEPSEEK: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "q_lora_rank": None,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+}
+
+#: Config kwargs per family (keyed by our family name, which is also the transformers
+#: ``model_type``). Each dict is complete: pass it to ``AutoConfig.for_model(family, **kw)``.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "mixtral": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        **_BASE,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    },
+    "qwen3_moe": {
+        **_BASE,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "head_dim": 16,
+    },
+    # OLMoE's default eos_token_id (50279) lies outside the tiny vocabulary.
+    "olmoe": {**_BASE, "num_experts": 8, "num_experts_per_tok": 2, "eos_token_id": 2},
+    "deepseek_v2": {**_BASE, **_DEEPSEEK},
+    "deepseek_v3": {**_BASE, **_DEEPSEEK, "n_group": 2, "topk_group": 1, "q_lora_rank": 16},
+    "gpt_oss": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 16},
+    "granitemoe": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "phimoe": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    # JetMoE defaults to initializer_range=0.01, which makes expert outputs (two products of
+    # init-scale matrices) so small that pruning barely moves the logits; use the usual 0.02.
+    "jetmoe": {
+        **_BASE,
+        "initializer_range": 0.02,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "kv_channels": 16,
+        "num_key_value_heads": 2,
+        "num_attention_heads": 4,
+    },
+}
+
+#: Standard deviation given to router weights so routing is far from uniform.
+ROUTER_STD = 1.0
+
+# Router modules: every family's top-k router class, plus JetMoE's gating (whose logits come
+# from its ``layer`` child, an ``nn.Linear``).
+_ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
+# Parameters (by name suffix) that are zero at init but matter for routing or expert outputs,
+# with the std they are redrawn at. JetMoE's MoE/MoA output biases are added to every token
+# alike; at std >= 0.02 they swamp the (init-scale) token-dependent part of the residual stream
+# and later routers pick the same experts for almost every token, hence the small std.
+_ZERO_INIT_STD: dict[str, float] = {
+    "mlp.router.bias": 0.5,  # gpt_oss router bias
+    "experts.gate_up_proj_bias": 0.5,  # gpt_oss
+    "experts.down_proj_bias": 0.5,  # gpt_oss
+    "mlp.bias": 0.005,  # jetmoe MoE output bias
+    "self_attention.experts.bias": 0.005,  # jetmoe MoA output bias
+}
+
+
+def make_config(family: str, **overrides: Any) -> PretrainedConfig:
+    """Return the tiny config of ``family`` with ``overrides`` applied on top of ``FAMILIES``.
+
+    Raises:
+        KeyError: if ``family`` is not one of ``FAMILIES``.
+    """
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
+    return AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
+
+
+def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
+    """Re-draw router weights and zero-initialised routing/expert biases, in place."""
+
+    def draw(tensor: torch.Tensor, std: float) -> None:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+
+    for module in model.modules():
+        if _ROUTER_CLASS.search(type(module).__name__):
+            layer = getattr(module, "layer", None)  # jetmoe gating wraps an nn.Linear
+            draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
+        bias = getattr(module, "e_score_correction_bias", None)  # deepseek_v3
+        if isinstance(bias, torch.Tensor):
+            draw(bias, 0.5)
+    for name, param in model.named_parameters():
+        for suffix, std in _ZERO_INIT_STD.items():
+            if name.endswith(suffix):
+                draw(param, std)
+
+
+def build_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """Build a deterministic tiny random model of ``family`` in eval mode and float32.
+
+    Args:
+        family: one of ``FAMILIES``.
+        seed: seeds both the standard initialisation and the extra randomisation.
+        **overrides: config kwargs overriding ``FAMILIES[family]``.
+
+    Returns:
+        The model, with router weights drawn at std ``ROUTER_STD`` and zero-initialised routing
+        state (DeepSeek-V3 score-correction bias, GPT-OSS router/expert biases, JetMoE MoE/MoA
+        biases) filled with random values.
+    """
+    config = make_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        _randomise(model, generator)
+    return model.float().eval()
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int | None = None,
+) -> Path:
+    """Cast ``model`` to ``dtype`` (in place) and ``save_pretrained`` it to ``path``.
+
+    Args:
+        model: the model to save; note ``model.to(dtype)`` converts it in place.
+        path: destination directory (created if missing).
+        dtype: storage dtype of the checkpoint, e.g. ``torch.bfloat16``.
+        max_shard_size: e.g. ``"20KB"`` to get a sharded checkpoint with an index file; ``None``
+            keeps transformers' default (a single file for these tiny models).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    kwargs: dict[str, Any] = {}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.to(dtype).save_pretrained(path, **kwargs)
+    return path
+
+
+def build_checkpoint(
+    family: str,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int | None = None,
+    **overrides: Any,
+) -> Path:
+    """Build a tiny model of ``family`` (see ``build_model``) and save it to ``path``.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    model = build_model(family, seed=seed, **overrides)
+    return save_checkpoint(model, path, dtype=dtype, max_shard_size=max_shard_size)
