@@ -158,6 +158,14 @@ def prune(
         str | None,
         typer.Option("--max-shard-size", help="largest output shard, e.g. 5GB (default: source's)"),
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="load both models and check the pruned logits equal the masked original's "
+            "(small models only)",
+        ),
+    ] = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -177,14 +185,31 @@ def prune(
     )
     for name in result.skipped_files:
         sink.warn(f"not carried over: {name} (weights outside the safetensors index, or a folder)")
+    data = result.to_dict()
+    verdict = ""
+    if verify:
+        from mfprune.verify import verify_rewrite
+
+        check = verify_rewrite(model, result.out)
+        data["verify"] = {**check.__dict__, "exact": check.exact}
+        if not check.exact:
+            raise MfpruneError(
+                f"the pruned model's logits differ from the masked original by "
+                f"{check.max_abs_diff:.3g}",
+                hint="this is a bug in mfprune or in the adapter: please report it",
+            )
+        verdict = (
+            f"\nverified on {check.tokens} tokens: max |pruned - masked original| = "
+            f"{check.max_abs_diff:.2g} (pruning moves logits by up to {check.masking_effect:.2g})"
+        )
     ratio = result.out_bytes / max(result.source_bytes, 1)
     changes = ", ".join(f"{k} {a}→{b}" for k, (a, b) in result.config_changes.items())
     sink.result(
-        result.to_dict(),
+        data,
         f"wrote {result.out} — {_human_bytes(result.out_bytes)} "
         f"({ratio:.1%} of {_human_bytes(result.source_bytes)}), {result.shards} shard(s); "
         f"{result.tensors_sliced} tensors sliced, {result.tensors_dropped} dropped; "
-        f"config: {changes or 'unchanged'}",
+        f"config: {changes or 'unchanged'}{verdict}",
     )
 
 

@@ -14,6 +14,7 @@ A layer that is absent keeps everything. Validation reports every problem at onc
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ PLAN_FORMAT = "mfprune.plan/1"
 _SECTIONS = ("experts", "attention_experts", "heads")
 
 Kept = dict[int, tuple[int, ...]]  # layer -> sorted kept ids
+_ID_LIST = re.compile(r"\[\s*((?:-?\d+,\s*)*-?\d+)\s*\]")
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,15 @@ class PrunePlan:
             out["meta"] = self.meta
         return out
 
+    def to_json(self) -> str:
+        """Indented JSON with each layer's id list on one line (diff-friendly)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        return _ID_LIST.sub(
+            lambda m: "[" + ", ".join(i.strip() for i in m.group(1).split(",")) + "]", text
+        )
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:

@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 
 import torch
-from oracle import logits, masked_logits, sample_ids
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from mfprune.checkpoint import open_checkpoint
+from mfprune.oracle import logits, masked_logits, sample_ids
 
 TOL = 1e-5
 
