@@ -74,6 +74,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(root=root, config=config, shards=shards, tensors=tensors, index=index)
 
 
+_CONFIG_HINT = "fix config.json, or restore the one save_pretrained wrote with the weights"
+
+
 def read_config(root: Path) -> dict[str, Any]:
     cfg = root / "config.json"
     if not cfg.is_file():
@@ -84,13 +87,15 @@ def read_config(root: Path) -> dict[str, Any]:
     try:
         config = json.loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"config.json in {root} is not valid JSON: {exc}") from None
+        raise ModelError(
+            f"config.json in {root} is not valid JSON: {exc}", hint=_CONFIG_HINT
+        ) from None
     if not isinstance(config, dict):
-        raise ModelError(f"config.json in {root} is not a JSON object")
+        raise ModelError(f"config.json in {root} is not a JSON object", hint=_CONFIG_HINT)
     return config
 
 
-def _inside(root: Path, p: Path) -> bool:
+def is_inside(root: Path, p: Path) -> bool:
     """Whether ``p`` (links resolved) lies in ``root`` or in a Hugging Face cache's blobs."""
     target = p.resolve()
     if target.is_relative_to(root):
@@ -119,10 +124,15 @@ def _shard_files(root: Path) -> list[Path]:
     files = []
     for name in names:
         p = root / name
-        if Path(name).is_absolute() or ".." in Path(name).parts or not _inside(root, p):
+        if Path(name).is_absolute() or ".." in Path(name).parts:
             raise CheckpointError(
                 f"the index points outside the model folder: '{name}'",
                 hint="an index may only name shard files inside the model folder",
+            )
+        if not is_inside(root, p):
+            raise CheckpointError(
+                f"{name} is a symlink that points outside the model folder",
+                hint="copy the file into the folder instead of linking it",
             )
         if not p.is_file():
             raise CheckpointError(
@@ -130,7 +140,7 @@ def _shard_files(root: Path) -> list[Path]:
             )
         files.append(p)
     for p in root.glob("*.safetensors"):
-        if p.is_symlink() and not _inside(root, p):
+        if p.is_symlink() and not is_inside(root, p):
             raise CheckpointError(
                 f"{p.name} is a symlink that points outside the model folder",
                 hint="copy the file into the folder instead of linking it",

@@ -17,7 +17,13 @@ from typing import Any
 from mfprune import __version__
 from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
-from mfprune.checkpoint import INDEX_NAME, PICKLE_SUFFIXES, Checkpoint, open_checkpoint
+from mfprune.checkpoint import (
+    INDEX_NAME,
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    is_inside,
+    open_checkpoint,
+)
 from mfprune.errors import ModelError
 from mfprune.io.reader import TensorInfo
 from mfprune.io.writer import OutTensor, write_shard
@@ -85,13 +91,7 @@ def rewrite_checkpoint(
             }
             _write_json(tmp / INDEX_NAME, index)
         _write_json(tmp / "config.json", new_config)
-        plan_out = PrunePlan(
-            experts=plan.experts,
-            attention_experts=plan.attention_experts,
-            heads=plan.heads,
-            meta=plan.meta,
-        )
-        plan_out.save(tmp / PLAN_FILE)
+        plan.save(tmp / PLAN_FILE)
         changes = config_changes(ckpt.config, new_config)
         out_bytes = sum((tmp / n).stat().st_size for n in names)
         _write_json(
@@ -233,6 +233,9 @@ def _copy_side_files(ckpt: Checkpoint, tmp: Path) -> list[str]:
         if p.is_dir() or _WEIGHT_FILE.match(name) or p.suffix in PICKLE_SUFFIXES:
             if p not in ckpt.weight_files:
                 skipped.append(name)
+            continue
+        if not is_inside(ckpt.root, p):  # a link to a file elsewhere is not copied
+            skipped.append(name)
             continue
         shutil.copyfile(p, tmp / name)
     return skipped
