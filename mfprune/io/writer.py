@@ -33,7 +33,8 @@ class OutTensor:
 
 
 def write_shard(path: Path, tensors: Iterable[OutTensor], *, metadata: dict[str, str]) -> None:
-    """Write one safetensors file holding ``tensors`` in the order given, then fsync it."""
+    """Write one safetensors file holding ``tensors`` in the order given (not yet fsynced:
+    the caller syncs, e.g. in the background while the next shard is written)."""
     tensors = list(tensors)
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
@@ -61,7 +62,6 @@ def write_shard(path: Path, tensors: Iterable[OutTensor], *, metadata: dict[str,
                 for start, length in t.ranges:
                     _copy_range(sources[t.source.file], out.fileno(), start, length)
             out.flush()
-            os.fsync(out.fileno())
     finally:
         for fd in sources.values():
             os.close(fd)
@@ -84,6 +84,14 @@ def _copy_range(src: int, dst: int, start: int, length: int) -> None:
         if copied <= 0:
             raise OSError(f"short copy: {done} of {length} bytes")
         done += copied
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_bytes(info: TensorInfo, ranges: Sequence[ByteRange] | None = None) -> bytes:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mfprune.errors import OutputError
+from mfprune.io.writer import fsync_path
 
 _TMP = ".mfprune-tmp-"
 _OLD = ".mfprune-old-"
@@ -38,6 +39,8 @@ def check_output(out: Path, *, source: Path, overwrite: bool) -> Path:
             hint="pass --overwrite to replace it (atomically), or choose a new folder",
         )
     parent = _existing_parent(out)
+    if not parent.is_dir():
+        raise OutputError(f"cannot create {out}: {parent} is a file", hint="choose a folder path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write to {parent}", hint="choose a writable output location")
     return out
@@ -52,14 +55,22 @@ def _existing_parent(p: Path) -> Path:
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """Yield a temp folder beside ``out``; on success it replaces ``out`` atomically."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
     tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:  # e.g. /proc or /sys, where even root's access() checks pass
+        raise OutputError(
+            f"cannot create the output folder {out}: {exc.strerror or exc}",
+            hint="choose a writable output location",
+        ) from None
     try:
         yield tmp
-        _fsync_dir(tmp)
+        for f in tmp.iterdir():  # data before names: every file is on disk before the rename
+            fsync_path(f)
+        fsync_path(tmp)
         if out.exists():
             old = out.parent / f".{out.name}{_OLD}{os.getpid()}"
             os.rename(out, old)
@@ -67,7 +78,7 @@ def staged_output(out: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,11 +100,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

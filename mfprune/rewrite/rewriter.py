@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from mfprune.checkpoint import (
 )
 from mfprune.errors import ModelError
 from mfprune.io.reader import TensorInfo
-from mfprune.io.writer import OutTensor, write_shard
+from mfprune.io.writer import OutTensor, fsync_path, write_shard
 from mfprune.plan import PrunePlan, head_index
 from mfprune.rewrite.config_patch import config_changes, patch_config
 from mfprune.rewrite.output import check_output, staged_output
@@ -81,9 +82,15 @@ def rewrite_checkpoint(
         skipped = _copy_side_files(ckpt, tmp)
         names = _shard_names(len(shards))
         weight_map = {}
-        for name, shard in zip(names, shards, strict=True):
-            write_shard(tmp / name, shard, metadata={"format": "pt"})
-            weight_map.update({t.name: name for t in shard})
+        # fsync shard k in the background while shard k+1 is copied (both release the GIL)
+        with ThreadPoolExecutor(max_workers=1) as syncer:
+            synced = []
+            for name, shard in zip(names, shards, strict=True):
+                write_shard(tmp / name, shard, metadata={"format": "pt"})
+                synced.append(syncer.submit(fsync_path, tmp / name))
+                weight_map.update({t.name: name for t in shard})
+            for future in synced:
+                future.result()
         if len(shards) > 1:
             index = {
                 "metadata": {"total_size": sum(t.nbytes for t in tensors)},
