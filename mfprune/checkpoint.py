@@ -86,7 +86,7 @@ def read_config(root: Path) -> dict[str, Any]:
         )
     try:
         config = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelError(
             f"config.json in {root} is not valid JSON: {exc}", hint=_CONFIG_HINT
         ) from None
@@ -151,7 +151,7 @@ def _shard_files(root: Path) -> list[Path]:
 def _read_index(root: Path) -> dict[str, Any]:
     try:
         index = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{INDEX_NAME} is not valid JSON: {exc}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(

@@ -65,7 +65,7 @@ class PrunePlan:
             raise PlanError(f"plan file {p} does not exist", hint="check the --plan path")
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise PlanError(
                 f"plan file {p} is not valid JSON: {exc}", hint="see docs/plan-format.md"
             ) from None
@@ -128,7 +128,7 @@ def _parse_section(raw: Any, section: str, problems: list[str]) -> Kept:
     kept: Kept = {}
     for key, ids in raw.items():
         where = f"{section}[{key}]"
-        if not (isinstance(key, str) and key.isdigit()):
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
             problems.append(f'{where}: layer keys are decoder-layer indices like "3"')
             continue
         if not isinstance(ids, list) or not all(
@@ -166,7 +166,7 @@ def _check_experts(
             continue
         if len(ids) < K:
             problems.append(
-                f"{where}: keeps {len(ids)} experts but the router picks top-{K}: keep at least {K}"
+                f"{where}: keeps {len(ids)} of {E} but the router picks top-{K}: keep at least {K}"
             )
         if layout.n_group > 1:
             per_group = Counter(i // layout.group_size for i in ids)

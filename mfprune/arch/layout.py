@@ -75,10 +75,16 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     """Check the adapter against the config and the tensors; raise ModelError on a mismatch."""
     cfg = ckpt.config
     num_layers = cfg.get(spec.num_layers_key)
-    if not isinstance(num_layers, int) or num_layers <= 0:
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
         raise ModelError(
             f"config.json has no valid '{spec.num_layers_key}' (got {num_layers!r})",
             hint="the adapter's num_layers_key must name the decoder-layer count",
+        )
+    if num_layers > len(ckpt.tensors):  # every layer has tensors: a huge count is a broken config
+        raise ModelError(
+            f"config.json says {spec.num_layers_key} = {num_layers:,} but the checkpoint holds "
+            f"only {len(ckpt.tensors):,} tensors",
+            hint="the config does not match the weights; fix config.json",
         )
     experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers)
     attention = (
@@ -135,7 +141,10 @@ def _resolve_experts(
             "decoder_sparse_step / mlp_only_layers",
         )
     if top_k <= 0 or top_k > num_experts:
-        raise ModelError(f"config.json '{spec.top_k_key}' = {top_k!r} is not a valid top-k")
+        raise ModelError(
+            f"config.json '{spec.top_k_key}' = {cfg.get(spec.top_k_key)!r} is not a valid top-k",
+            hint=f"top-k must be between 1 and {count_key} = {num_experts}; fix config.json",
+        )
     for L in with_router:
         rows = tensors[spec.router.format(layer=L)].shape[0]
         if rows != num_experts:
@@ -147,7 +156,10 @@ def _resolve_experts(
         for st in spec.stacked:
             info = tensors.get(st.name.format(layer=L))
             if info is None and not st.optional:
-                raise ModelError(f"expert tensor {st.name.format(layer=L)} is missing")
+                raise ModelError(
+                    f"expert tensor {st.name.format(layer=L)} is missing",
+                    hint="the config does not match the weights",
+                )
             if info is not None and (
                 len(info.shape) <= st.axis or info.shape[st.axis] != num_experts
             ):
@@ -172,7 +184,10 @@ def _resolve_experts(
                 )
     n_group = max(1, _int_key(cfg, spec.groups_key, 1))
     if num_experts % n_group:
-        raise ModelError(f"{num_experts} experts do not split into n_group = {n_group} groups")
+        raise ModelError(
+            f"{num_experts} experts do not split into n_group = {n_group} groups",
+            hint=f"n_group must divide {count_key}; fix config.json",
+        )
     return ExpertLayout(
         kind=kind,
         spec=spec,

@@ -256,6 +256,14 @@ def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
 
 
 def _check_template(r: _Reader, name: str, where: str, *, need_expert: bool) -> None:
+    try:
+        name.format(layer=0, expert=0)
+    except (KeyError, IndexError, ValueError) as exc:
+        r.problems.append(
+            f"{where}: '{name}' is not a valid name template ({type(exc).__name__}: {exc}); "
+            "use only {layer} and {expert}, and double literal braces"
+        )
+        return
     if "{layer}" not in name:
         r.problems.append(f"{where}: '{name}' has no {{layer}} placeholder")
     if need_expert and "{expert}" not in name:

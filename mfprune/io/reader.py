@@ -82,7 +82,7 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise CheckpointError(f"cannot read {path}: {exc.strerror}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise _corrupt(path, "header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
@@ -119,7 +119,7 @@ def _parse_entry(
     if not isinstance(entry, dict):
         raise _corrupt(path, f"entry '{name}' is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise _corrupt(path, f"tensor '{name}' has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
