@@ -1,0 +1,200 @@
+"""make_plan: scores -> a PrunePlan under a budget, honouring every routing constraint.
+
+Budgets (one count for every MoE layer, as stock configs need): ``keep`` experts, a
+``keep_ratio`` of them, or the smallest ``coverage`` count at which every layer keeps at least
+that share of its score mass. Constraints, always: at least top-k; group-limited routers keep
+the same number per group (DeepSeek-V3); ``min_keep``. An infeasible budget fails here, before
+any rewrite, with the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from mfprune.arch.layout import ExpertLayout, HeadLayout, ModelLayout
+from mfprune.errors import PlanError
+from mfprune.plan import Kept, PrunePlan
+
+
+def make_plan(
+    layout: ModelLayout,
+    *,
+    expert_scores: torch.Tensor | None = None,  # [L_moe, E], rows in layout.experts.layers order
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    coverage: float | None = None,
+    min_keep: int = 0,
+    attention_scores: torch.Tensor | None = None,  # [L_moe, A] (JetMoE)
+    attention_keep_ratio: float | None = None,
+    head_scores: torch.Tensor | None = None,  # [L, H]
+    heads_keep_ratio: float | None = None,
+    meta: dict[str, Any] | None = None,
+) -> PrunePlan:
+    experts: Kept = {}
+    if expert_scores is not None:
+        experts = plan_experts(
+            layout.experts,
+            expert_scores,
+            keep=keep,
+            keep_ratio=keep_ratio,
+            coverage=coverage,
+            min_keep=min_keep,
+        )
+    attention: Kept = {}
+    if attention_scores is not None and attention_keep_ratio is not None:
+        if layout.attention_experts is None:
+            raise PlanError(f"{layout.family} has no attention experts to prune")
+        attention = plan_experts(
+            layout.attention_experts, attention_scores, keep_ratio=attention_keep_ratio
+        )
+    heads: Kept = {}
+    if head_scores is not None and heads_keep_ratio is not None:
+        if layout.heads is None or layout.spec.heads.unsupported:
+            why = layout.spec.heads.unsupported or "the config names no heads"
+            raise PlanError(f"{layout.family} heads cannot be pruned: {why}")
+        heads = plan_heads(layout.heads, head_scores, keep_ratio=heads_keep_ratio)
+    plan = PrunePlan(experts=experts, attention_experts=attention, heads=heads, meta=meta or {})
+    plan.validate(layout)
+    return plan
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+def plan_experts(
+    layout: ExpertLayout,
+    scores: torch.Tensor,
+    *,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    coverage: float | None = None,
+    min_keep: int = 0,
+) -> Kept:
+    """Kept experts per MoE layer: the same count everywhere, chosen by ``scores`` [L, E]."""
+    L, E = len(layout.layers), layout.num_experts
+    if tuple(scores.shape) != (L, E):
+        raise PlanError(
+            f"scores have shape {list(scores.shape)} but the model has {L} MoE layers x {E} "
+            f"{layout.kind}",
+            hint="was the profile made on another model?",
+        )
+    if sum(x is not None for x in (keep, keep_ratio, coverage)) != 1:
+        raise PlanError(
+            "give exactly one budget: --keep N, --keep-ratio R or --coverage C",
+            hint="e.g. --keep-ratio 0.5",
+        )
+    floor = minimum_keep(layout, min_keep=min_keep)
+    if coverage is not None:
+        n = _coverage_count(layout, scores, coverage, floor)
+    else:
+        n = keep if keep is not None else _from_ratio(layout, keep_ratio)  # type: ignore[arg-type]
+        _check_count(layout, n, floor, explicit=keep is not None)
+    return {layer: select(layout, scores[i], n) for i, layer in enumerate(layout.layers)}
+
+
+def minimum_keep(layout: ExpertLayout, *, min_keep: int = 0) -> int:
+    """The fewest experts a layer may keep: top-k, --min-keep, and per-group needs."""
+    floor = max(layout.top_k, min_keep, 1)
+    if layout.n_group > 1:
+        per_group = max(
+            layout.spec.group_score_topk,
+            math.ceil(layout.top_k / layout.topk_group),
+            math.ceil(floor / layout.n_group),
+        )
+        floor = per_group * layout.n_group
+    return floor
+
+
+def _from_ratio(layout: ExpertLayout, ratio: float) -> int:
+    if not 0 < ratio <= 1:
+        raise PlanError(f"--keep-ratio must be in (0, 1], got {ratio}")
+    step = layout.n_group  # keep a multiple of the group count
+    return max(step, round(ratio * layout.num_experts / step) * step)
+
+
+def _check_count(layout: ExpertLayout, n: int, floor: int, *, explicit: bool) -> None:
+    E = layout.num_experts
+    if n > E:
+        raise PlanError(f"cannot keep {n} {layout.kind}: layers have {E}")
+    if n < floor:
+        raise PlanError(
+            f"keeping {n} of {E} {layout.kind} is below the minimum of {floor} "
+            f"(top-k {layout.top_k}"
+            + (
+                f", {layout.n_group} routing groups needing {floor // layout.n_group} each)"
+                if layout.n_group > 1
+                else ")"
+            ),
+            hint=f"keep at least {floor} (--keep-ratio ≥ {floor / E:.3g})",
+        )
+    if n % layout.n_group:
+        lo = n // layout.n_group * layout.n_group
+        raise PlanError(
+            f"keeping {n} {layout.kind}: group-limited routing needs a multiple of "
+            f"n_group = {layout.n_group}",
+            hint=f"use {lo} or {lo + layout.n_group}",
+        )
+
+
+def select(layout: ExpertLayout, scores: torch.Tensor, n: int) -> tuple[int, ...]:
+    """The ``n`` best ids of one layer (ties: lower id); group-limited: n / n_group per group."""
+    G = layout.n_group
+    size = layout.num_experts // G
+    per = n // G
+    kept: list[int] = []
+    for g in range(G):
+        ids = range(g * size, (g + 1) * size)
+        ranked = sorted(ids, key=lambda i: (-float(scores[i]), i))
+        kept.extend(ranked[:per])
+    return tuple(sorted(kept))
+
+
+def _coverage_count(layout: ExpertLayout, scores: torch.Tensor, c: float, floor: int) -> int:
+    if not 0 < c <= 1:
+        raise PlanError(f"--coverage must be in (0, 1], got {c}")
+    for n in range(floor, layout.num_experts + 1, layout.n_group):
+        if all(_covered(layout, row, n) >= c for row in scores):
+            return n
+    return layout.num_experts
+
+
+def _covered(layout: ExpertLayout, row: torch.Tensor, n: int) -> float:
+    total = float(row.double().clamp(min=0).sum())
+    if total == 0:
+        return 1.0
+    kept = select(layout, row, n)
+    return float(row.double().clamp(min=0)[list(kept)].sum()) / total
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def plan_heads(heads: HeadLayout, scores: torch.Tensor, *, keep_ratio: float) -> Kept:
+    """Kept query heads per layer; KV groups stay equal.
+
+    With several query heads per KV head, every KV group keeps its best ``round(R x group)``
+    heads; with one (MLA, or MHA), the best ``round(R x H)`` heads stay and their KV heads with
+    them.
+    """
+    H, G = heads.num_heads, heads.group_size
+    if not 0 < keep_ratio <= 1:
+        raise PlanError(f"--heads-keep-ratio must be in (0, 1], got {keep_ratio}")
+    if scores.ndim != 2 or scores.shape[1] != H:
+        raise PlanError(f"head scores have shape {list(scores.shape)}; the model has {H} heads")
+    plan: Kept = {}
+    for layer, row in enumerate(scores):
+        if G == 1:
+            n = max(1, round(keep_ratio * H))
+            ranked = sorted(range(H), key=lambda h: (-float(row[h]), h))
+            plan[layer] = tuple(sorted(ranked[:n]))
+        else:
+            m = max(1, round(keep_ratio * G))
+            kept = []
+            for kv in range(heads.num_kv_heads):
+                ids = range(kv * G, (kv + 1) * G)
+                kept.extend(sorted(ids, key=lambda h: (-float(row[h]), h))[:m])
+            plan[layer] = tuple(sorted(kept))
+    return plan
