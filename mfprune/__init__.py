@@ -5,19 +5,42 @@ Library API (the CLI is a thin layer over these):
 - ``inspect_model(model)``: family, MoE layers, experts, heads, parameter split.
 - ``PrunePlan``: what each layer keeps; ``PrunePlan.load`` / ``save``.
 - ``rewrite_checkpoint(model, plan, out)``: the streaming, exact rewrite.
+- ``make_plan(layout, expert_scores=..., keep_ratio=...)``: scores -> a plan under a budget.
+- ``load_pretrained(dir)``: loads a pruned model, also one with per-layer expert counts.
+- ``profile_model(model, data)``: how task data uses every expert and head -> ``ProfileStats``
+  (``save`` / ``load``; ``merge_stats`` adds stats of disjoint data).
 """
 
 __version__ = "0.1.0"
 
 from mfprune.inspect import ModelReport, inspect_model
+from mfprune.loading import load_pretrained
 from mfprune.plan import PrunePlan
+from mfprune.planner import make_plan
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
+
+_LAZY = ("ProfileStats", "merge_stats", "profile_model")
+
+
+def __getattr__(name: str) -> object:
+    """Profiling needs torch; import it only when asked for (the CLI starts faster)."""
+    if name in _LAZY:
+        from mfprune import profiling
+
+        return getattr(profiling, name)
+    raise AttributeError(f"module 'mfprune' has no attribute '{name}'")
+
 
 __all__ = [
     "ModelReport",
+    "ProfileStats",
     "PrunePlan",
     "RewriteResult",
     "__version__",
     "inspect_model",
+    "load_pretrained",
+    "make_plan",
+    "merge_stats",
+    "profile_model",
     "rewrite_checkpoint",
 ]

@@ -94,23 +94,28 @@ class PrunePlan:
 
     # ------------------------------------------------------------------ validation
 
-    def validate(self, layout: ModelLayout) -> None:
-        """Raise PlanError listing every reason this plan cannot be applied to ``layout``."""
+    def validate(self, layout: ModelLayout, *, allow_uneven: bool = False) -> None:
+        """Raise PlanError listing every reason this plan cannot be applied to ``layout``.
+
+        ``allow_uneven`` accepts different expert counts per layer: such a model needs
+        ``mfprune.load_pretrained`` (stock configs hold one count).
+        """
         problems: list[str] = []
-        _check_experts(self.experts, layout.experts, layout, problems)
+        _check_experts(self.experts, layout.experts, layout, problems, allow_uneven)
         att = layout.attention_experts
         if att is None:
             if self.attention_experts:
                 problems.append(f"attention_experts: {layout.family} has no attention experts")
         else:
-            _check_experts(self.attention_experts, att, layout, problems)
+            _check_experts(self.attention_experts, att, layout, problems, allow_uneven)
             if att.count_key == layout.experts.count_key:
-                n_mlp = _uniform_count(self.experts, layout.experts)
-                n_att = _uniform_count(self.attention_experts, att)
-                if n_mlp is not None and n_att is not None and n_mlp != n_att:
+                n_mlp = self.expert_counts(layout.experts)
+                n_att = self.expert_counts(att)
+                if n_mlp != n_att:
                     problems.append(
-                        f"experts keep {n_mlp} and attention_experts keep {n_att}, but both "
-                        f"counts live in one config key '{att.count_key}': keep the same number"
+                        f"experts keep {_counts_text(n_mlp)} and attention_experts keep "
+                        f"{_counts_text(n_att)}, but both counts live in one config key "
+                        f"'{att.count_key}': keep the same number"
                     )
         _check_heads(self.heads, layout, problems)
         if problems:
@@ -119,6 +124,14 @@ class PrunePlan:
     def kept_experts(self, layout: ExpertLayout, layer: int) -> tuple[int, ...]:
         kept = self.experts if layout.kind == "experts" else self.attention_experts
         return kept.get(layer, tuple(range(layout.num_experts)))
+
+    def expert_counts(self, layout: ExpertLayout) -> dict[int, int]:
+        """Experts each MoE layer keeps (all of them where the plan does not say)."""
+        return {layer: len(self.kept_experts(layout, layer)) for layer in layout.layers}
+
+    def is_uneven(self, layout: ModelLayout) -> bool:
+        kinds = filter(None, (layout.experts, layout.attention_experts))
+        return any(len(set(self.expert_counts(e).values())) > 1 for e in kinds)
 
 
 def _parse_section(raw: Any, section: str, problems: list[str]) -> Kept:
@@ -143,13 +156,17 @@ def _parse_section(raw: Any, section: str, problems: list[str]) -> Kept:
     return kept
 
 
-def _uniform_count(kept: Kept, layout: ExpertLayout) -> int | None:
-    counts = {len(kept.get(layer, range(layout.num_experts))) for layer in layout.layers}
-    return counts.pop() if len(counts) == 1 else None
+def _counts_text(counts: dict[int, int]) -> str:
+    values = set(counts.values())
+    return str(values.pop()) if len(values) == 1 else str(counts)
 
 
 def _check_experts(
-    kept: Kept, layout: ExpertLayout, model: ModelLayout, problems: list[str]
+    kept: Kept,
+    layout: ExpertLayout,
+    model: ModelLayout,
+    problems: list[str],
+    allow_uneven: bool = False,
 ) -> None:
     kind, E, K = layout.kind, layout.num_experts, layout.top_k
     for layer, ids in sorted(kept.items()):
@@ -188,13 +205,14 @@ def _check_experts(
                     f"{counts[0]} kept experts: keep at least "
                     f"{-(-K // layout.topk_group)} per group"
                 )
-    if _uniform_count(kept, layout) is None:
-        counts = {layer: len(kept.get(layer, range(E))) for layer in layout.layers}
+    counts = {layer: len(kept.get(layer, range(E))) for layer in layout.layers}
+    if len(set(counts.values())) > 1 and not allow_uneven:
         shown = ", ".join(f"layer {layer}: {n}" for layer, n in counts.items())
         problems.append(
             f"{kind}: kept counts differ across MoE layers ({shown}); stock transformers configs "
             f"hold one '{layout.count_key}', so every MoE layer must keep the same number "
-            "(a layer absent from the plan keeps all)"
+            "(a layer absent from the plan keeps all); --allow-uneven writes per-layer counts "
+            "that mfprune.load_pretrained loads"
         )
 
 

@@ -26,6 +26,7 @@ def make_plan(
     keep: int | None = None,
     keep_ratio: float | None = None,
     coverage: float | None = None,
+    global_budget: float | None = None,
     min_keep: int = 0,
     attention_scores: torch.Tensor | None = None,  # [L_moe, A] (JetMoE)
     attention_keep_ratio: float | None = None,
@@ -34,7 +35,15 @@ def make_plan(
     meta: dict[str, Any] | None = None,
 ) -> PrunePlan:
     experts: Kept = {}
-    if expert_scores is not None:
+    if expert_scores is not None and global_budget is not None:
+        if any(x is not None for x in (keep, keep_ratio, coverage)):
+            raise PlanError(
+                "--global-budget replaces --keep / --keep-ratio / --coverage: give one budget"
+            )
+        experts = plan_experts_global(
+            layout.experts, expert_scores, ratio=global_budget, min_keep=min_keep
+        )
+    elif expert_scores is not None:
         experts = plan_experts(
             layout.experts,
             expert_scores,
@@ -57,7 +66,7 @@ def make_plan(
             raise PlanError(f"{layout.family} heads cannot be pruned: {why}")
         heads = plan_heads(layout.heads, head_scores, keep_ratio=heads_keep_ratio)
     plan = PrunePlan(experts=experts, attention_experts=attention, heads=heads, meta=meta or {})
-    plan.validate(layout)
+    plan.validate(layout, allow_uneven=global_budget is not None)
     return plan
 
 
@@ -167,6 +176,63 @@ def _covered(layout: ExpertLayout, row: torch.Tensor, n: int) -> float:
         return 1.0
     kept = select(layout, row, n)
     return float(row.double().clamp(min=0)[list(kept)].sum()) / total
+
+
+def plan_experts_global(
+    layout: ExpertLayout, scores: torch.Tensor, *, ratio: float, min_keep: int = 0
+) -> Kept:
+    """One pool for all layers: keep ``ratio`` of all experts, spent where the scores say.
+
+    Scores are made comparable across layers first: each becomes its share of its own layer's
+    total. Every layer starts with its floor (top-k, groups, ``min_keep``); the rest of the
+    budget goes to the highest shares anywhere. Group-limited layers grow one expert per group
+    at a time (the group's best remaining ones), so groups stay equal.
+    """
+    L, E, G = len(layout.layers), layout.num_experts, layout.n_group
+    if tuple(scores.shape) != (L, E):
+        raise PlanError(
+            f"scores have shape {list(scores.shape)} but the model has {L} MoE layers x {E} "
+            f"{layout.kind}",
+            hint="was the profile made on another model?",
+        )
+    if not 0 < ratio <= 1:
+        raise PlanError(f"--global-budget must be in (0, 1], got {ratio}")
+    floor = minimum_keep(layout, min_keep=min_keep)
+    budget = round(ratio * L * E)
+    if budget < floor * L:
+        raise PlanError(
+            f"a global budget of {ratio:g} keeps {budget} of {L * E} {layout.kind}, below the "
+            f"{floor} per layer x {L} layers that top-k and routing groups need",
+            hint=f"use --global-budget ≥ {floor / E:.3g}",
+        )
+    share = scores.double().clamp(min=0)
+    share = share / share.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    size = E // G
+    order = [  # per layer and group: ids best first
+        [
+            sorted(range(g * size, (g + 1) * size), key=lambda i, r=row: (-float(r[i]), i))
+            for g in range(G)
+        ]
+        for row in share
+    ]
+    per_group = [floor // G] * L
+    spent = floor * L
+    while spent + G <= budget:
+        best, best_value = None, -1.0
+        for i in range(L):
+            if per_group[i] >= size:
+                continue
+            value = sum(float(share[i, order[i][g][per_group[i]]]) for g in range(G))
+            if value > best_value:
+                best, best_value = i, value
+        if best is None:
+            break
+        per_group[best] += 1
+        spent += G
+    return {
+        layer: tuple(sorted(i for g in range(G) for i in order[row][g][: per_group[row]]))
+        for row, layer in enumerate(layout.layers)
+    }
 
 
 # ----------------------------------------------------------------------------- heads

@@ -11,7 +11,7 @@ from mfprune.arch import spec_for_config
 from mfprune.arch.layout import resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import MfpruneError, PlanError
-from mfprune.planner import make_plan, minimum_keep, plan_experts
+from mfprune.planner import make_plan, minimum_keep, plan_experts, plan_experts_global
 from mfprune.scoring import CRITERIA, get_criterion
 
 
@@ -95,3 +95,36 @@ def test_heads_keep_kv_groups_equal(tiny_checkpoint):
     assert make_plan(mla, head_scores=scores, heads_keep_ratio=0.5).heads[0] == (1, 2)
     with pytest.raises(PlanError, match="OLMoE"):
         make_plan(layout_of(tiny_checkpoint("olmoe")), head_scores=scores, heads_keep_ratio=0.5)
+
+
+def test_global_budget_spends_where_layer_shares_are_high(tiny_checkpoint):
+    layout = layout_of(tiny_checkpoint("mixtral")).experts  # 2 layers x 8, top-2
+    # layer 0: mass on two experts; layer 1: spread evenly -> layer 1 needs more experts
+    scores = torch.tensor(
+        [[100, 90, 1, 1, 1, 1, 1, 1], [10, 10, 10, 10, 10, 10, 10, 10]], dtype=torch.float64
+    )
+    kept = plan_experts_global(layout, scores, ratio=0.5)  # 8 of 16 in all
+    assert sum(len(v) for v in kept.values()) == 8
+    assert kept[0] == (0, 1) and len(kept[1]) == 6
+    with pytest.raises(PlanError, match="below the 2 per layer x 2 layers"):
+        plan_experts_global(layout, scores, ratio=0.1)
+
+
+def test_global_budget_keeps_groups_equal(tiny_checkpoint):
+    layout = layout_of(tiny_checkpoint("deepseek_v3")).experts  # 2 groups of 4, floor 4
+    scores = torch.tensor(
+        [[9, 9, 9, 9, 9, 9, 9, 9], [50, 1, 1, 1, 50, 1, 1, 1]], dtype=torch.float64
+    )
+    kept = plan_experts_global(layout, scores, ratio=0.75)  # 12 of 16
+    assert len(kept[1]) == 8 and len(kept[2]) == 4
+    for ids in kept.values():
+        assert sum(i < 4 for i in ids) == sum(i >= 4 for i in ids)
+
+
+def test_make_plan_with_global_budget_allows_uneven_counts(tiny_checkpoint):
+    layout = layout_of(tiny_checkpoint("mixtral"))
+    scores = torch.tensor([[100, 90, 1, 1, 1, 1, 1, 1], [10] * 8], dtype=torch.float64)
+    plan = make_plan(layout, expert_scores=scores, global_budget=0.5)
+    assert plan.is_uneven(layout)
+    with pytest.raises(PlanError, match="one budget"):
+        make_plan(layout, expert_scores=scores, global_budget=0.5, keep=4)

@@ -3,10 +3,15 @@ with the original model whose pruned experts / heads are masked."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import torch
 from checks import assert_exact, assert_tensors_are_slices, config_diff, removed
 
 from mfprune import PrunePlan, rewrite_checkpoint
+from mfprune.errors import PlanError
+from mfprune.oracle import logits, masked_logits, sample_ids
 
 # family -> (kept experts per MoE layer, the config key holding the count)
 EXPERT_CASES = {
@@ -71,3 +76,30 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
     assert_tensors_are_slices(source, out, experts=experts)
     diff = config_diff(source, out)
     assert diff["num_attention_heads"] == (4, len(next(iter(heads.values()))))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_checkpoint, tmp_path):
+    from checks import load
+
+    import mfprune
+
+    source = tiny_checkpoint(family)
+    kept = {
+        "mixtral": {0: [0, 2, 5], 1: [1, 3, 4, 6, 7]},
+        "qwen2_moe": {0: [0, 1], 1: [3, 4, 5, 6, 7]},
+        "deepseek_v3": {1: [0, 2, 5, 7], 2: [0, 1, 2, 5, 6, 7]},
+        "gpt_oss": {0: [0, 1, 2, 7], 1: [2, 3]},
+    }[family]
+    out = tmp_path / "pruned"
+    with pytest.raises(PlanError, match="allow-uneven"):
+        rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    rewrite_checkpoint(source, PrunePlan(experts=kept), out, allow_uneven=True)
+    counts = json.loads((out / "config.json").read_text())["mfprune_expert_counts"]
+    assert counts == {str(k): len(v) for k, v in kept.items()}
+    model = mfprune.load_pretrained(out, dtype=torch.float32).eval()
+    original, _ = load(source)
+    ids = sample_ids(original.config.vocab_size, batch=2, seq=24)
+    reference = masked_logits(original, ids, experts=removed(kept, 8))
+    assert (logits(model, ids) - reference).abs().max().item() <= 1e-5
+    assert (reference - logits(original, ids)).abs().max().item() > 1e-4

@@ -8,16 +8,20 @@ from typing import Any
 from mfprune.arch.layout import ModelLayout
 from mfprune.plan import PrunePlan, head_index
 
+UNEVEN_KEY = "mfprune_expert_counts"  # {layer: experts kept} when layers keep different counts
+
 
 def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan) -> dict[str, Any]:
     """Return ``config`` with expert/head counts set to what ``plan`` keeps (plan validated)."""
     out = copy.deepcopy(config)
     for experts in filter(None, (layout.experts, layout.attention_experts)):
-        first = experts.layers[0]
-        kept = len(plan.kept_experts(experts, first))
+        counts = plan.expert_counts(experts)
         for key in experts.spec.count_keys:
             if key in out:
-                out[key] = kept
+                out[key] = max(counts.values())
+        if len(set(counts.values())) > 1:
+            # stock transformers holds one count: mfprune.load_pretrained reads these
+            out[UNEVEN_KEY] = {str(layer): n for layer, n in counts.items()}
     heads = layout.heads
     if plan.heads and heads is not None:
         kept_q = next(iter(plan.heads.values()))

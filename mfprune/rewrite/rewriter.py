@@ -63,16 +63,18 @@ def rewrite_checkpoint(
     spec: ArchSpec | None = None,
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
+    allow_uneven: bool = False,
 ) -> RewriteResult:
     """Write the pruned copy of ``model`` described by ``plan`` to ``out``.
 
     Everything is validated first (model, adapter, plan, output location); nothing is written
-    unless all of it passes.
+    unless all of it passes. ``allow_uneven`` accepts plans whose layers keep different expert
+    counts; the output then loads with ``mfprune.load_pretrained``, not stock transformers.
     """
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
-    plan.validate(layout)
+    plan.validate(layout, allow_uneven=allow_uneven)
     out_dir = check_output(Path(out), source=ckpt.root, overwrite=overwrite)
     tensors, stats = plan_tensors(ckpt, layout, plan)
     new_config = patch_config(ckpt.config, layout, plan)

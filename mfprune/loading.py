@@ -1,0 +1,73 @@
+"""load_pretrained: load a pruned checkpoint, including one whose layers keep different
+expert counts (``--allow-uneven`` / ``--global-budget``), which stock transformers cannot.
+
+Stock configs hold one expert count. A checkpoint with per-layer counts records them in
+``config.json`` under ``mfprune_expert_counts`` (and the largest count under the stock keys).
+While transformers builds the model, each decoder layer is given a copy of the config with its
+own count, so every router and expert tensor is created at its real size and the weights load
+through transformers' normal path (with its key conversions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mfprune.arch import spec_for_config
+from mfprune.errors import ModelError
+from mfprune.rewrite.config_patch import UNEVEN_KEY
+
+
+def load_pretrained(path: str | Path, **kwargs: Any):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` that also handles per-layer
+    expert counts. Returns the model."""
+    from transformers import AutoModelForCausalLM
+
+    config_path = Path(path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {config_path}: {exc}", hint="pass a model folder") from None
+    counts = config.get(UNEVEN_KEY)
+    if not counts:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
+    per_layer = {int(layer): int(n) for layer, n in counts.items()}
+    with _per_layer_counts(config, keys, per_layer):
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _expert_specs(config: dict[str, Any]):
+    spec = spec_for_config(config)
+    return [e for e in (spec.experts, spec.attention_experts) if e is not None]
+
+
+@contextlib.contextmanager
+def _per_layer_counts(config: dict[str, Any], keys: list[str], counts: dict[int, int]) -> Iterator:
+    """Patch the family's decoder-layer class so layer L is built with ``counts[L]`` experts."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config_cls = type(AutoConfig.for_model(config["model_type"]))
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    module = sys.modules[model_cls.__module__]
+    layer_cls = getattr(module, model_cls._no_split_modules[0])
+    original = layer_cls.__init__
+
+    def init(self, layer_config, layer_idx, *args, **kwargs):
+        if layer_idx in counts:
+            layer_config = copy.copy(layer_config)
+            for key in keys:
+                setattr(layer_config, key, counts[layer_idx])
+        original(self, layer_config, layer_idx, *args, **kwargs)
+
+    layer_cls.__init__ = init
+    try:
+        yield
+    finally:
+        layer_cls.__init__ = original
