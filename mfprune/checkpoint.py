@@ -18,6 +18,7 @@ from mfprune.io.reader import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SAMPLE = 1 << 20  # bytes of each shard's data that the fingerprint reads, at each end
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,19 @@ class Checkpoint:
         return sum(s.file_size for s in self.shards)
 
     def fingerprint(self) -> str:
-        """sha256 over config.json and every shard header: cheap, changes when weights move."""
+        """sha256 over config.json, every shard header and a sample of each shard's data (its
+        first and last MiB): cheap on any size, and two fine-tunes of one layout differ."""
         h = hashlib.sha256((self.root / "config.json").read_bytes())
         for shard in self.shards:
             h.update(shard.path.name.encode())
             h.update(shard.raw_header)
             h.update(str(shard.file_size).encode())
+            start = 8 + len(shard.raw_header)
+            with open(shard.path, "rb") as f:
+                f.seek(start)
+                h.update(f.read(_SAMPLE))
+                f.seek(max(start, shard.file_size - _SAMPLE))
+                h.update(f.read(_SAMPLE))
         return h.hexdigest()
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -211,6 +212,130 @@ def prune(
         f"{result.tensors_sliced} tensors sliced, {result.tensors_dropped} dropped; "
         f"config: {changes or 'unchanged'}{verdict}",
     )
+
+
+class DtypeChoice(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@app.command()
+@command
+def profile(
+    model: Annotated[Path, typer.Argument(help="model folder with its tokenizer")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="task data: a JSONL file (text / messages / prompt+completion), a text file, "
+            "or a folder of those",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="stats file to write (.safetensors)")],
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="stop after this many tokens (default: all)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per forward")] = 8,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", help="cut longer documents into chunks of this many tokens")
+    ] = 2048,
+    dtype: Annotated[
+        DtypeChoice, typer.Option("--dtype", help="dtype to run in (auto: the checkpoint's)")
+    ] = DtypeChoice.auto,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
+    ] = "auto",
+    text_field: Annotated[
+        str | None, typer.Option("--text-field", help="the JSONL field that holds the text")
+    ] = None,
+    shard: Annotated[
+        str,
+        typer.Option("--shard", help="I/N: profile documents I, I+N, I+2N, ... (merge-stats adds)"),
+    ] = "0/1",
+    arch: ArchOpt = None,
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """Record how task DATA uses every expert, attention expert and head of MODEL."""
+    import time
+
+    from mfprune.arch import load_spec_file
+    from mfprune.profiling import Shard, profile_model
+    from mfprune.profiling.stats import check_stats_out
+
+    target = check_stats_out(out)
+    start = time.perf_counter()
+    forward_start = [start]
+
+    def on_start(tokens: Any) -> None:
+        ticker.set_total(tokens.tokens)
+        forward_start[0] = time.perf_counter()
+
+    with sink.progress(unit="tokens") as ticker:
+        stats = profile_model(
+            model,
+            data,
+            max_tokens=max_tokens,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            dtype=dtype.value,
+            device=device,
+            text_field=text_field,
+            shard=Shard.parse(shard),
+            spec=load_spec_file(arch) if arch else None,
+            on_start=on_start,
+            on_batch=ticker.advance,
+        )
+    end = time.perf_counter()
+    stats.save(target)
+    summary = {"out": str(target), **stats.summary(), "seconds": round(end - start, 3)}
+    # throughput of the forward passes alone (loading the model is not profiling)
+    rate = stats.meta.tokens / max(end - forward_start[0], 1e-9)
+    summary["tokens_per_second"] = round(rate, 1)
+    sink.result(summary, _stats_line(f"wrote {target}", summary))
+
+
+@app.command("merge-stats")
+@command
+def merge_stats_command(
+    stats: Annotated[
+        list[Path],
+        typer.Argument(help="stats files of one model, on disjoint data", metavar="STATS"),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="merged stats file to write")],
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """Add up stats files of one model made on disjoint data (--shard 0/2 + 1/2, say)."""
+    from mfprune.profiling.stats import ProfileStats, check_stats_out, merge_stats
+
+    target = check_stats_out(out)
+    merged = merge_stats(*(ProfileStats.load(p) for p in stats))
+    merged.save(target)
+    summary = {"out": str(target), **merged.summary()}
+    sink.result(summary, _stats_line(f"merged {len(stats)} files into {target}", summary))
+
+
+def _stats_line(head: str, summary: dict[str, Any]) -> str:
+    e = summary["experts"]
+    never = sum(len(ids) for ids in e["never_routed"].values())
+    parts = [
+        f"{head} — {summary['tokens']:,} tokens from {summary['documents']:,} documents",
+        f"{len(e['layers'])} MoE layers x {e['experts']} experts (top-{e['top_k']}), "
+        f"{never} never routed",
+    ]
+    if "attention_experts" in summary:
+        a = summary["attention_experts"]
+        parts.append(f"{len(a['layers'])} layers x {a['experts']} attention experts")
+    if "heads" in summary:
+        parts.append(f"{summary['heads']['layers']} layers x {summary['heads']['heads']} heads")
+    if "tokens_per_second" in summary:
+        parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
+    return "; ".join(parts)
 
 
 def main() -> None:  # pragma: no cover - console entry point

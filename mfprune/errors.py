@@ -53,6 +53,18 @@ class OutputError(MfpruneError):
     """The output location is unusable (inside the source, not empty, not writable)."""
 
 
+class DataError(MfpruneError):
+    """Task data for profiling is missing, empty or unreadable."""
+
+    default_hint = "see `mfprune profile --help` for the data formats"
+
+
+class StatsError(MfpruneError):
+    """A stats file is missing, corrupted, inconsistent or from another model."""
+
+    default_hint = "re-create it with `mfprune profile` (docs/stats-format.md)"
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' — did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

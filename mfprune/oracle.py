@@ -25,7 +25,6 @@ All patches are undone in ``finally`` blocks, so the model is unchanged after ev
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -34,12 +33,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from mfprune.modules import find_o_proj, find_routers
+
 #: Ids to remove, per decoder-layer index.
 Pruned = Mapping[int, Sequence[int]]
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
-_ATTENTION_PARTS = ("self_attention", "self_attn")
 
 
 def logits(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -84,11 +81,11 @@ def masked_logits(
     """
     with ExitStack() as stack:
         if experts:
-            routers = _find_routers(model, attention=False)
+            routers = find_routers(model, attention=False)
             for layer, ids in experts.items():
                 stack.enter_context(_mask_router(_lookup(routers, layer, "experts"), ids))
         if attention_experts:
-            routers = _find_routers(model, attention=True)
+            routers = find_routers(model, attention=True)
             for layer, ids in attention_experts.items():
                 router = _lookup(routers, layer, "attention_experts")
                 stack.enter_context(_mask_router(router, ids))
@@ -99,28 +96,6 @@ def masked_logits(
 
 
 # --------------------------------------------------------------------------- discovery
-
-
-def _layer_index(name: str) -> int | None:
-    """Decoder-layer index in a module name such as ``model.layers.3.mlp.gate``."""
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
-
-
-def _find_routers(model: nn.Module, *, attention: bool) -> dict[int, tuple[str, nn.Module]]:
-    """Map layer index -> ``(name, router)`` for the MLP (or attention) routers of ``model``."""
-    found: dict[int, tuple[str, nn.Module]] = {}
-    for name, module in model.named_modules():
-        if not _ROUTER_CLASS.search(type(module).__name__):
-            continue
-        layer = _layer_index(name)
-        in_attention = any(part in name.split(".") for part in _ATTENTION_PARTS)
-        if layer is None or in_attention != attention:
-            continue
-        if layer in found:
-            raise ValueError(f"two routers in layer {layer}: {found[layer][0]} and {name}")
-        found[layer] = (name, module)
-    return found
 
 
 def _lookup(routers: dict[int, tuple[str, nn.Module]], layer: int, what: str) -> nn.Module:
@@ -245,7 +220,7 @@ def _mask_linear_call(router: nn.Module, mask: torch.Tensor) -> Iterator[None]:
 @contextmanager
 def _mask_heads(model: PreTrainedModel, layer: int, ids: Sequence[int]) -> Iterator[None]:
     """Zero the pruned query heads' slices at the input of layer ``layer``'s ``o_proj``."""
-    o_proj = _find_o_proj(model, layer)
+    o_proj = find_o_proj(model, layer)
     config = model.config.get_text_config()
     num_heads = int(config.num_attention_heads)
     width, remainder = divmod(o_proj.in_features, num_heads)
@@ -273,15 +248,3 @@ def _mask_heads(model: PreTrainedModel, layer: int, ids: Sequence[int]) -> Itera
         yield
     finally:
         handle.remove()
-
-
-def _find_o_proj(model: nn.Module, layer: int) -> nn.Linear:
-    """The ``self_attn.o_proj`` linear of decoder layer ``layer``."""
-    for name, module in model.named_modules():
-        if (
-            name.endswith("self_attn.o_proj")
-            and _layer_index(name) == layer
-            and isinstance(module, nn.Linear)
-        ):
-            return module
-    raise ValueError(f"heads: layer {layer} has no self_attn.o_proj linear to mask")

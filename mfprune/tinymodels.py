@@ -14,13 +14,14 @@ and pruning an expert changes the logits.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from mfprune.modules import is_router
 
 _BASE: dict[str, Any] = {
     "vocab_size": 128,
@@ -90,9 +91,6 @@ FAMILIES: dict[str, dict[str, Any]] = {
 #: Standard deviation given to router weights so routing is far from uniform.
 ROUTER_STD = 1.0
 
-# Router modules: every family's top-k router class, plus JetMoE's gating (whose logits come
-# from its ``layer`` child, an ``nn.Linear``).
-_ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
 # Parameters (by name suffix) that are zero at init but matter for routing or expert outputs,
 # with the std they are redrawn at. JetMoE's MoE/MoA output biases are added to every token
 # alike; at std >= 0.02 they swamp the (init-scale) token-dependent part of the residual stream
@@ -124,7 +122,7 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
 
     for module in model.modules():
-        if _ROUTER_CLASS.search(type(module).__name__):
+        if is_router(module):  # jetmoe's gating takes its logits from an nn.Linear child
             layer = getattr(module, "layer", None)  # jetmoe gating wraps an nn.Linear
             draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
         bias = getattr(module, "e_score_correction_bias", None)  # deepseek_v3
@@ -201,3 +199,47 @@ def build_checkpoint(
     """
     model = build_model(family, seed=seed, **overrides)
     return save_checkpoint(model, path, dtype=dtype, max_shard_size=max_shard_size)
+
+
+#: Text the tiny tokenizer is trained on (and a handy source of test documents).
+TINY_CORPUS = (
+    "The router sends every token to the experts it scores highest.",
+    "A mixture of experts model keeps many feed forward networks and uses a few per token.",
+    "Pruning removes the experts and attention heads that a task barely uses.",
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i * i)\n",
+    "Calibration data from the task matters more than the pruning criterion.",
+)
+
+#: A minimal chat template for the tiny tokenizer (role: content, one message per line).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+)
+
+
+def save_tokenizer(path: str | Path, *, vocab_size: int = 100) -> Path:
+    """Train a tiny BPE tokenizer on ``TINY_CORPUS`` offline and save it into ``path``.
+
+    Its ids stay below ``vocab_size`` (keep it <= the tiny models' 128). It has ``<pad>`` (0),
+    ``<s>``, ``</s>`` and ``<unk>`` and a chat template, so every data format can be profiled.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    path = Path(path)
+    fast.save_pretrained(path)
+    return path

@@ -1,0 +1,19 @@
+"""Profiling: how a task uses every expert, attention expert and head.
+
+``profile_model`` (run.py) reads task data (data.py), runs it through the model with read-only
+hooks (hooks.py) and returns ``ProfileStats`` (stats.py): sums that save, load and merge.
+"""
+
+from mfprune.profiling.data import Shard
+from mfprune.profiling.run import profile_model
+from mfprune.profiling.stats import ExpertStats, HeadStats, ProfileStats, StatsMeta, merge_stats
+
+__all__ = [
+    "ExpertStats",
+    "HeadStats",
+    "ProfileStats",
+    "Shard",
+    "StatsMeta",
+    "merge_stats",
+    "profile_model",
+]

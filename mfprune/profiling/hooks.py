@@ -1,0 +1,294 @@
+"""Forward hooks that sum, over the non-padding tokens, how each expert and head is used.
+
+They only read: the model's outputs are unchanged (a test checks the logits).
+
+* Routed experts of transformers v5 ``*Experts`` modules (every family but JetMoE): a forward
+  hook on the experts module reads its inputs ``(hidden [T, D], top_k_index [T, K],
+  top_k_weights [T, K])`` — the routing weights exactly as the model applies them, after
+  whatever the family's router does (softmax or sigmoid, bias, groups, renormalisation,
+  scaling) — and calls the module once more with every (token, slot) pair as its own row and a
+  weight of 1, which gives each slot's unweighted output E_i(x) [T*K, D].
+* JetMoE (MLP experts and attention experts): its ``TopKGating`` router returns the routing in
+  expert-sorted order ``(sorted slot ids, token of each slot, gate of each slot, slots per
+  expert, logits)``, and the module's ``output_linear`` returns every slot's unweighted output
+  in that order — a forward hook on each reads them, nothing is recomputed.
+* Heads: a forward pre-hook on ``self_attn.o_proj`` splits its input into the H heads' outputs
+  x_h and sums ‖W_h x_h‖₂, W_h = head h's columns of o_proj, as sqrt(x_hᵀ (W_hᵀ W_h) x_h) with
+  the [H, w, w] Gram matrices computed once.
+
+Hooks see flattened tokens (B*S rows); ``Recorder.set_mask`` gives the [B, S] attention mask of
+the batch about to run, and rows where it is 0 (padding) are dropped before anything is summed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from mfprune.arch.layout import ExpertLayout, ModelLayout
+from mfprune.errors import ModelError
+from mfprune.modules import find_o_projs, find_routers, parent_of
+from mfprune.profiling.stats import ExpertStats, HeadStats
+
+
+class ExpertSums:
+    """Running sums for one kind of experts: rows are MoE layers, columns experts."""
+
+    def __init__(self, layout: ExpertLayout, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.layers = layout.layers
+        self.top_k = layout.top_k
+        self.num_experts = layout.num_experts
+        shape = (len(self.layers), self.num_experts)  # [L, E]
+        self.count = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.soft = torch.zeros(shape, dtype=dtype, device=device)
+        self.ean = torch.zeros(shape, dtype=dtype, device=device)
+        self.reap_num = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens = torch.zeros(len(self.layers), dtype=torch.int64, device=device)  # [L]
+
+    def add(
+        self,
+        row: int,
+        *,
+        expert: torch.Tensor,
+        gate: torch.Tensor,
+        norm: torch.Tensor,
+        tokens: int,
+    ) -> None:
+        """Add N routed (token, slot) pairs: ``expert`` [N] ids, ``gate`` [N] g_i(t),
+        ``norm`` [N] ‖E_i(x_t)‖₂; ``tokens`` real tokens went through the layer."""
+        acc = self.soft.dtype
+        gate, norm = gate.to(acc), norm.to(acc)
+        self.count[row].index_add_(0, expert, torch.ones_like(expert))
+        self.soft[row].index_add_(0, expert, gate)
+        self.ean[row].index_add_(0, expert, norm)
+        self.reap_num[row].index_add_(0, expert, gate * norm)
+        self.tokens[row] += tokens
+
+    def stats(self) -> ExpertStats:
+        def cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return t.detach().to("cpu", dtype)
+
+        return ExpertStats(
+            layers=tuple(self.layers),
+            top_k=self.top_k,
+            count=cpu(self.count, torch.int64),
+            soft=cpu(self.soft, torch.float64),
+            ean=cpu(self.ean, torch.float64),
+            reap_num=cpu(self.reap_num, torch.float64),
+            tokens=cpu(self.tokens, torch.int64),
+        )
+
+
+class Recorder:
+    """Attach with ``with recorder.attached():``; before each forward call ``set_mask``."""
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, *, heads: bool = True) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.device = param.device
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
+        self._keep: torch.Tensor | None = None  # [B*S] bool, True for real tokens
+        self._rows: torch.Tensor | None = None  # [T] indices of the real tokens
+        self.sums: dict[str, ExpertSums] = {}
+        self._plan: list[tuple[nn.Module, str, Any]] = []  # (module, hook kind, callback)
+        for kind in ("experts", "attention_experts"):
+            expert_layout: ExpertLayout | None = getattr(layout, kind)
+            if expert_layout is None:
+                continue
+            self.sums[kind] = ExpertSums(expert_layout, device=self.device, dtype=acc)
+            self._plan_experts(kind, expert_layout)
+        self.head_layers: tuple[int, ...] = ()
+        self._head_usage: torch.Tensor | None = None  # [L_all, H]
+        self._head_tokens: torch.Tensor | None = None  # [L_all]
+        if heads:
+            self._plan_heads(layout.num_layers, acc)
+
+    # ------------------------------------------------------------------------------ state
+
+    def set_mask(self, attention_mask: torch.Tensor | None) -> None:
+        """The [B, S] mask of the next forward (1 = real token); None counts every token."""
+        if attention_mask is None:
+            self._keep = self._rows = None
+            return
+        self._keep = attention_mask.reshape(-1).to(self.device, torch.bool)  # [B*S]
+        self._rows = self._keep.nonzero().flatten()  # [T] real rows: one sync per batch
+
+    def _real(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``x`` [B*S, ...] that are real tokens [T, ...]."""
+        if self._rows is None or self._keep is None:
+            return x
+        if self._keep.numel() != x.shape[0]:
+            raise RuntimeError(
+                f"a hook saw {x.shape[0]} token rows but the batch's mask has {self._keep.numel()}"
+            )
+        return x.index_select(0, self._rows.to(x.device))
+
+    @contextmanager
+    def attached(self) -> Iterator[Recorder]:
+        handles = []
+        try:
+            for module, how, fn in self._plan:
+                if how == "pre":
+                    handles.append(module.register_forward_pre_hook(fn))
+                elif how == "kwargs":
+                    handles.append(module.register_forward_hook(fn, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(fn))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._keep = self._rows = None
+
+    def expert_stats(self, kind: str) -> ExpertStats | None:
+        sums = self.sums.get(kind)
+        return sums.stats() if sums else None
+
+    def head_stats(self) -> HeadStats | None:
+        if self._head_usage is None or self._head_tokens is None:
+            return None
+        return HeadStats(
+            layers=self.head_layers,
+            usage=self._head_usage.detach().to("cpu", torch.float64),
+            tokens=self._head_tokens.detach().to("cpu", torch.int64),
+        )
+
+    # ---------------------------------------------------------------------------- experts
+
+    def _plan_experts(self, kind: str, layout: ExpertLayout) -> None:
+        routers = find_routers(self.model, attention=kind == "attention_experts")
+        if sorted(routers) != list(layout.layers):
+            raise ModelError(
+                f"the loaded model has {kind} routers in layers {sorted(routers)}, but the "
+                f"checkpoint's tensors put them in layers {list(layout.layers)}",
+                hint="the adapter does not match how transformers builds this model",
+            )
+        sums = self.sums[kind]
+        for row, layer in enumerate(layout.layers):
+            name, router = routers[layer]
+            block = parent_of(self.model, name)
+            experts = getattr(block, "experts", None)
+            output_linear = getattr(block, "output_linear", None)
+            if isinstance(experts, nn.Module):
+                self._plan.append((experts, "kwargs", self._fused_hook(sums, row, experts)))
+            elif isinstance(output_linear, nn.Module):
+                routing: dict[str, Any] = {}
+                self._plan.append((router, "post", _stash_sorted_routing(routing)))
+                self._plan.append((output_linear, "post", self._sorted_hook(sums, row, routing)))
+            else:
+                raise ModelError(
+                    f"cannot read the expert outputs of {type(block).__name__} ({name})",
+                    hint="mfprune knows transformers' *Experts modules and JetMoE; please report "
+                    "this model",
+                )
+
+    def _fused_hook(self, sums: ExpertSums, row: int, experts: nn.Module) -> Any:
+        names = list(inspect.signature(experts.forward).parameters)[:3]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, _output: Any) -> None:
+            given = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
+            if len(given) < 3:
+                raise RuntimeError(
+                    f"{type(module).__name__} was called without (hidden, top_k_index, "
+                    "top_k_weights)"
+                )
+            hidden, index, weights = given[:3]  # [T, D], [T, K], [T, K]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            index, weights = index.reshape(hidden.shape[0], -1), weights.reshape_as(index)
+            hidden, index, weights = self._real(hidden), self._real(index), self._real(weights)
+            tokens, top_k = index.shape
+            if tokens:
+                ones = torch.ones(tokens * top_k, 1, dtype=weights.dtype, device=weights.device)
+                # one row per (token, slot): the slot's expert output, unweighted  [T*K, D]
+                slots = module.forward(
+                    hidden.repeat_interleave(top_k, dim=0), index.reshape(-1, 1), ones
+                )
+                norm = slots.float().norm(dim=-1)  # [T*K]
+                sums.add(
+                    row,
+                    expert=index.reshape(-1),
+                    gate=weights.reshape(-1),
+                    norm=norm,
+                    tokens=tokens,
+                )
+
+        return hook
+
+    def _sorted_hook(self, sums: ExpertSums, row: int, routing: dict[str, Any]) -> Any:
+        def hook(module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            if "token" not in routing:
+                raise RuntimeError(f"{type(module).__name__} ran before its router")
+            token, gate, per_expert = routing.pop("token"), routing.pop("gate"), routing.pop("n")
+            expert = torch.repeat_interleave(
+                torch.arange(len(per_expert), device=token.device),
+                torch.tensor(per_expert, device=token.device),
+            )  # [T*K] expert of each slot, in sorted order
+            rows = routing.pop("rows")  # B*S
+            if self._keep is None:
+                real, tokens = torch.ones_like(token, dtype=torch.bool), rows
+            elif self._keep.numel() != rows:
+                raise RuntimeError(f"{type(module).__name__} saw {rows} token rows, not B*S")
+            else:
+                real, tokens = self._keep.to(token.device)[token], self._rows.numel()
+            sums.add(  # the slots of real tokens
+                row,
+                expert=expert[real],
+                gate=gate[real],
+                norm=output[real].float().norm(dim=-1),
+                tokens=tokens,
+            )
+
+        return hook
+
+    # ------------------------------------------------------------------------------ heads
+
+    def _plan_heads(self, num_layers: int, acc: torch.dtype) -> None:
+        o_projs = find_o_projs(self.model)
+        if sorted(o_projs) != list(range(num_layers)):
+            return  # JetMoE: attention experts instead of heads
+        config = self.model.config.get_text_config()
+        heads = int(config.num_attention_heads)
+        self.head_layers = tuple(range(num_layers))
+        self._head_usage = torch.zeros(num_layers, heads, dtype=acc, device=self.device)
+        self._head_tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
+        for layer, o_proj in o_projs.items():
+            width, rest = divmod(o_proj.in_features, heads)
+            if rest:
+                raise ModelError(
+                    f"layer {layer}: o_proj takes {o_proj.in_features} inputs, not a multiple "
+                    f"of {heads} heads"
+                )
+            self._plan.append((o_proj, "pre", self._head_hook(layer, o_proj, heads, width)))
+
+    def _head_hook(self, layer: int, o_proj: nn.Linear, heads: int, width: int) -> Any:
+        usage, tokens = self._head_usage, self._head_tokens  # [L_all, H], [L_all]
+        assert usage is not None and tokens is not None  # set by _plan_heads
+        gram: list[torch.Tensor] = []  # [H, w, w], computed on first use (weights are fixed)
+
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = self._real(args[0].reshape(-1, heads, width)).float()  # [T, H, w]
+            if not gram:
+                w = o_proj.weight.detach().float().reshape(-1, heads, width)  # [D, H, w]
+                gram.append(torch.einsum("dhw,dhv->hwv", w, w))
+            projected = torch.einsum("thw,hwv->thv", x, gram[0])  # [T, H, w]
+            squared = (projected * x).sum(dim=-1)  # [T, H]: ‖W_h x_h‖²
+            usage[layer] += squared.clamp_min(0).sqrt().sum(dim=0).to(usage.dtype)
+            tokens[layer] += x.shape[0]
+
+        return hook
+
+
+def _stash_sorted_routing(routing: dict[str, Any]) -> Any:
+    """JetMoE router hook: keep (token, gate, slots per expert) of each sorted slot."""
+
+    def hook(_module: nn.Module, args: tuple, output: tuple) -> None:
+        _sorted_ids, token, gate, per_expert, _logits = output
+        rows = args[0].reshape(-1, args[0].shape[-1]).shape[0]  # T
+        routing.update(token=token, gate=gate, n=list(per_expert), rows=rows)
+
+    return hook

@@ -1,0 +1,208 @@
+"""profile_model: run task data through a model and record how it uses its experts and heads.
+
+Order of work, cheapest first, so bad input fails before the model is loaded: the checkpoint
+and its adapter, the options, the tokenizer, the data (read and tokenized in full), then the
+model, then the forward passes (through the decoder only: logits are not needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.arch.layout import resolve_layout
+from mfprune.checkpoint import open_checkpoint
+from mfprune.errors import DataError, MfpruneError, ModelError
+from mfprune.profiling.data import WHOLE, Shard, TokenData, load_token_data
+from mfprune.profiling.hooks import Recorder
+from mfprune.profiling.stats import ExpertStats, ProfileStats, StatsMeta
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def profile_model(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    seq_len: int = 2048,
+    dtype: str = "auto",
+    device: str = "auto",
+    text_field: str | None = None,
+    shard: Shard = WHOLE,
+    spec: ArchSpec | None = None,
+    on_start: Callable[[TokenData], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> ProfileStats:
+    """Profile ``model_dir`` (a local folder with a tokenizer) on ``data``.
+
+    Args:
+        max_tokens: stop after this many tokens (None: all of the data).
+        batch_size: sequences per forward pass; shorter ones are padded (padding never counts).
+        seq_len: longer documents are cut into chunks of at most this many tokens.
+        dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+        device: "auto" (cuda if available, else cpu), or a torch device such as "cuda:1".
+        text_field: the JSONL field holding the text (default: text / messages /
+            prompt+completion).
+        shard: profile only documents ``shard.index``, ``shard.index + shard.count``, ...
+        on_start: called with the tokenized data once the model is loaded, right before the
+            first forward pass.
+        on_batch: called after each forward pass with the number of real tokens it held.
+    """
+    ckpt = open_checkpoint(model_dir)
+    spec = spec or spec_for_config(ckpt.config)
+    layout = resolve_layout(ckpt, spec)
+    _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    tokenizer = load_tokenizer(ckpt.root)
+    tokens = load_token_data(
+        data,
+        tokenizer,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        text_field=text_field,
+        shard=shard,
+    )
+    _check_vocab(tokens, ckpt.config)
+    model = load_model(ckpt.root, dtype=torch_dtype, device=torch_device)
+    recorder = Recorder(model, layout)
+    pad_id = _pad_id(tokenizer)
+    decoder = model.base_model  # the decoder stack, without the LM head
+    if on_start is not None:
+        on_start(tokens)
+    with torch.no_grad(), recorder.attached():
+        for ids, mask in tokens.batches(batch_size=batch_size, pad_id=pad_id):
+            recorder.set_mask(mask)
+            decoder(
+                input_ids=ids.to(torch_device),
+                attention_mask=mask.to(torch_device),
+                use_cache=False,
+            )
+            if on_batch is not None:
+                on_batch(int(mask.sum()))
+    experts = _complete(recorder.expert_stats("experts"), tokens.tokens, "experts")
+    attention = recorder.expert_stats("attention_experts")
+    if attention is not None:
+        _complete(attention, tokens.tokens, "attention experts")
+    from mfprune import __version__
+
+    meta = StatsMeta(
+        family=spec.family,
+        model_type=str(ckpt.config.get("model_type")),
+        model_fingerprint=ckpt.fingerprint(),
+        data_fingerprint=tokens.fingerprint,
+        data_parts=(tokens.fingerprint,),
+        tokens=tokens.tokens,
+        documents=tokens.documents,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        mfprune_version=__version__,
+    )
+    return ProfileStats(
+        meta=meta,
+        experts=experts,
+        attention_experts=attention,
+        heads=recorder.head_stats(),
+    )
+
+
+def _complete(stats: ExpertStats | None, total: int, what: str) -> ExpertStats:
+    """Every MoE layer must have seen every token: a module that bypassed the hooks (a fused
+    kernel swapped in for the MoE block, say) would otherwise leave silent zeros."""
+    seen = [] if stats is None else zip(stats.layers, stats.tokens.tolist(), strict=True)
+    missed = [layer for layer, n in seen if n != total]
+    if stats is None or missed:
+        raise ModelError(
+            f"the profiling hooks saw no {what} output in layers {missed or 'any'}",
+            hint="the model ran a code path mfprune does not hook (e.g. a hub kernel for the "
+            "MoE block); please report it with the model's config.json",
+        )
+    return stats
+
+
+def _check_counts(**counts: int | None) -> None:
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise MfpruneError(f"{flag} must be at least 1, got {value}", hint=f"fix {flag}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise MfpruneError(
+            f"unknown device '{device}'", hint="use auto, cpu, cuda or cuda:N"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MfpruneError(
+            f"device '{device}' asked for, but torch sees no CUDA device",
+            hint="pass --device cpu, or install a CUDA build of torch",
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return "auto"
+    if dtype not in DTYPES:
+        raise MfpruneError(f"unknown dtype '{dtype}'", hint=f"use auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    hint = (
+        "profiling needs the model's tokenizer files (tokenizer.json, tokenizer_config.json) "
+        "in the model folder"
+    )
+    if not any((model_dir / name).exists() for name in _TOKENIZER_FILES):
+        raise ModelError(f"no tokenizer in {model_dir}", hint=hint)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer in {model_dir}: {why}", hint=hint) from None
+
+
+def load_model(model_dir: Path, *, dtype: torch.dtype | str, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # our own progress bar is the only one on stderr
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model.to(device).eval()
+
+
+def _check_vocab(tokens: TokenData, config: dict[str, Any]) -> None:
+    vocab = config.get("vocab_size")
+    top = max(int(c.max()) for c in tokens.chunks)
+    if isinstance(vocab, int) and top >= vocab:
+        raise DataError(
+            f"the tokenizer produced token id {top}, but the model's vocabulary has {vocab} "
+            "entries",
+            hint="the tokenizer in the model folder does not belong to this model",
+        )
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

@@ -1,0 +1,674 @@
+"""`mfprune profile` / `merge-stats`: what the stats hold, checked against a by-hand reference,
+and every way the input can be bad.
+
+The tiny checkpoints have no tokenizer: each test model is a copy of the session's tiny
+checkpoint with a tiny BPE tokenizer (trained offline) saved into it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import ACT2FN
+from typer.testing import CliRunner
+
+from mfprune import tinymodels
+from mfprune.arch import spec_for_config
+from mfprune.arch.layout import resolve_layout
+from mfprune.checkpoint import open_checkpoint
+from mfprune.cli import app
+from mfprune.errors import DataError, ModelError, StatsError
+from mfprune.modules import find_o_projs, find_routers, parent_of
+from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
+from mfprune.profiling.data import Record, encode, load_token_data
+from mfprune.profiling.hooks import Recorder
+
+FAMILIES = sorted(tinymodels.FAMILIES)
+SEQ_LEN = 16  # short chunks: long documents are cut, and batches mix lengths (padding)
+_ERROR_LINE = re.compile(r"^error: (?P<message>\S.*?) \(hint: (?P<hint>\S.*)\)$")
+
+# ~150 tokens in 10 documents of 1..40 tokens
+DOCS = [
+    *tinymodels.TINY_CORPUS,
+    " ".join(tinymodels.TINY_CORPUS[:3]),
+    "router",
+    "experts and heads",
+    "",
+]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_checkpoint, tmp_path_factory) -> Callable[..., Path]:
+    """``model_dir(family, **kw)``: a copy of the tiny checkpoint with a tokenizer in it."""
+    cache: dict[tuple, Path] = {}
+
+    def build(family: str, **kw: Any) -> Path:
+        key = (family, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{family}-tok") / "model"
+            shutil.copytree(tiny_checkpoint(family, **kw), path)
+            tinymodels.save_tokenizer(path)
+            cache[key] = path
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "task.jsonl"
+    write_jsonl(path, [{"text": d} for d in DOCS])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir) -> Any:
+    return AutoTokenizer.from_pretrained(model_dir("mixtral"))
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def profile(model: Path, data: Path, **kw: Any) -> ProfileStats:
+    kw = {"device": "cpu", "seq_len": SEQ_LEN, "batch_size": 4, **kw}
+    return profile_model(model, data, **kw)
+
+
+def expert_kinds(stats: ProfileStats) -> list[str]:
+    return [k for k in ("experts", "attention_experts") if getattr(stats, k) is not None]
+
+
+def assert_same_stats(a: ProfileStats, b: ProfileStats, *, rtol: float = 1e-6) -> None:
+    """Equal counts and token totals; float sums equal up to summation order."""
+    assert expert_kinds(a) == expert_kinds(b)
+    for kind in expert_kinds(a):
+        x, y = getattr(a, kind), getattr(b, kind)
+        assert x.layers == y.layers and x.top_k == y.top_k
+        assert torch.equal(x.count, y.count), kind
+        assert torch.equal(x.tokens, y.tokens), kind
+        for name in ("soft", "ean", "reap_num"):
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=rtol, atol=1e-9)
+    assert (a.heads is None) == (b.heads is None)
+    if a.heads is not None and b.heads is not None:
+        assert torch.equal(a.heads.tokens, b.heads.tokens)
+        torch.testing.assert_close(a.heads.usage, b.heads.usage, rtol=rtol, atol=1e-9)
+
+
+def load_model(path: Path) -> Any:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------------------- what stats promise
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hooks_never_change_logits(family, model_dir, data, tokenizer):
+    path = model_dir(family)
+    ckpt = open_checkpoint(path)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    model = load_model(path)
+    tokens = load_token_data(data, tokenizer, seq_len=SEQ_LEN)
+    ids, mask = next(tokens.batches(batch_size=len(tokens.chunks), pad_id=0))  # all at once
+    assert (mask == 0).any(), "the batch should hold padding"
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        recorder = Recorder(model, layout)
+        with recorder.attached():
+            recorder.set_mask(mask)
+            hooked = model(input_ids=ids, attention_mask=mask).logits
+        again = model(input_ids=ids, attention_mask=mask).logits  # hooks are gone
+    assert torch.equal(plain, hooked)
+    assert torch.equal(plain, again)
+    experts = recorder.expert_stats("experts")
+    assert experts is not None and int(experts.tokens[0]) == int(mask.sum())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_sum_to_tokens_times_top_k(family, model_dir, data, tokenizer):
+    stats = profile(model_dir(family), data)
+    real = sum(len(tokenizer(d)["input_ids"]) for d in DOCS)
+    assert stats.meta.tokens == real
+    assert stats.meta.documents == len(DOCS)
+    assert stats.meta.family == family
+    assert stats.meta.model_fingerprint == open_checkpoint(model_dir(family)).fingerprint()
+    for kind in expert_kinds(stats):
+        s = getattr(stats, kind)
+        assert (s.tokens == real).all()
+        assert (s.count.sum(dim=1) == real * s.top_k).all(), kind
+        routed = s.count > 0
+        assert (s.soft[~routed] == 0).all() and (s.ean[~routed] == 0).all()
+        assert (s.ean[routed] > 0).all() and (s.soft[routed] > 0).all()
+        assert ((s.reap() > 0) == routed).all()
+    assert (stats.attention_experts is not None) == (family == "jetmoe")
+    if family == "jetmoe":
+        assert stats.heads is None  # its heads are attention experts
+    else:
+        assert stats.heads is not None
+        assert stats.heads.layers == tuple(range(len(stats.heads.layers)))
+        assert (stats.heads.tokens == real).all() and (stats.heads.usage > 0).all()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "jetmoe"])
+def test_padding_is_never_counted(family, model_dir, data):
+    alone = profile(model_dir(family), data, batch_size=1)  # no padding at all
+    padded = profile(model_dir(family), data, batch_size=5)
+    assert alone.meta.data_fingerprint == padded.meta.data_fingerprint
+    assert_same_stats(alone, padded, rtol=1e-5)
+
+
+def test_shards_merged_equal_the_whole(model_dir, data, tmp_path):
+    path = model_dir("jetmoe")  # both expert kinds
+    whole = profile(path, data)
+    halves = [profile(path, data, shard=Shard(i, 2)) for i in range(2)]
+    assert [h.meta.documents for h in halves] == [5, 5]
+    merged = merge_stats(*halves)
+    assert_same_stats(whole, merged, rtol=1e-5)
+    assert merged.meta.tokens == whole.meta.tokens
+    assert merged.meta.documents == whole.meta.documents
+    assert merged.meta.data_parts == tuple(sorted(h.meta.data_fingerprint for h in halves))
+    # merged stats save, load and merge like any other
+    loaded = ProfileStats.load(merged.save(tmp_path / "merged.safetensors"))
+    assert_same_stats(merged, loaded, rtol=0)
+    assert loaded.meta == merged.meta
+
+
+def test_merge_refuses_another_model_and_the_same_data_twice(model_dir, data):
+    ours = profile(model_dir("mixtral"), data)
+    theirs = profile(model_dir("mixtral", rope_theta=5000.0), data)
+    with pytest.raises(StatsError, match="another model"):
+        merge_stats(ours, theirs)
+    with pytest.raises(StatsError, match="same data"):
+        merge_stats(ours, ours)
+    with pytest.raises(StatsError, match="at least two"):
+        merge_stats(ours)
+
+
+def test_bfloat16_profile(model_dir, data):
+    stats = profile(model_dir("qwen3_moe"), data, dtype="bfloat16")
+    assert stats.meta.dtype == "bfloat16"
+    e = stats.experts
+    assert (e.count.sum(dim=1) == stats.meta.tokens * e.top_k).all()
+    assert e.soft.dtype == torch.float64 and torch.isfinite(e.ean).all()
+
+
+# ---------------------------------------------------------------------- by-hand reference sums
+
+
+def _route_by_hand(family: str, router: Any, x: torch.Tensor, config: Any) -> tuple[Any, Any]:
+    """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights."""
+    k = config.num_experts_per_tok
+    x = x.float()
+    if family in ("mixtral", "qwen2_moe"):
+        probs = F.linear(x, router.weight).softmax(dim=-1)
+        weight, index = probs.topk(k, dim=-1)
+        if family == "mixtral" or config.norm_topk_prob:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        return index, weight
+    if family == "gpt_oss":
+        value, index = F.linear(x, router.weight, router.bias).topk(k, dim=-1)
+        return index, value.softmax(dim=-1)
+    if family == "jetmoe":
+        value, index = F.linear(x, router.layer.weight).topk(k, dim=-1)
+        return index, value.softmax(dim=-1)
+    if family == "deepseek_v3":
+        scores = F.linear(x, router.weight).sigmoid()  # [T, E]
+        choice = scores + router.e_score_correction_bias
+        groups = choice.view(x.shape[0], config.n_group, -1)  # [T, G, E/G]
+        best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(config.topk_group, dim=-1).indices
+        allowed = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter(1, best, True)
+        choice = choice.masked_fill(~allowed.repeat_interleave(groups.shape[-1], dim=1), -1e9)
+        index = choice.topk(k, dim=-1).indices
+        weight = scores.gather(1, index)
+        if config.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return index, weight * config.routed_scaling_factor
+    _, weight, index = router(x)  # other families: the router's own output
+    return index, weight
+
+
+def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: Any) -> Any:
+    """E_e(x) [N, D] from the expert's weights."""
+    if family == "jetmoe":
+        gate, up = F.linear(x, block.input_linear.weight[e]).chunk(2, dim=-1)
+        act = ACT2FN[config.activation_function]
+        return F.linear(act(gate) * up, block.output_linear.weight[e])
+    ex = block.experts
+    if family == "gpt_oss":
+        gate_up = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
+        gate = gate_up[..., ::2].clamp(max=ex.limit)
+        up = gate_up[..., 1::2].clamp(min=-ex.limit, max=ex.limit)
+        glu = gate * torch.sigmoid(gate * ex.alpha)
+        return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
+    gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+    return F.linear(ACT2FN[config.hidden_act](gate) * up, ex.down_proj[e])
+
+
+class _Sums:
+    def __init__(self, layers: int, experts: int) -> None:
+        self.count = torch.zeros(layers, experts, dtype=torch.int64)
+        self.soft, self.ean, self.reap_num = (
+            torch.zeros(layers, experts, dtype=torch.float64) for _ in range(3)
+        )
+
+    def add(self, row: int, index: Any, weight: Any, outputs: Any) -> None:
+        """index / weight [T, K]; outputs [T, K, D] unweighted expert outputs."""
+        for t in range(index.shape[0]):
+            for k in range(index.shape[1]):
+                e, g = int(index[t, k]), float(weight[t, k])
+                norm = float(outputs[t, k].double().norm())
+                self.count[row, e] += 1
+                self.soft[row, e] += g
+                self.ean[row, e] += norm
+                self.reap_num[row, e] += g * norm
+
+
+def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
+    """Run each chunk alone (no padding) and sum routing and expert norms by hand."""
+    model = load_model(path)
+    config = model.config
+    chunks = load_token_data(data, tokenizer, seq_len=SEQ_LEN).chunks
+    E = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
+    routers = find_routers(model, attention=False)
+    o_projs = find_o_projs(model)
+    heads = config.num_attention_heads
+    mlp = _Sums(len(routers), E)
+    moa = _Sums(len(routers), E)
+    usage = torch.zeros(len(o_projs), heads, dtype=torch.float64)
+    inputs: dict[tuple[str, int], Any] = {}
+    handles = []
+    for row, layer in enumerate(sorted(routers)):
+        block = parent_of(model, routers[layer][0])
+        handles.append(
+            block.register_forward_pre_hook(
+                lambda _m, a, row=row: inputs.__setitem__(("mlp", row), a[0])
+            )
+        )
+    for layer, o_proj in o_projs.items():
+        handles.append(
+            o_proj.register_forward_pre_hook(
+                lambda _m, a, layer=layer: inputs.__setitem__(("o", layer), a[0])
+            )
+        )
+    attention = find_routers(model, attention=True)
+    for row, layer in enumerate(sorted(attention)):  # jetmoe: capture map's and reduce's input
+        block = parent_of(model, attention[layer][0])
+
+        def spy(fn: Any, key: tuple[str, int]) -> Any:
+            def wrapped(x: Any, *rest: Any) -> Any:
+                inputs[key] = x
+                return fn(x, *rest)
+
+            return wrapped
+
+        block.map = spy(block.map, ("map", row))
+        block.reduce = spy(block.reduce, ("reduce", row))
+    with torch.no_grad():
+        for chunk in chunks:
+            model(input_ids=chunk.long()[None])
+            for row, layer in enumerate(sorted(routers)):
+                name, router = routers[layer]
+                block = parent_of(model, name)
+                x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
+                index, weight = _route_by_hand(family, router, x, config)
+                outs = torch.stack(
+                    [
+                        torch.stack(
+                            [_expert_by_hand(family, block, int(e), x[t], config) for e in row_ids]
+                        )
+                        for t, row_ids in enumerate(index)
+                    ]
+                )  # [T, K, D]
+                mlp.add(row, index, weight, outs)
+            for row, layer in enumerate(sorted(attention)):
+                name, router = attention[layer]
+                block = parent_of(model, name)
+                x = inputs["map", row].reshape(-1, config.hidden_size)
+                index, weight = _route_by_hand(family, router, x, config)
+                slots = inputs["reduce", row].reshape(index.shape[0], index.shape[1], -1)
+                w_out = block.output_linear.weight  # [E, D, hd]
+                outs = torch.einsum("tkh,tkdh->tkd", slots, w_out[index])  # [T, K, D]
+                moa.add(row, index, weight, outs)
+            for layer, o_proj in o_projs.items():
+                x = inputs["o", layer].reshape(-1, o_proj.in_features)
+                width = o_proj.in_features // heads
+                for h in range(heads):
+                    cols = slice(h * width, (h + 1) * width)
+                    part = F.linear(x[:, cols], o_proj.weight[:, cols])  # [T, D]
+                    usage[layer, h] += part.double().norm(dim=-1).sum()
+    for handle in handles:
+        handle.remove()
+    return {"experts": mlp, "attention_experts": moa if attention else None, "heads": usage}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sums_match_a_by_hand_reference(family, model_dir, data, tokenizer):
+    """Routing (the five families named in BRIEF §2 by hand: softmax+renorm, softmax, top-k then
+    softmax with bias, sigmoid+bias+groups+scaling, JetMoE's two routers) and every expert's
+    output computed from the weights; profiled in padded batches, referenced one chunk at a
+    time."""
+    path = model_dir(family)
+    stats = profile(path, data, batch_size=3)
+    ref = reference_stats(family, path, data, tokenizer)
+    for kind in expert_kinds(stats):
+        got, want = getattr(stats, kind), ref[kind]
+        assert torch.equal(got.count, want.count), kind
+        for name in ("soft", "ean", "reap_num"):
+            torch.testing.assert_close(
+                getattr(got, name), getattr(want, name), rtol=2e-5, atol=1e-5, msg=kind + name
+            )
+    if stats.heads is not None:
+        torch.testing.assert_close(stats.heads.usage, ref["heads"], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ data formats
+
+
+def test_text_messages_and_prompt_completion(tmp_path, tokenizer):
+    chat = [{"role": "user", "content": "add two numbers"}, {"role": "assistant", "content": "a"}]
+    records = [
+        {"text": "the router"},
+        {"messages": chat},
+        {"prompt": "def add(a, b):", "completion": " return a + b"},
+        {"prompt": chat[:1], "completion": chat[1:]},
+        {"body": "ignored field order", "text": "experts"},
+    ]
+    got = load_token_data(write_jsonl(tmp_path / "d.jsonl", records), tokenizer, seq_len=1000)
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert rendered.count("</s>") == 2  # the template really ran
+    want = [
+        tokenizer("the router")["input_ids"],
+        tokenizer(rendered, add_special_tokens=False)["input_ids"],
+        tokenizer("def add(a, b): return a + b")["input_ids"],
+        tokenizer(rendered, add_special_tokens=False)["input_ids"],
+        tokenizer("experts")["input_ids"],
+    ]
+    assert [c.tolist() for c in got.chunks] == want
+    field = load_token_data(
+        write_jsonl(tmp_path / "f.jsonl", [{"body": "heads"}]),
+        tokenizer,
+        seq_len=1000,
+        text_field="body",
+    )
+    assert [c.tolist() for c in field.chunks] == [tokenizer("heads")["input_ids"]]
+
+
+def test_folder_of_text_files_one_document_each(tmp_path, tokenizer):
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("experts\nand heads\n")
+    (folder / "sub" / "c.md").write_text("router")
+    write_jsonl(folder / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    (folder / ".hidden.txt").write_text("never read")
+    (folder / "notes.csv").write_text("skipped")
+    got = load_token_data(folder, tokenizer, seq_len=1000)
+    assert got.documents == 4
+    want = ["one", "two", "experts\nand heads\n", "router"]
+    assert [c.tolist() for c in got.chunks] == [tokenizer(t)["input_ids"] for t in want]
+
+
+def test_seq_len_max_tokens_shards_and_batches(data, tokenizer):
+    full = load_token_data(data, tokenizer, seq_len=SEQ_LEN)
+    lengths = [len(tokenizer(d)["input_ids"]) for d in DOCS]
+    assert full.tokens == sum(lengths)
+    assert max(c.numel() for c in full.chunks) == SEQ_LEN and max(lengths) > SEQ_LEN
+    assert full.documents == len(DOCS)
+    capped = load_token_data(data, tokenizer, seq_len=SEQ_LEN, max_tokens=50)
+    assert capped.tokens == 50
+    assert torch.equal(torch.cat(capped.chunks), torch.cat(full.chunks)[:50])
+    halves = [load_token_data(data, tokenizer, seq_len=SEQ_LEN, shard=Shard(i, 2)) for i in (0, 1)]
+    assert sum(h.tokens for h in halves) == full.tokens
+    assert halves[0].chunks[0].tolist() == tokenizer(DOCS[0])["input_ids"][:SEQ_LEN]
+    assert halves[1].chunks[0].tolist() == tokenizer(DOCS[1])["input_ids"][:SEQ_LEN]
+    batches = list(full.batches(batch_size=3, pad_id=7))
+    assert sum(int(m.sum()) for _, m in batches) == full.tokens
+    for ids, mask in batches:
+        assert ids.shape == mask.shape and ids.shape[0] <= 3
+        assert (ids[mask == 0] == 7).all()
+        assert (mask.cummin(dim=1).values == mask).all()  # padding only on the right
+    again = load_token_data(data, tokenizer, seq_len=SEQ_LEN)
+    assert again.fingerprint == full.fingerprint != capped.fingerprint
+
+
+def test_shard_parse():
+    assert Shard.parse("1/4") == Shard(1, 4) and str(Shard(1, 4)) == "1/4"
+    for bad in ("4/4", "1", "a/b", "-1/2", "1/0"):
+        with pytest.raises(Exception, match="cannot read shard"):
+            Shard.parse(bad)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def _bad_data(tmp_path: Path) -> dict[str, tuple[Path, dict[str, Any], list[str]]]:
+    """name -> (data path, extra kwargs, fragments the error must hold)."""
+    t = tmp_path
+    (t / "empty.jsonl").write_text("")
+    (t / "blank.jsonl").write_text("\n\n")
+    write_jsonl(t / "nofield.jsonl", [{"text": "fine"}, {"content": "x", "id": 1}])
+    write_jsonl(t / "typo.jsonl", [{"content": "x"}])
+    (t / "latin.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    (t / "latin.txt").write_bytes(b"line one\nline two\nna\xefve\n")
+    (t / "broken.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    write_jsonl(t / "list.jsonl", [["a", "b"]])
+    write_jsonl(t / "number.jsonl", [{"text": 3}])
+    write_jsonl(t / "chat.jsonl", [{"messages": "hello"}])
+    write_jsonl(t / "few.jsonl", [{"text": "a"}, {"text": "b"}])
+    write_jsonl(t / "empties.jsonl", [{"text": ""}, {"text": ""}])
+    (t / "csvs").mkdir()
+    (t / "csvs" / "a.csv").write_text("x")
+    (t / "hfds").mkdir()
+    (t / "hfds" / "dataset_info.json").write_text("{}")
+    return {
+        "missing": (t / "nope.jsonl", {}, ["nope.jsonl", "does not exist"]),
+        "empty": (t / "empty.jsonl", {}, ["no documents", "empty"]),
+        "blank": (t / "blank.jsonl", {}, ["no documents"]),
+        "no field": (
+            t / "nofield.jsonl",
+            {},
+            ["nofield.jsonl:2", "no 'text' field", "'content', 'id'", "--text-field content"],
+        ),
+        "typo": (t / "typo.jsonl", {"text_field": "contnet"}, ["did you mean 'content'"]),
+        "jsonl not utf-8": (t / "latin.jsonl", {}, ["latin.jsonl:2", "not UTF-8", "0xe9"]),
+        "txt not utf-8": (t / "latin.txt", {}, ["latin.txt:3", "not UTF-8", "0xef"]),
+        "bad json": (t / "broken.jsonl", {}, ["broken.jsonl:2", "not valid JSON"]),
+        "not an object": (t / "list.jsonl", {}, ["list.jsonl:1", "JSON object, got an array"]),
+        "not a string": (t / "number.jsonl", {}, ["'text' is a number, not a string"]),
+        "bad chat": (t / "chat.jsonl", {}, ["chat.jsonl:1", "'messages'", "role"]),
+        "shard too far": (t / "few.jsonl", {"shard": Shard(2, 3)}, ["shard 2/3", "only 2"]),
+        "no tokens": (t / "empties.jsonl", {}, ["hold no tokens"]),
+        "no data files": (t / "csvs", {}, ["no data files", ".csv"]),
+        "datasets folder": (t / "hfds", {}, ["save_to_disk", "to_json"]),
+    }
+
+
+def test_bad_data_is_one_clear_error(tmp_path, tokenizer):
+    for name, (path, kw, fragments) in _bad_data(tmp_path).items():
+        with pytest.raises(DataError) as info:
+            load_token_data(path, tokenizer, seq_len=SEQ_LEN, **kw)
+        for fragment in fragments:
+            assert fragment in str(info.value), (name, str(info.value))
+        assert info.value.hint, name
+
+
+def test_chat_without_template(tokenizer):
+    bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.chat_template = None
+    with pytest.raises(DataError, match="needs a chat template"):
+        encode(Record(where="x.jsonl:1", messages=[{"role": "user", "content": "a"}]), bare)
+
+
+def _tamper(src: Path, dst: Path, edit: Callable[[dict, dict], None]) -> Path:
+    with safe_open(src, "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
+    edit(tensors, meta)
+    save_file(tensors, dst, metadata=meta)
+    return dst
+
+
+def test_stats_round_trip_and_bad_stats_files(model_dir, data, tmp_path):
+    stats = profile(model_dir("jetmoe"), data)
+    good = stats.save(tmp_path / "good.safetensors")
+    loaded = ProfileStats.load(good)
+    assert loaded.meta == stats.meta
+    assert_same_stats(stats, loaded, rtol=0)
+    assert loaded.attention_experts is not None and loaded.heads is None
+
+    def nan(t: dict, _m: dict) -> None:
+        t["experts.soft"][0, 0] = float("nan")
+
+    def narrow(t: dict, _m: dict) -> None:
+        t["experts.ean"] = t["experts.ean"][:, :-1].contiguous()
+
+    def recount(t: dict, _m: dict) -> None:
+        t["attention_experts.count"][1, 0] += 1
+
+    cases: dict[str, tuple[Path, str]] = {
+        "missing tensor": (
+            _tamper(good, tmp_path / "a.safetensors", lambda t, m: t.pop("experts.ean")),
+            "tensor 'experts.ean' is missing",
+        ),
+        "nan": (_tamper(good, tmp_path / "b.safetensors", nan), "NaN or infinite"),
+        "shape": (_tamper(good, tmp_path / "c.safetensors", narrow), "has shape"),
+        "counts": (_tamper(good, tmp_path / "d.safetensors", recount), "routes"),
+        "no format": (
+            _tamper(good, tmp_path / "e.safetensors", lambda t, m: m.pop("format")),
+            "not an mfprune stats file",
+        ),
+        "metadata": (
+            _tamper(good, tmp_path / "f.safetensors", lambda t, m: m.update(tokens="many")),
+            "'tokens'",
+        ),
+        "a model": (model_dir("jetmoe") / "model.safetensors", "not an mfprune stats file"),
+        "missing": (tmp_path / "nope.safetensors", "does not exist"),
+        "folder": (tmp_path, "is a folder"),
+    }
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:100])
+    cases["truncated"] = (truncated, "not a valid stats file")
+    for name, (path, fragment) in cases.items():
+        with pytest.raises(StatsError) as info:
+            ProfileStats.load(path)
+        assert fragment in str(info.value), (name, str(info.value))
+
+
+def test_model_without_tokenizer_or_experts(tiny_checkpoint, model_dir, data, tmp_path):
+    with pytest.raises(ModelError, match="no tokenizer"):
+        profile(tiny_checkpoint("mixtral"), data)
+    dense = tmp_path / "dense"
+    shutil.copytree(tiny_checkpoint("qwen2_moe", mlp_only_layers=[0, 1]), dense)
+    with pytest.raises(ModelError, match="no MoE layer"):
+        profile(dense, data)
+    with pytest.raises(Exception, match="--batch-size must be at least 1"):
+        profile(model_dir("mixtral"), data, batch_size=0)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def run(*args: str | Path) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result: Any, *fragments: str, exit_code: int = 2) -> None:
+    everything = f"{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in everything, everything
+    assert result.exit_code == exit_code, everything
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert _ERROR_LINE.match(lines[0]), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_profile_and_merge_stats(model_dir, data, tmp_path):
+    model = model_dir("deepseek_v3")
+    common = ["--data", data, "--seq-len", SEQ_LEN, "--device", "cpu"]
+    result = run(
+        "profile", model, *common, "--out", tmp_path / "all.safetensors", "--format", "json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""  # no progress bar off a terminal, no library chatter
+    summary = json.loads(result.stdout)
+    assert summary["family"] == "deepseek_v3" and summary["experts"]["layers"] == [1, 2]
+    assert summary["tokens"] == ProfileStats.load(tmp_path / "all.safetensors").meta.tokens
+    for i in (0, 1):
+        out = tmp_path / f"s{i}.safetensors"
+        result = run("profile", model, *common, "--shard", f"{i}/2", "--out", out)
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.startswith(f"wrote {out}") and "tokens/s" in result.stdout
+    merged = tmp_path / "merged.safetensors"
+    result = run(
+        "merge-stats", tmp_path / "s0.safetensors", tmp_path / "s1.safetensors", "-o", merged
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "merged 2 files" in result.stdout
+    assert_same_stats(
+        ProfileStats.load(tmp_path / "all.safetensors"), ProfileStats.load(merged), rtol=1e-5
+    )
+    result = run("merge-stats", merged, tmp_path / "s0.safetensors", "--out", tmp_path / "x.st")
+    assert_clean_error(result, "same data")
+    assert not (tmp_path / "x.st").exists()
+
+
+def test_cli_errors_leave_nothing_behind(model_dir, data, tmp_path, monkeypatch):
+    model = model_dir("mixtral")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"content": "x", "id": 1}])
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "stats.safetensors"
+    assert_clean_error(run("profile", model, "--data", bad, "--out", out), "--text-field content")
+    assert_clean_error(run("profile", model, "--data", data, "--out", work), "is a folder")
+    assert_clean_error(
+        run("profile", model, "--data", data, "--out", out, "--shard", "2/2"), "cannot read shard"
+    )
+    assert_clean_error(
+        run("profile", model, "--data", data, "--out", out, "--device", "tpu"), "unknown device"
+    )
+    other = profile(model_dir("mixtral", rope_theta=5000.0), data).save(work / "other.st")
+    ours = profile(model, data).save(work / "ours.st")
+    assert_clean_error(run("merge-stats", ours, other, "--out", out), "another model")
+    (work / "junk.st").write_bytes(b"\x00" * 50)
+    assert_clean_error(run("merge-stats", ours, work / "junk.st", "--out", out), "junk.st")
+    assert sorted(p.name for p in work.iterdir()) == ["junk.st", "other.st", "ours.st"]
+
+    def disk_full(*_a: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mfprune.profiling.stats.os.replace", disk_full)
+    result = run("profile", model, "--data", data, "--out", out, "--seq-len", SEQ_LEN)
+    assert_clean_error(result, "No space left", exit_code=1)
+    assert sorted(p.name for p in work.iterdir()) == ["junk.st", "other.st", "ours.st"]
+
+
+def test_stats_replace_keeps_meta(model_dir, data):
+    stats = profile(model_dir("mixtral"), data, max_tokens=20)
+    assert stats.meta.tokens == 20
+    with pytest.raises(StatsError, match="another model"):
+        merge_stats(stats, replace(stats, meta=replace(stats.meta, model_fingerprint="0" * 64)))
+
+
+def test_a_bypassed_hook_is_an_error_not_silent_zeros(model_dir, data, monkeypatch):
+    """A module that runs without our hooks seeing it (e.g. a hub kernel swapped in for the
+    MoE block) must not yield stats full of zeros."""
+    monkeypatch.setattr(Recorder, "_fused_hook", lambda *_a: lambda *_h: None)
+    with pytest.raises(ModelError, match="saw no experts output in layers \\[0, 1\\]"):
+        profile(model_dir("mixtral"), data)
