@@ -10,6 +10,7 @@ any rewrite, with the numbers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -264,3 +265,101 @@ def plan_heads(heads: HeadLayout, scores: torch.Tensor, *, keep_ratio: float) ->
                 kept.extend(sorted(ids, key=lambda h: (-float(row[h]), h))[:m])
             plan[layer] = tuple(sorted(kept))
     return plan
+
+
+# ----------------------------------------------------------------------------- from a profile
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    kept: tuple[int, ...]
+    dropped: tuple[int, ...]
+    mass_kept: float  # share of the layer's routed mass (soft frequency) on kept experts
+
+
+def plan_from_profile(
+    layout: ModelLayout,
+    stats: Any,  # mfprune.profiling.ProfileStats (checked against the model by the caller)
+    *,
+    criterion: str = "reap",
+    criterion_options: dict[str, Any] | None = None,
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    coverage: float | None = None,
+    global_budget: float | None = None,
+    min_keep: int = 0,
+    attention_keep_ratio: float | None = None,
+    heads_keep_ratio: float | None = None,
+) -> tuple[PrunePlan, list[LayerReport]]:
+    """Rank with ``criterion`` and plan under the budget; the plan records how it was made."""
+    from mfprune.scoring import score
+
+    options = criterion_options or {}
+    experts = stats.experts
+    if tuple(experts.layers) != layout.experts.layers:
+        raise PlanError(
+            f"the profile covers MoE layers {list(experts.layers)} but the model has "
+            f"{list(layout.experts.layers)}",
+            hint="profile this model again with `mfprune profile`",
+        )
+    any_budget = any(x is not None for x in (keep, keep_ratio, coverage, global_budget))
+    att = stats.attention_experts
+    heads = stats.heads
+    if heads_keep_ratio and (
+        heads is None or tuple(heads.layers) != tuple(range(layout.num_layers))
+    ):
+        raise PlanError(
+            "the profile has no head usage for every layer of this model",
+            hint="re-profile it with `mfprune profile`",
+        )
+    meta = {
+        "criterion": criterion,
+        "criterion_options": options,
+        "budget": {
+            k: v
+            for k, v in {
+                "keep": keep,
+                "keep_ratio": keep_ratio,
+                "coverage": coverage,
+                "global_budget": global_budget,
+                "min_keep": min_keep or None,
+                "attention_keep_ratio": attention_keep_ratio,
+                "heads_keep_ratio": heads_keep_ratio,
+            }.items()
+            if v is not None
+        },
+        "stats": {
+            "model_fingerprint": stats.meta.model_fingerprint,
+            "data_fingerprint": stats.meta.data_fingerprint,
+            "tokens": stats.meta.tokens,
+        },
+    }
+    plan = make_plan(
+        layout,
+        expert_scores=score(experts, criterion, **options) if any_budget else None,
+        keep=keep,
+        keep_ratio=keep_ratio,
+        coverage=coverage,
+        global_budget=global_budget,
+        min_keep=min_keep,
+        attention_scores=score(att, criterion, **options) if att and attention_keep_ratio else None,
+        attention_keep_ratio=attention_keep_ratio,
+        head_scores=heads.usage if heads is not None and heads_keep_ratio else None,
+        heads_keep_ratio=heads_keep_ratio,
+        meta=meta,
+    )
+    report = []
+    for row, layer in enumerate(layout.experts.layers):
+        kept = plan.kept_experts(layout.experts, layer)
+        soft = experts.soft[row].double()
+        total = float(soft.sum())
+        report.append(
+            LayerReport(
+                layer=layer,
+                kept=kept,
+                dropped=tuple(i for i in range(layout.experts.num_experts) if i not in kept),
+                mass_kept=float(soft[list(kept)].sum()) / total if total else 1.0,
+            )
+        )
+    return plan, report

@@ -1,5 +1,9 @@
 """Criteria: usage sums from a profile -> scores per layer and expert (higher = keep)."""
 
+from typing import Any
+
+import torch
+
 from mfprune.scoring import criteria as _builtin  # noqa: F401  (registers the built-ins)
 from mfprune.scoring.registry import (
     CRITERIA,
@@ -10,6 +14,12 @@ from mfprune.scoring.registry import (
     get_criterion,
 )
 
+
+def score(sums: UsageSums, criterion: str = "reap", **options: Any) -> torch.Tensor:
+    """Scores [L, E] (float64, higher = keep) of ``sums`` under the named criterion."""
+    return get_criterion(criterion)(sums, **options)
+
+
 __all__ = [
     "CRITERIA",
     "CriterionInfo",
@@ -17,4 +27,5 @@ __all__ = [
     "UsageSums",
     "criterion",
     "get_criterion",
+    "score",
 ]
