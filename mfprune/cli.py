@@ -150,7 +150,49 @@ def _layers(layers: list[int]) -> str:
 def prune(
     model: Annotated[Path, typer.Argument(help="source model folder (never modified)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the pruned model")],
-    plan: Annotated[Path, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")],
+    plan: Annotated[
+        Path | None, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")
+    ] = None,
+    profile: Annotated[
+        Path | None, typer.Option("--profile", help="stats from `mfprune profile`: rank and plan")
+    ] = None,
+    criterion: Annotated[
+        str, typer.Option("--criterion", help="frequency, soft, ean, reap or random")
+    ] = "reap",
+    seed: Annotated[int, typer.Option("--seed", help="seed of the random criterion")] = 0,
+    keep: Annotated[int | None, typer.Option("--keep", help="experts kept per MoE layer")] = None,
+    keep_ratio: Annotated[
+        float | None, typer.Option("--keep-ratio", help="share of experts kept in every layer")
+    ] = None,
+    coverage: Annotated[
+        float | None,
+        typer.Option(
+            "--coverage", help="smallest uniform count keeping this share of every layer's mass"
+        ),
+    ] = None,
+    global_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--global-budget",
+            help="share of all experts, spent per layer where the scores say (uneven counts: "
+            "load with mfprune.load_pretrained)",
+        ),
+    ] = None,
+    min_keep: Annotated[int, typer.Option("--min-keep", help="never keep fewer per layer")] = 0,
+    heads_keep_ratio: Annotated[
+        float | None, typer.Option("--heads-keep-ratio", help="share of query heads kept")
+    ] = None,
+    attention_keep_ratio: Annotated[
+        float | None,
+        typer.Option("--attention-keep-ratio", help="share of attention experts kept (JetMoE)"),
+    ] = None,
+    plan_only: Annotated[
+        bool, typer.Option("--plan-only", help="write OUT/plan.json and stop (no checkpoint)")
+    ] = False,
+    allow_uneven: Annotated[
+        bool,
+        typer.Option("--allow-uneven", help="accept a plan whose layers keep different counts"),
+    ] = False,
     arch: ArchOpt = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace a non-empty output folder atomically")
@@ -171,47 +213,81 @@ def prune(
     *,
     sink: Sink,
 ) -> None:
-    """Rewrite MODEL into a smaller checkpoint that keeps what the plan says."""
+    """Rewrite MODEL into a smaller checkpoint: keep what --plan says, or rank a --profile
+    with --criterion under a budget (--keep / --keep-ratio / --coverage / --global-budget)."""
     from mfprune.arch import load_spec_file
-    from mfprune.plan import PrunePlan
-    from mfprune.rewrite import rewrite_checkpoint
+    from mfprune.prune import Budget, prune_model
 
-    result = rewrite_checkpoint(
+    outcome = prune_model(
         model,
-        PrunePlan.load(plan),
         out,
+        plan=plan,
+        profile=profile,
+        criterion=criterion,
+        criterion_options={"seed": seed} if criterion == "random" else {},
+        budget=Budget(
+            keep=keep,
+            keep_ratio=keep_ratio,
+            coverage=coverage,
+            global_budget=global_budget,
+            min_keep=min_keep,
+            attention_keep_ratio=attention_keep_ratio,
+            heads_keep_ratio=heads_keep_ratio,
+        ),
         spec=load_spec_file(arch) if arch else None,
+        plan_only=plan_only,
+        allow_uneven=allow_uneven,
         overwrite=overwrite,
         max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
+        verify=verify,
     )
+    data: dict[str, Any] = {"out": str(outcome.out), "plan": outcome.plan.to_dict()}
+    if outcome.layers:
+        data["layers"] = [layer.__dict__ for layer in outcome.layers]
+        table = Table(title=f"plan ({criterion})", title_justify="left")
+        for column in ("layer", "kept", "dropped", "routed mass kept"):
+            table.add_column(column)
+        for layer in outcome.layers:
+            table.add_row(
+                str(layer.layer),
+                _ids(layer.kept),
+                _ids(layer.dropped),
+                f"{layer.mass_kept:.1%}",
+            )
+        sink.show(table)
+    result = outcome.rewrite
+    if result is None:
+        sink.result(data, f"wrote {outcome.out / 'plan.json'} (--plan-only: no checkpoint)")
+        return
     for name in result.skipped_files:
         sink.warn(f"not carried over: {name} (weights outside the safetensors index, or a folder)")
-    data = result.to_dict()
+    data["rewrite"] = result.to_dict()
     verdict = ""
-    if verify:
-        from mfprune.verify import verify_rewrite
-
-        check = verify_rewrite(model, result.out)
+    if outcome.verify is not None:
+        check = outcome.verify
         data["verify"] = {**check.__dict__, "exact": check.exact}
-        if not check.exact:
-            raise MfpruneError(
-                f"the pruned model's logits differ from the masked original by "
-                f"{check.max_abs_diff:.3g}",
-                hint="this is a bug in mfprune or in the adapter: please report it",
-            )
         verdict = (
             f"\nverified on {check.tokens} tokens: max |pruned - masked original| = "
             f"{check.max_abs_diff:.2g} (pruning moves logits by up to {check.masking_effect:.2g})"
         )
     ratio = result.out_bytes / max(result.source_bytes, 1)
     changes = ", ".join(f"{k} {a}→{b}" for k, (a, b) in result.config_changes.items())
+    uneven = (
+        "\nlayers keep different expert counts: load with mfprune.load_pretrained(DIR)"
+        if "mfprune_expert_counts" in result.config_changes
+        else ""
+    )
     sink.result(
         data,
         f"wrote {result.out} — {_human_bytes(result.out_bytes)} "
         f"({ratio:.1%} of {_human_bytes(result.source_bytes)}), {result.shards} shard(s); "
         f"{result.tensors_sliced} tensors sliced, {result.tensors_dropped} dropped; "
-        f"config: {changes or 'unchanged'}{verdict}",
+        f"config: {changes or 'unchanged'}{verdict}{uneven}",
     )
+
+
+def _ids(ids: tuple[int, ...]) -> str:
+    return " ".join(map(str, ids)) if len(ids) <= 24 else f"{len(ids)} ids"
 
 
 class DtypeChoice(StrEnum):

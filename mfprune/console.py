@@ -34,6 +34,11 @@ class Sink:
         elif self.format is OutputFormat.human and render is not None:
             self.out.print(render)
 
+    def show(self, render: Any) -> None:
+        """Part of a result, printed (stdout) in human mode only; json mode has it in the data."""
+        if self.format is OutputFormat.human:
+            self.out.print(render)
+
     def info(self, message: str) -> None:
         if self.format is OutputFormat.human:
             self.err.print(message)

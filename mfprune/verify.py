@@ -16,6 +16,7 @@ import torch
 from mfprune.arch import spec_for_config
 from mfprune.arch.layout import resolve_layout
 from mfprune.checkpoint import open_checkpoint
+from mfprune.loading import load_pretrained
 from mfprune.plan import PrunePlan
 from mfprune.rewrite.rewriter import PLAN_FILE
 
@@ -49,7 +50,7 @@ def verify_rewrite(
     att = layout.attention_experts
     heads = layout.heads
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    small = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    small = load_pretrained(pruned, dtype=torch.float32).eval()  # also per-layer counts
     ids = sample_ids(original.config.vocab_size, batch=batch, seq=seq_len, seed=seed)
     reference = masked_logits(
         original,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         if key not in cache:
             path = tmp_path_factory.mktemp(family) / "model"
             tinymodels.build_checkpoint(family, path, **kw)
+            cache[key] = path
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def model_dir(tiny_checkpoint, tmp_path_factory) -> Callable[..., Path]:
+    """``model_dir(family, **kw)``: a copy of the tiny checkpoint with a tokenizer in it."""
+    cache: dict[tuple, Path] = {}
+
+    def build(family: str, **kw: object) -> Path:
+        key = (family, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{family}-tok") / "model"
+            shutil.copytree(tiny_checkpoint(family, **kw), path)
+            tinymodels.save_tokenizer(path)
             cache[key] = path
         return cache[key]
 

@@ -53,23 +53,6 @@ DOCS = [
 
 
 @pytest.fixture(scope="session")
-def model_dir(tiny_checkpoint, tmp_path_factory) -> Callable[..., Path]:
-    """``model_dir(family, **kw)``: a copy of the tiny checkpoint with a tokenizer in it."""
-    cache: dict[tuple, Path] = {}
-
-    def build(family: str, **kw: Any) -> Path:
-        key = (family, tuple(sorted((k, repr(v)) for k, v in kw.items())))
-        if key not in cache:
-            path = tmp_path_factory.mktemp(f"{family}-tok") / "model"
-            shutil.copytree(tiny_checkpoint(family, **kw), path)
-            tinymodels.save_tokenizer(path)
-            cache[key] = path
-        return cache[key]
-
-    return build
-
-
-@pytest.fixture(scope="session")
 def data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "task.jsonl"
     write_jsonl(path, [{"text": d} for d in DOCS])
