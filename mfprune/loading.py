@@ -28,6 +28,8 @@ def load_pretrained(path: str | Path, **kwargs: Any):
     expert counts. Returns the model."""
     from transformers import AutoModelForCausalLM
 
+    kwargs.setdefault("use_safetensors", True)  # never unpickle weights
+    kwargs.setdefault("local_files_only", True)  # no hub at run time
     config_path = Path(path) / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))

@@ -36,8 +36,6 @@ def verify_rewrite(
     source: str | Path, pruned: str | Path, *, seq_len: int = 32, batch: int = 2, seed: int = 0
 ) -> VerifyResult:
     """Compare ``pruned`` against ``source`` masked by the plan stored in ``pruned``."""
-    from transformers import AutoModelForCausalLM
-
     from mfprune.oracle import logits, masked_logits, sample_ids
 
     ckpt = open_checkpoint(source)
@@ -49,7 +47,7 @@ def verify_rewrite(
 
     att = layout.attention_experts
     heads = layout.heads
-    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    original = load_pretrained(source, dtype=torch.float32).eval()
     small = load_pretrained(pruned, dtype=torch.float32).eval()  # also per-layer counts
     ids = sample_ids(original.config.vocab_size, batch=batch, seq=seq_len, seed=seed)
     reference = masked_logits(

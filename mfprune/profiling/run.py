@@ -182,7 +182,9 @@ def load_model(model_dir: Path, *, dtype: torch.dtype | str, device: torch.devic
     hf_logging.disable_progress_bar()  # our own progress bar is the only one on stderr
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True, use_safetensors=True
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:
