@@ -19,17 +19,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check mfprune tests benchmarks
-	$(BIN)/ruff format --check mfprune tests benchmarks
+	$(BIN)/ruff check mfprune kernels tests benchmarks
+	$(BIN)/ruff format --check mfprune kernels tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check mfprune tests benchmarks
-	$(BIN)/ruff format --check mfprune tests benchmarks
+	$(BIN)/ruff check mfprune kernels tests benchmarks
+	$(BIN)/ruff format --check mfprune kernels tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff format mfprune tests benchmarks
-	$(BIN)/ruff check --fix mfprune tests benchmarks
+	$(BIN)/ruff format mfprune kernels tests benchmarks
+	$(BIN)/ruff check --fix mfprune kernels tests benchmarks
 
 demo: $(STAMP)
 	$(BIN)/python -m mfprune.demo demo-out
