@@ -9,6 +9,9 @@ Library API (the CLI is a thin layer over these):
 - ``load_pretrained(dir)``: loads a pruned model, also one with per-layer expert counts.
 - ``profile_model(model, data)``: how task data uses every expert and head -> ``ProfileStats``
   (``save`` / ``load``; ``merge_stats`` adds stats of disjoint data).
+- ``run_bench(model, baseline=...)``: lm-eval quality, speed and memory side by side, the gate
+  -> ``BenchReport``.
+- ``run_shrink(load_config("shrink.toml"))``: the CI step, profile → prune → bench → gate.
 """
 
 __version__ = "0.1.0"
@@ -20,6 +23,8 @@ from mfprune.planner import make_plan
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
 
 _LAZY = ("ProfileStats", "merge_stats", "profile_model")
+_LAZY_MODULES = {"run_bench": "mfprune.bench", "BenchReport": "mfprune.bench"}
+_LAZY_MODULES |= {"run_shrink": "mfprune.shrink", "load_config": "mfprune.shrink"}
 
 
 def __getattr__(name: str) -> object:
@@ -28,19 +33,27 @@ def __getattr__(name: str) -> object:
         from mfprune import profiling
 
         return getattr(profiling, name)
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_MODULES[name]), name)
     raise AttributeError(f"module 'mfprune' has no attribute '{name}'")
 
 
 __all__ = [
+    "BenchReport",
     "ModelReport",
     "ProfileStats",
     "PrunePlan",
     "RewriteResult",
     "__version__",
     "inspect_model",
+    "load_config",
     "load_pretrained",
     "make_plan",
     "merge_stats",
     "profile_model",
     "rewrite_checkpoint",
+    "run_bench",
+    "run_shrink",
 ]

@@ -5,6 +5,7 @@ import functools
 import os
 import re
 import signal
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -330,18 +331,30 @@ def profile(
         str,
         typer.Option("--shard", help="I/N: profile documents I, I+N, I+2N, ... (merge-stats adds)"),
     ] = "0/1",
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="load and run one decoder layer at a time (models bigger than memory)",
+        ),
+    ] = False,
     arch: ArchOpt = None,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
 ) -> None:
-    """Record how task DATA uses every expert, attention expert and head of MODEL."""
+    """Record how task DATA uses every expert, attention expert and head of MODEL.
+    Under torchrun the ranks split DATA and rank 0 writes the stats of all of it."""
     import time
 
     from mfprune.arch import load_spec_file
     from mfprune.profiling import Shard, profile_model
+    from mfprune.profiling.distributed import detect_world
     from mfprune.profiling.stats import check_stats_out
 
+    world = detect_world()
+    if world is not None and not world.is_main:
+        sink = Sink(OutputFormat.quiet)  # rank 0 reports and writes; errors still print
     target = check_stats_out(out)
     start = time.perf_counter()
     forward_start = [start]
@@ -361,11 +374,14 @@ def profile(
             device=device,
             text_field=text_field,
             shard=Shard.parse(shard),
+            sequential=sequential,
             spec=load_spec_file(arch) if arch else None,
             on_start=on_start,
             on_batch=ticker.advance,
         )
     end = time.perf_counter()
+    if world is not None and not world.is_main:
+        return
     stats.save(target)
     summary = {"out": str(target), **stats.summary(), "seconds": round(end - start, 3)}
     # throughput of the forward passes alone (loading the model is not profiling)
@@ -396,6 +412,84 @@ def merge_stats_command(
     sink.result(summary, _stats_line(f"merged {len(stats)} files into {target}", summary))
 
 
+@app.command()
+@command
+def show(
+    stats: Annotated[Path, typer.Argument(help="stats file from `mfprune profile`")],
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="a second profile of the same model (e.g. general text): which experts are "
+            "specific to STATS",
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="experts / heads listed per layer")] = 4,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a layers x experts heatmap page")
+    ] = None,
+    svg: Annotated[Path | None, typer.Option("--svg", help="write the heatmap as SVG")] = None,
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """Each layer's most and least used experts and heads (share of routed tokens); with
+    --against, the experts specific to the task; --html / --svg write a heatmap."""
+    from mfprune.profiling.stats import ProfileStats
+    from mfprune.profiling.view import build_view, check_out, heatmap_html, heatmap_svg, write_text
+
+    targets = {
+        kind: check_out(path, f".{kind}") for kind, path in (("html", html), ("svg", svg)) if path
+    }
+    view = build_view(
+        ProfileStats.load(stats),
+        name=stats.name,
+        against=ProfileStats.load(against) if against else None,
+        other_name=against.name if against else None,
+        top=top,
+    )
+    for panel in view.panels:
+        sink.show(_view_table(view, panel))
+    written = []
+    for kind, target in targets.items():
+        write_text(target, heatmap_html(view) if kind == "html" else heatmap_svg(view))
+        written.append(str(target))
+    data = view.to_dict()
+    data["written"] = written
+    meta = view.stats.meta
+    line = f"{stats.name}: {meta.family}, {meta.tokens:,} tokens from {meta.documents:,} documents"
+    if against:
+        line += f"; compared with {against.name}"
+    sink.result(data, line + "".join(f"\nwrote {w}" for w in written))
+
+
+def _view_table(view: Any, panel: Any) -> Table:
+    table = Table(title=f"{panel.title} — share per layer", title_justify="left")
+    columns = ["layer", f"most used {panel.column}s", f"least used {panel.column}s"]
+    if panel.count is not None:
+        columns.append("never routed")
+    if panel.other is not None:
+        columns += [f"specific to {view.name}", f"more used in {view.other_name}"]
+    for column in columns:
+        table.add_column(column)
+    for row in view.rows(panel):
+        cells = [
+            str(row["layer"]),
+            "  ".join(f"{e} {s:.1%}" for e, s in row["most"]),
+            "  ".join(f"{e} {s:.1%}" for e, s in row["least"]),
+        ]
+        if panel.count is not None:
+            cells.append(_ids(tuple(row["never_routed"])) or "-")
+        if panel.other is not None:
+            for key in ("task_specific", "other_specific"):
+                items = row[key]
+                cells.append(
+                    "  ".join(f"{i[panel.column]} {i['ratio']:.1f}x" for i in items) or "-"
+                )
+        table.add_row(*cells)
+    return table
+
+
 def _stats_line(head: str, summary: dict[str, Any]) -> str:
     e = summary["experts"]
     never = sum(len(ids) for ids in e["never_routed"].values())
@@ -412,6 +506,226 @@ def _stats_line(head: str, summary: dict[str, Any]) -> str:
     if "tokens_per_second" in summary:
         parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
     return "; ".join(parts)
+
+
+class KernelChoice(StrEnum):
+    eager = "eager"
+    grouped_mm = "grouped_mm"
+    batched_mm = "batched_mm"
+    mfprune_triton = "mfprune_triton"
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    """Repeated and/or comma-separated option values -> a tuple."""
+    return tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (temp file beside it, then rename)."""
+    import json
+
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+MaxDropOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--max-drop",
+        help="gate: fail (exit 4) when a quality metric drops more than X below the baseline: "
+        "0.02 (absolute) or 2% (of the baseline); METRIC=X for one metric (repeatable; "
+        "perplexity rising is a drop)",
+    ),
+]
+
+
+@app.command()
+@command
+def bench(
+    model: Annotated[
+        Path, typer.Argument(help="model folder (config.json, safetensors, tokenizer)")
+    ],
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="the original model, benched side by side")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option("--tasks", help="lm-eval task names (comma-separated or repeated)"),
+    ] = None,
+    include_path: Annotated[
+        list[Path] | None,
+        typer.Option("--include-path", help="a folder of your own lm-eval task YAMLs (repeatable)"),
+    ] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--data",
+            help='held-out JSONL turned into a task data_<name>: {"text"} records -> perplexity; '
+            '{"question", "choices", "answer"} records -> multiple choice (repeatable)',
+        ),
+    ] = None,
+    limit: Annotated[
+        float | None,
+        typer.Option("--limit", help="documents per task (a share when below 1); for quick runs"),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="lm-eval batch size")] = 8,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", help="few-shot examples (default: the task's)")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
+    ] = "auto",
+    dtype: Annotated[
+        DtypeChoice, typer.Option("--dtype", help="dtype to run in (auto: the checkpoint's)")
+    ] = DtypeChoice.auto,
+    kernel: Annotated[
+        KernelChoice | None,
+        typer.Option("--kernel", help="experts implementation (default: transformers')"),
+    ] = None,
+    prompt_len: Annotated[
+        int, typer.Option("--prompt-len", help="speed: prompt tokens per sequence")
+    ] = 256,
+    new_tokens: Annotated[int, typer.Option("--new-tokens", help="speed: decode steps")] = 64,
+    speed_batch: Annotated[int, typer.Option("--speed-batch", help="speed: sequences")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", help="speed: timed runs (median)")] = 3,
+    no_speed: Annotated[bool, typer.Option("--no-speed", help="skip the speed runs")] = False,
+    max_drop: MaxDropOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="also write the report as JSON (bench.json)")
+    ] = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
+    ] = False,
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """Quality (lm-eval), speed and memory of MODEL, side by side with --baseline; with
+    --max-drop, a gate that exits 4 when quality falls too far."""
+    from mfprune.bench import QualitySpec, SpeedSpec, parse_gate, run_bench
+    from mfprune.bench.quality import as_limit
+
+    if markdown and fmt is OutputFormat.json:
+        raise MfpruneError(
+            "--markdown and --format json both print on stdout", hint="use --json-out FILE"
+        )
+    gate = parse_gate(max_drop or ())  # not split on commas: lm-eval filters have them
+    report = run_bench(
+        model,
+        baseline=baseline,
+        quality=QualitySpec(
+            tasks=_split(tasks),
+            include_paths=tuple(include_path or ()),
+            data=tuple(data or ()),
+            limit=as_limit(limit),
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+        ),
+        speed=None
+        if no_speed
+        else SpeedSpec(
+            prompt_len=prompt_len, new_tokens=new_tokens, batch_size=speed_batch, repeats=repeats
+        ),
+        device=device,
+        dtype=dtype.value,
+        kernel=kernel.value if kernel else None,
+        gate=gate,
+        on_stage=sink.info,
+    )
+    data_out = report.to_dict()
+    if json_out is not None:
+        _write_json(json_out, data_out)
+    if markdown:
+        sys.stdout.write(report.markdown())
+    else:
+        sink.result(data_out, report.table())
+    _raise_on_gate(report.gate)
+
+
+def _raise_on_gate(gate: Any) -> None:
+    """A gate that matched no metric is bad input (exit 2); a failed one exits 4."""
+    from mfprune.errors import GateFailed
+
+    if gate is None:
+        return
+    if gate.unmatched or not gate.checks:
+        raise MfpruneError(gate.summary(), hint="metric names are task/metric as in the table")
+    if not gate.passed:
+        raise GateFailed(gate.summary())
+
+
+@app.command()
+@command
+def shrink(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="shrink.toml: profile, prune, bench, gate")
+    ],
+    model: Annotated[Path | None, typer.Option("--model", help="overrides `model`")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="overrides `out`")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="overrides `profile.data`")] = None,
+    criterion: Annotated[
+        str | None, typer.Option("--criterion", help="overrides `prune.criterion`")
+    ] = None,
+    keep: Annotated[
+        int | None, typer.Option("--keep", help="overrides the file's budget with prune.keep")
+    ] = None,
+    keep_ratio: Annotated[
+        float | None,
+        typer.Option("--keep-ratio", help="overrides the file's budget with prune.keep_ratio"),
+    ] = None,
+    max_drop: Annotated[
+        str | None, typer.Option("--max-drop", help="overrides `gate.max_drop` (0.02 or 2%)")
+    ] = None,
+    limit: Annotated[float | None, typer.Option("--limit", help="overrides `bench.limit`")] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="overrides profile.device and bench.device")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="overrides `profile.cache_dir`")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace a non-empty output folder (atomically)")
+    ] = False,
+    fmt: FormatOpt = OutputFormat.human,
+    *,
+    sink: Sink,
+) -> None:
+    """The CI step: profile → prune → bench → gate, driven by one TOML file; every artifact in
+    one folder. Exit 0 done (gate passed), 4 gate failed, 2 bad input (docs/ci.md)."""
+    from mfprune.shrink import load_config, run_shrink
+
+    def absolute(p: Path | None) -> str | None:  # flags are relative to the current directory
+        return None if p is None else str(p.expanduser().resolve())
+
+    overrides: dict[str, Any] = {
+        "model": absolute(model),
+        "out": absolute(out),
+        "profile.data": absolute(data),
+        "profile.cache_dir": absolute(cache_dir),
+        "profile.device": device,
+        "bench.device": device,
+        "prune.criterion": criterion,
+        "prune.keep": keep,
+        "prune.keep_ratio": keep_ratio,
+        "gate.max_drop": max_drop,
+        "bench.limit": limit,
+        "overwrite": overwrite or None,
+    }
+    outcome = run_shrink(load_config(config, overrides), on_stage=sink.info)
+    sink.show(outcome.bench.table())
+    result = outcome.to_dict()
+    rw = outcome.rewrite
+    cached = " (profile skipped: cached stats)" if outcome.stats_cached else ""
+    sink.result(
+        result,
+        f"wrote {outcome.out}: model/ {_human_bytes(rw.out_bytes)} "
+        f"({rw.out_bytes / max(rw.source_bytes, 1):.1%} of {_human_bytes(rw.source_bytes)}), "
+        f"stats, plan.json, bench.json, report.md{cached}",
+    )
+    _raise_on_gate(outcome.bench.gate)
 
 
 def main() -> None:  # pragma: no cover - console entry point

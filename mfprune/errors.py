@@ -69,3 +69,25 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' — did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
     return f" — did you mean '{close[0]}'?" if close else ""
+
+
+class ConfigError(MfpruneError):
+    """A config file (``mfprune shrink --config``) is unreadable or invalid; lists every problem."""
+
+    default_hint = "see docs/ci.md for the shrink.toml keys"
+
+    def __init__(self, problems: str | Iterable[str], *, source: str = "", hint: str | None = None):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        where = f"{source}: " if source else ""
+        if len(self.problems) == 1:
+            message = where + self.problems[0]
+        else:
+            message = f"{where}{len(self.problems)} problems: " + "; ".join(self.problems)
+        super().__init__(message, hint=hint)
+
+
+class GateFailed(MfpruneError):
+    """The quality gate (``--max-drop``) failed: quality fell past the allowed drop."""
+
+    exit_code = 4
+    default_hint = "the table above says which metric failed; keep more experts or raise --max-drop"

@@ -2,12 +2,17 @@
 
 They only read: the model's outputs are unchanged (a test checks the logits).
 
-* Routed experts of transformers v5 ``*Experts`` modules (every family but JetMoE): a forward
-  hook on the experts module reads its inputs ``(hidden [T, D], top_k_index [T, K],
-  top_k_weights [T, K])`` — the routing weights exactly as the model applies them, after
-  whatever the family's router does (softmax or sigmoid, bias, groups, renormalisation,
-  scaling) — and calls the module once more with every (token, slot) pair as its own row and a
-  weight of 1, which gives each slot's unweighted output E_i(x) [T*K, D].
+* Routed experts of transformers v5 ``*Experts`` modules (every family but JetMoE): while
+  profiling, the module's ``forward`` is wrapped (on the instance; the class is untouched). The
+  wrapper gets ``(hidden [T, D], top_k_index [T, K], top_k_weights [T, K])`` — the routing
+  weights exactly as the model applies them, after whatever the family's router does (softmax
+  or sigmoid, bias, groups, renormalisation, scaling) — and calls the module's own forward
+  (whatever experts implementation the config selects) once, with every (token, slot) pair as
+  its own row and a weight of 1: that gives each slot's unweighted output E_i(x) [T*K, D],
+  whose norms are summed, and the wrapper returns Σ_k g_k·E_k(x) [T, D] from them. Each expert
+  runs once per slot, as in a plain forward; with transformers' default ``grouped_mm``
+  implementation the result is bit-for-bit the module's own (same rows, same order, same
+  reduction).
 * JetMoE (MLP experts and attention experts): its ``TopKGating`` router returns the routing in
   expert-sorted order ``(sorted slot ids, token of each slot, gate of each slot, slots per
   expert, logits)``, and the module's ``output_linear`` returns every slot's unweighted output
@@ -87,10 +92,18 @@ class ExpertSums:
 class Recorder:
     """Attach with ``with recorder.attached():``; before each forward call ``set_mask``."""
 
-    def __init__(self, model: nn.Module, layout: ModelLayout, *, heads: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        *,
+        heads: bool = True,
+        device: torch.device | None = None,
+    ) -> None:
+        """``device``: where the sums live (default: the model's; pass it for a model whose
+        weights are still on the meta device, as the layer-by-layer profiler does)."""
         self.model = model
-        param = next(model.parameters())
-        self.device = param.device
+        self.device = device if device is not None else next(model.parameters()).device
         acc = torch.float32 if self.device.type == "mps" else torch.float64
         self._keep: torch.Tensor | None = None  # [B*S] bool, True for real tokens
         self._rows: torch.Tensor | None = None  # [T] indices of the real tokens
@@ -135,15 +148,26 @@ class Recorder:
             for module, how, fn in self._plan:
                 if how == "pre":
                     handles.append(module.register_forward_pre_hook(fn))
-                elif how == "kwargs":
-                    handles.append(module.register_forward_hook(fn, with_kwargs=True))
+                elif how == "slots":
+                    handles.append(_wrap_forward(module, fn))
                 else:
                     handles.append(module.register_forward_hook(fn))
             yield self
         finally:
-            for h in handles:
+            for h in reversed(handles):
                 h.remove()
             self._keep = self._rows = None
+
+    def accumulators(self) -> list[torch.Tensor]:
+        """Every running sum, in a fixed order (to all-reduce them across processes)."""
+        found = [
+            t
+            for sums in self.sums.values()
+            for t in (sums.count, sums.soft, sums.ean, sums.reap_num, sums.tokens)
+        ]
+        if self._head_usage is not None and self._head_tokens is not None:
+            found += [self._head_usage, self._head_tokens]
+        return found
 
     def expert_stats(self, kind: str) -> ExpertStats | None:
         sums = self.sums.get(kind)
@@ -175,7 +199,7 @@ class Recorder:
             experts = getattr(block, "experts", None)
             output_linear = getattr(block, "output_linear", None)
             if isinstance(experts, nn.Module):
-                self._plan.append((experts, "kwargs", self._fused_hook(sums, row, experts)))
+                self._plan.append((experts, "slots", self._fused_hook(sums, row, experts)))
             elif isinstance(output_linear, nn.Module):
                 routing: dict[str, Any] = {}
                 self._plan.append((router, "post", _stash_sorted_routing(routing)))
@@ -188,36 +212,25 @@ class Recorder:
                 )
 
     def _fused_hook(self, sums: ExpertSums, row: int, experts: nn.Module) -> Any:
-        names = list(inspect.signature(experts.forward).parameters)[:3]
+        """The tap ``_wrap_forward`` calls with each forward's routing and slot outputs."""
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, _output: Any) -> None:
-            given = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
-            if len(given) < 3:
-                raise RuntimeError(
-                    f"{type(module).__name__} was called without (hidden, top_k_index, "
-                    "top_k_weights)"
-                )
-            hidden, index, weights = given[:3]  # [T, D], [T, K], [T, K]
-            hidden = hidden.reshape(-1, hidden.shape[-1])
-            index, weights = index.reshape(hidden.shape[0], -1), weights.reshape_as(index)
-            hidden, index, weights = self._real(hidden), self._real(index), self._real(weights)
-            tokens, top_k = index.shape
+        def tap(index: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> None:
+            # index, weights [B*S, K]; slots [B*S*K, D] unweighted outputs of each (token, slot)
+            rows, top_k = index.shape
+            # ‖E_i(x)‖ of every slot, in fp32 without a copy of the slots  [B*S, K]
+            norm = torch.linalg.vector_norm(slots, dim=-1, dtype=torch.float32).view(rows, top_k)
+            index, weights, norm = self._real(index), self._real(weights), self._real(norm)
+            tokens = index.shape[0]
             if tokens:
-                ones = torch.ones(tokens * top_k, 1, dtype=weights.dtype, device=weights.device)
-                # one row per (token, slot): the slot's expert output, unweighted  [T*K, D]
-                slots = module.forward(
-                    hidden.repeat_interleave(top_k, dim=0), index.reshape(-1, 1), ones
-                )
-                norm = slots.float().norm(dim=-1)  # [T*K]
                 sums.add(
                     row,
                     expert=index.reshape(-1),
                     gate=weights.reshape(-1),
-                    norm=norm,
+                    norm=norm.reshape(-1),
                     tokens=tokens,
                 )
 
-        return hook
+        return tap
 
     def _sorted_hook(self, sums: ExpertSums, row: int, routing: dict[str, Any]) -> Any:
         def hook(module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
@@ -292,3 +305,47 @@ def _stash_sorted_routing(routing: dict[str, Any]) -> Any:
         routing.update(token=token, gate=gate, n=list(per_expert), rows=rows)
 
     return hook
+
+
+class _Restore:
+    """Undoes ``_wrap_forward`` (the same ``remove()`` as a hook handle)."""
+
+    def __init__(self, module: nn.Module, previous: Any) -> None:
+        self.module, self.previous = module, previous
+
+    def remove(self) -> None:
+        if self.previous is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self.previous
+
+
+def _wrap_forward(module: nn.Module, tap: Any) -> _Restore:
+    """Run the experts ``module`` one (token, slot) pair per row, hand each slot's unweighted
+    output to ``tap(index [N, K], weights [N, K], slots [N*K, D])``, and return the weighted
+    sum over the slots [N, D] — what the module itself returns, computed from the same rows."""
+    previous = module.__dict__.get("forward")
+    inner = module.forward  # bound: whatever experts implementation the config selects
+    names = list(inspect.signature(inner).parameters)[:3]
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        given = list(args) + [kwargs.pop(n) for n in names[len(args) :] if n in kwargs]
+        if len(given) != 3 or kwargs:
+            raise RuntimeError(
+                f"{type(module).__name__} was called without exactly (hidden, top_k_index, "
+                "top_k_weights)"
+            )
+        hidden, index, weights = given  # [N, D], [N, K], [N, K]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(flat.shape[0], -1)
+        weights = weights.reshape_as(index)
+        rows, top_k = index.shape
+        ones = torch.ones(rows * top_k, 1, dtype=weights.dtype, device=weights.device)
+        slots = inner(flat.repeat_interleave(top_k, dim=0), index.reshape(-1, 1), ones)
+        tap(index, weights, slots)
+        # the same reduction as transformers' grouped_mm / batched_mm: weight, then sum over K
+        out = (slots.view(rows, top_k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+        return out.to(hidden.dtype).reshape(*hidden.shape[:-1], out.shape[-1])
+
+    module.forward = forward
+    return _Restore(module, previous)

@@ -3,21 +3,29 @@
 Order of work, cheapest first, so bad input fails before the model is loaded: the checkpoint
 and its adapter, the options, the tokenizer, the data (read and tokenized in full), then the
 model, then the forward passes (through the decoder only: logits are not needed).
+
+Two ways to run the passes: the whole model in memory (default), or one decoder layer at a
+time read from the safetensors (``sequential=True``, sequential.py). Under ``torchrun`` the
+ranks split the data and all-reduce the sums (distributed.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mfprune.arch import ArchSpec, spec_for_config
-from mfprune.arch.layout import resolve_layout
-from mfprune.checkpoint import open_checkpoint
+from mfprune.arch.layout import ModelLayout, resolve_layout
+from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
+from mfprune.profiling import distributed
 from mfprune.profiling.data import WHOLE, Shard, TokenData, load_token_data
+from mfprune.profiling.distributed import World
 from mfprune.profiling.hooks import Recorder
 from mfprune.profiling.stats import ExpertStats, ProfileStats, StatsMeta
 
@@ -36,9 +44,10 @@ def profile_model(
     device: str = "auto",
     text_field: str | None = None,
     shard: Shard = WHOLE,
+    sequential: bool = False,
     spec: ArchSpec | None = None,
     on_start: Callable[[TokenData], None] | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[float], None] | None = None,
 ) -> ProfileStats:
     """Profile ``model_dir`` (a local folder with a tokenizer) on ``data``.
 
@@ -51,14 +60,27 @@ def profile_model(
         text_field: the JSONL field holding the text (default: text / messages /
             prompt+completion).
         shard: profile only documents ``shard.index``, ``shard.index + shard.count``, ...
-        on_start: called with the tokenized data once the model is loaded, right before the
-            first forward pass.
-        on_batch: called after each forward pass with the number of real tokens it held.
+        sequential: load and run one decoder layer at a time (models bigger than memory).
+        on_start: called with the tokenized data (this rank's share under torchrun) once the
+            model is loaded, right before the first forward pass.
+        on_batch: called after each forward pass with the number of real tokens it held
+            (a fraction of it per layer when ``sequential``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank profiles its share of
+    the data and returns the stats of all of it.
     """
     ckpt = open_checkpoint(model_dir)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
     _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
+    world = distributed.detect_world()
+    if world is not None and shard != WHOLE:
+        raise MfpruneError(
+            f"--shard {shard} under torchrun: the ranks already split the data",
+            hint="drop --shard, or run single processes with --shard and merge-stats",
+        )
+    if world is not None and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{world.local_rank}"
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     tokenizer = load_tokenizer(ckpt.root)
@@ -71,45 +93,95 @@ def profile_model(
         shard=shard,
     )
     _check_vocab(tokens, ckpt.config)
-    model = load_model(ckpt.root, dtype=torch_dtype, device=torch_device)
-    recorder = Recorder(model, layout)
-    pad_id = _pad_id(tokenizer)
-    decoder = model.base_model  # the decoder stack, without the LM head
-    if on_start is not None:
-        on_start(tokens)
-    with torch.no_grad(), recorder.attached():
-        for ids, mask in tokens.batches(batch_size=batch_size, pad_id=pad_id):
-            recorder.set_mask(mask)
-            decoder(
-                input_ids=ids.to(torch_device),
-                attention_mask=mask.to(torch_device),
-                use_cache=False,
-            )
-            if on_batch is not None:
-                on_batch(int(mask.sum()))
-    experts = _complete(recorder.expert_stats("experts"), tokens.tokens, "experts")
-    attention = recorder.expert_stats("attention_experts")
-    if attention is not None:
-        _complete(attention, tokens.tokens, "attention experts")
-    from mfprune import __version__
+    run = _Run(
+        batch_size=batch_size,
+        dtype=torch_dtype,
+        device=torch_device,
+        sequential=sequential,
+        on_start=on_start,
+        on_batch=on_batch,
+    )
+    if world is None:
+        return run.profile(ckpt, spec, layout, tokens, tokenizer)
+    with distributed.process_group(world, torch_device):
+        distributed.check_same_data(tokens, ckpt.fingerprint())
+        return run.profile(ckpt, spec, layout, tokens, tokenizer, world=world)
 
-    meta = StatsMeta(
-        family=spec.family,
-        model_type=str(ckpt.config.get("model_type")),
-        model_fingerprint=ckpt.fingerprint(),
-        data_fingerprint=tokens.fingerprint,
-        data_parts=(tokens.fingerprint,),
-        tokens=tokens.tokens,
-        documents=tokens.documents,
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        mfprune_version=__version__,
-    )
-    return ProfileStats(
-        meta=meta,
-        experts=experts,
-        attention_experts=attention,
-        heads=recorder.head_stats(),
-    )
+
+@dataclass(frozen=True)
+class _Run:
+    """How to run the forward passes (the options profile_model checked)."""
+
+    batch_size: int
+    dtype: torch.dtype | str
+    device: torch.device
+    sequential: bool
+    on_start: Callable[[TokenData], None] | None
+    on_batch: Callable[[float], None] | None
+
+    def profile(
+        self,
+        ckpt: Checkpoint,
+        spec: ArchSpec,
+        layout: ModelLayout,
+        tokens: TokenData,
+        tokenizer: Any,
+        *,
+        world: World | None = None,
+    ) -> ProfileStats:
+        share = tokens if world is None else distributed.rank_share(tokens, world)
+        batches = share.batches(batch_size=self.batch_size, pad_id=_pad_id(tokenizer))
+        if self.sequential:
+            from mfprune.profiling.sequential import LayerByLayer, build_skeleton, checkpoint_dtype
+
+            dtype = self.dtype if isinstance(self.dtype, torch.dtype) else checkpoint_dtype(ckpt)
+            model = build_skeleton(ckpt, dtype=dtype, device=self.device)
+            recorder = Recorder(model, layout, device=self.device)
+            runner = LayerByLayer(ckpt, model, device=self.device)
+            if self.on_start is not None:
+                self.on_start(share)
+            runner.run(list(batches), recorder, on_batch=self.on_batch)
+        else:
+            model = load_model(ckpt.root, dtype=self.dtype, device=self.device)
+            recorder = Recorder(model, layout)
+            decoder = model.base_model  # the decoder stack, without the LM head
+            if self.on_start is not None:
+                self.on_start(share)
+            with torch.no_grad(), recorder.attached():
+                for ids, mask in batches:
+                    recorder.set_mask(mask)
+                    decoder(
+                        input_ids=ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        use_cache=False,
+                    )
+                    if self.on_batch is not None:
+                        self.on_batch(int(mask.sum()))
+        if world is not None:
+            distributed.all_reduce(recorder.accumulators())
+        experts = _complete(recorder.expert_stats("experts"), tokens.tokens, "experts")
+        attention = recorder.expert_stats("attention_experts")
+        if attention is not None:
+            _complete(attention, tokens.tokens, "attention experts")
+        from mfprune import __version__
+
+        meta = StatsMeta(
+            family=spec.family,
+            model_type=str(ckpt.config.get("model_type")),
+            model_fingerprint=ckpt.fingerprint(),
+            data_fingerprint=tokens.fingerprint,
+            data_parts=(tokens.fingerprint,),
+            tokens=tokens.tokens,
+            documents=tokens.documents,
+            dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+            mfprune_version=__version__,
+        )
+        return ProfileStats(
+            meta=meta,
+            experts=experts,
+            attention_experts=attention,
+            heads=recorder.head_stats(),
+        )
 
 
 def _complete(stats: ExpertStats | None, total: int, what: str) -> ExpertStats:
@@ -176,20 +248,28 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_model(model_dir: Path, *, dtype: torch.dtype | str, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()  # our own progress bar is the only one on stderr
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, local_files_only=True, use_safetensors=True
         )
+    return model.to(device).eval()
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars or warnings: ours is the only bar on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
-    return model.to(device).eval()
 
 
 def _check_vocab(tokens: TokenData, config: dict[str, Any]) -> None:

@@ -1,0 +1,126 @@
+"""`mfprune profile --sequential`: one decoder layer at a time from the safetensors gives the same
+stats as the whole model in memory, never holds two layers, and says clearly what it cannot
+load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from test_profile import (
+    SEQ_LEN,
+    assert_clean_error,
+    assert_same_stats,
+    profile,
+    run,
+)
+
+from mfprune.errors import ModelError
+from mfprune.profiling import ProfileStats
+from mfprune.profiling.sequential import LayerByLayer
+
+# per-expert on-disk names (mixtral w1/w2/w3, qwen2_moe gate/up/down + shared expert), a dense
+# first layer and groups (deepseek_v3), fused experts with biases and sliding-window layers
+# (gpt_oss), attention experts (jetmoe)
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "jetmoe"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from test_profile import DOCS, write_jsonl
+
+    path = tmp_path_factory.mktemp("seq-data") / "task.jsonl"
+    return write_jsonl(path, [{"text": d} for d in DOCS])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequential_equals_whole_model(family, model_dir, data):
+    whole = profile(model_dir(family), data, batch_size=3)
+    layered = profile(model_dir(family), data, batch_size=3, sequential=True)
+    assert_same_stats(whole, layered, rtol=1e-6)
+    assert layered.meta == whole.meta  # same data and model fingerprints, tokens, dtype
+
+
+def test_bf16_sharded_checkpoint_auto_dtype(model_dir, data):
+    """A bf16 checkpoint whose layers straddle shard files runs in bf16 either way."""
+    path = model_dir("qwen3_moe", dtype=torch.bfloat16, max_shard_size="60KB")
+    assert len(list(path.glob("*.safetensors"))) > 2
+    whole = profile(path, data)
+    layered = profile(path, data, sequential=True)
+    assert layered.meta.dtype == whole.meta.dtype == "bfloat16"
+    assert_same_stats(whole, layered, rtol=1e-6)
+
+
+def test_one_layer_at_a_time_then_freed(model_dir, data, monkeypatch):
+    """Every layer runs with all the others on the meta device, and goes back there after."""
+    seen: list[list[bool]] = []
+    original = LayerByLayer._run
+
+    def spy(self: LayerByLayer, *args: Any) -> None:
+        def pre(_module: Any, _args: Any) -> None:
+            seen.append([not next(layer.parameters()).is_meta for layer in self.layers])
+
+        handles = [layer.register_forward_pre_hook(pre) for layer in self.layers]
+        try:
+            original(self, *args)
+        finally:
+            for h in handles:
+                h.remove()
+        assert all(p.is_meta for p in self.model.parameters())  # everything freed at the end
+
+    monkeypatch.setattr(LayerByLayer, "_run", spy)
+    progress: list[float] = []
+    stats = profile(model_dir("deepseek_v3"), data, sequential=True, on_batch=progress.append)
+    assert seen and all(sum(loaded) == 1 for loaded in seen)
+    assert [row.index(True) for row in seen] == sorted(row.index(True) for row in seen)
+    assert sum(progress) == pytest.approx(stats.meta.tokens)  # the bar ends full
+
+
+def _copy_without(src: Path, dst: Path, tensor: str) -> Path:
+    shutil.copytree(src, dst)
+    file = dst / "model.safetensors"
+    with safe_open(file, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != tensor}  # noqa: SIM118
+    save_file(tensors, file, metadata={"format": "pt"})
+    return dst
+
+
+def test_a_tensor_missing_on_disk_is_one_clear_error(model_dir, data, tmp_path):
+    """from_pretrained would quietly initialise a missing norm at random; --sequential refuses."""
+    path = _copy_without(
+        model_dir("mixtral"), tmp_path / "m", "model.layers.1.post_attention_layernorm.weight"
+    )
+    with pytest.raises(ModelError, match=r"cannot load decoder layer 1 .*post_attention_layernorm"):
+        profile(path, data, sequential=True)
+
+
+def test_quantized_checkpoint_is_refused(model_dir, data, tmp_path):
+    path = tmp_path / "q"
+    shutil.copytree(model_dir("mixtral"), path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="quantized checkpoint"):
+        profile(path, data, sequential=True)
+
+
+def test_cli_sequential(model_dir, data, tmp_path):
+    out = tmp_path / "seq.safetensors"
+    model = model_dir("gpt_oss")
+    result = run(
+        "profile", model, "--data", data, "--out", out, "--seq-len", SEQ_LEN, "--sequential"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {out}")
+    assert_same_stats(ProfileStats.load(out), profile(model, data), rtol=1e-6)
+    bad = tmp_path / "bad"
+    _copy_without(model, bad, "model.layers.0.self_attn.sinks")
+    result = run("profile", bad, "--data", data, "--out", tmp_path / "x.st", "--sequential")
+    assert_clean_error(result, "cannot load decoder layer 0", "sinks")
+    assert not (tmp_path / "x.st").exists()
