@@ -124,3 +124,32 @@ def test_cli_sequential(model_dir, data, tmp_path):
     result = run("profile", bad, "--data", data, "--out", tmp_path / "x.st", "--sequential")
     assert_clean_error(result, "cannot load decoder layer 0", "sinks")
     assert not (tmp_path / "x.st").exists()
+
+
+@pytest.mark.parametrize("impl", ["eager", "batched_mm"])
+def test_slot_outputs_under_other_experts_implementations(impl, model_dir, data):
+    """Both paths run each experts module once per (token, slot) through whatever experts
+    implementation the config selects; the model's output stays the plain forward's."""
+    from transformers import AutoModelForCausalLM
+
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.checkpoint import open_checkpoint
+    from mfprune.profiling.hooks import Recorder
+
+    path = model_dir("qwen3_moe")
+    ckpt = open_checkpoint(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, experts_implementation=impl
+    ).eval()
+    recorder = Recorder(model, resolve_layout(ckpt, spec_for_config(ckpt.config)))
+    ids = torch.tensor([[5, 9, 13, 2, 40, 7], [8, 3, 21, 0, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+        with recorder.attached():
+            recorder.set_mask(mask)
+            hooked = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(hooked, plain, rtol=1e-6, atol=1e-6)
+    stats = recorder.expert_stats("experts")
+    assert stats is not None and (stats.tokens == 9).all() and (stats.ean > 0).any()

@@ -108,7 +108,13 @@ class LayerByLayer:
 
         self.model, self.device = model, device
         self.decoder = model.base_model
-        self.layers: nn.ModuleList = self.decoder.layers
+        layers = getattr(self.decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or not len(layers):
+            raise ModelError(
+                f"{type(self.decoder).__name__} keeps no decoder layers in `.layers`",
+                hint="--sequential does not support this model; profile without it",
+            )
+        self.layers: nn.ModuleList = layers
         names = {id(m): name for name, m in model.named_modules()}
         layers_name = names[id(self.layers)]
         self.embed = model.get_input_embeddings()
