@@ -28,8 +28,13 @@ def load_pretrained(path: str | Path, **kwargs: Any):
     expert counts. Returns the model."""
     from transformers import AutoModelForCausalLM
 
+    from mfprune.checkpoint import model_location
+
+    path = model_location(path)  # "default": the embedded default model
     kwargs.setdefault("use_safetensors", True)  # never unpickle weights
     kwargs.setdefault("local_files_only", True)  # no hub at run time
+    asked_for_info = kwargs.get("output_loading_info", False)
+    kwargs["output_loading_info"] = True
     config_path = Path(path) / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -37,11 +42,24 @@ def load_pretrained(path: str | Path, **kwargs: Any):
         raise ModelError(f"cannot read {config_path}: {exc}", hint="pass a model folder") from None
     counts = config.get(UNEVEN_KEY)
     if not counts:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return _checked(AutoModelForCausalLM.from_pretrained(path, **kwargs), path, asked_for_info)
     keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
     per_layer = {int(layer): int(n) for layer, n in counts.items()}
     with _per_layer_counts(config, keys, per_layer):
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return _checked(AutoModelForCausalLM.from_pretrained(path, **kwargs), path, asked_for_info)
+
+
+def _checked(loaded: tuple[Any, dict], path: str | Path, with_info: bool):
+    """Refuse a model whose weights did not all load (transformers would initialise them at
+    random and carry on); return the model (and the loading info when it was asked for)."""
+    model, info = loaded
+    missing = list(info.get("missing_keys", ())) + list(info.get("mismatched_keys", ()))
+    if missing:
+        raise ModelError(
+            f"{path} lacks {len(missing)} weight(s) the model needs (e.g. {missing[0]})",
+            hint="the checkpoint is incomplete or its config.json does not match its weights",
+        )
+    return (model, info) if with_info else model
 
 
 def _expert_specs(config: dict[str, Any]):

@@ -178,7 +178,7 @@ def _check_experts(
         bad = [i for i in ids if not 0 <= i < E]
         if bad:
             problems.append(
-                f"{where}: ids {bad} out of range: the layer has {E} experts (0..{E - 1})"
+                f"{where}: ids {_some(bad)} out of range: the layer has {E} experts (0..{E - 1})"
             )
             continue
         if len(ids) < K:
@@ -235,7 +235,7 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
         bad = [i for i in ids if not 0 <= i < H]
         if bad:
             problems.append(
-                f"{where}: ids {bad} out of range: the layer has {H} heads (0..{H - 1})"
+                f"{where}: ids {_some(bad)} out of range: the layer has {H} heads (0..{H - 1})"
             )
             continue
         if not ids:
@@ -258,6 +258,13 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
             f"{sorted(shapes | full)} (heads, KV heads); stock configs hold one "
             f"'{heads.spec.count_key}': prune every layer to the same shape"
         )
+
+
+def _some(ids: list[int], shown: int = 6) -> str:
+    """``[8, 9, 10, ...]`` with a count when there are many."""
+    if len(ids) <= shown:
+        return str(ids)
+    return "[" + ", ".join(map(str, ids[:shown])) + f", … ({len(ids)} in all)]"
 
 
 def _ranges(layers: tuple[int, ...]) -> str:

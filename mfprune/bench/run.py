@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mfprune.arch import spec_for_config
+from mfprune.arch.layout import resolve_layout
 from mfprune.bench.quality import QualitySpec, evaluate, prepare_tasks, set_offline
 from mfprune.bench.report import BenchReport, GateRule, ModelBench, check_gate
 from mfprune.bench.speed import SpeedSpec, measure_speed
@@ -62,6 +64,8 @@ def run_bench(
     quality = quality or QualitySpec()
     ckpt = open_checkpoint(model)
     base = open_checkpoint(baseline) if baseline is not None else None
+    for target in filter(None, (ckpt, base)):  # an MoE model mfprune knows, before any work
+        resolve_layout(target, spec_for_config(target.config))
     _check_options(quality, speed, gate, has_baseline=base is not None)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
@@ -71,8 +75,8 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="mfprune-bench-") as work:
         tasks = None
         if not quality.empty:
-            say("resolving lm-eval tasks")
-            tasks = prepare_tasks(quality, Path(work))
+            tasks = prepare_tasks(quality, Path(work))  # bad data / task names fail here, quietly
+            say(f"lm-eval tasks: {', '.join(tasks.names)}")
         for role, target in (("baseline", base), ("model", ckpt)):
             if target is None:
                 continue
