@@ -19,17 +19,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check mfprune kernels tests benchmarks
-	$(BIN)/ruff format --check mfprune kernels tests benchmarks
+	$(BIN)/ruff check mfprune kernels tests benchmarks scripts
+	$(BIN)/ruff format --check mfprune kernels tests benchmarks scripts
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check mfprune kernels tests benchmarks
-	$(BIN)/ruff format --check mfprune kernels tests benchmarks
+	$(BIN)/ruff check mfprune kernels tests benchmarks scripts
+	$(BIN)/ruff format --check mfprune kernels tests benchmarks scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format mfprune kernels tests benchmarks
-	$(BIN)/ruff check --fix mfprune kernels tests benchmarks
+	$(BIN)/ruff format mfprune kernels tests benchmarks scripts
+	$(BIN)/ruff check --fix mfprune kernels tests benchmarks scripts
 
 demo: $(STAMP)
 	$(BIN)/python -m mfprune.demo demo-out
