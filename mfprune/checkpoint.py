@@ -54,9 +54,21 @@ class Checkpoint:
         return h.hexdigest()
 
 
+def model_location(model: str | Path) -> Path:
+    """Where MODEL lives: the name ``"default"`` (a string, as typed on a command line or in a
+    config file) is the embedded default model (``mfprune/default_model``); anything else is a
+    folder. The one place the name is resolved: ``open_checkpoint``, ``load_pretrained``, every
+    CLI model argument and the shrink config all go through here. A folder that is really
+    called ``default``: write ``./default`` (or pass a ``Path``)."""
+    from mfprune.default_model import resolve_model
+
+    return Path(resolve_model(model))
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Validate a model folder and index its tensors (headers only)."""
-    root = Path(path)
+    """Validate a model folder (or ``"default"``, see ``model_location``) and index its tensors
+    (headers only)."""
+    root = model_location(path)
     if not root.exists():
         raise ModelError(f"model folder {root} does not exist", hint="check the path")
     if not root.is_dir():

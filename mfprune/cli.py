@@ -31,6 +31,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", help="human (rich), json (machine-readable) or quiet")
 ]
+
+
+def _model_location(text: str) -> Path:
+    """MODEL as typed: ``default`` is the embedded default model (mfprune.checkpoint)."""
+    from mfprune.checkpoint import model_location
+
+    return model_location(text)
+
+
+_DEFAULT_HELP = "; `default`: the embedded demo model"
+
+
+def model_argument(help: str) -> Any:
+    return typer.Argument(help=help + _DEFAULT_HELP, parser=_model_location)
+
+
 ArchOpt = Annotated[
     Path | None,
     typer.Option("--arch", help="your own adapter TOML for a family mfprune does not know"),
@@ -104,7 +120,7 @@ def _human_bytes(n: int) -> str:
 @app.command()
 @command
 def inspect(
-    model: Annotated[Path, typer.Argument(help="model folder (config.json + *.safetensors)")],
+    model: Annotated[Path, model_argument("model folder (config.json + *.safetensors)")],
     arch: ArchOpt = None,
     fmt: FormatOpt = OutputFormat.human,
     *,
@@ -149,7 +165,7 @@ def _layers(layers: list[int]) -> str:
 @app.command()
 @command
 def prune(
-    model: Annotated[Path, typer.Argument(help="source model folder (never modified)")],
+    model: Annotated[Path, model_argument("source model folder (never modified)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the pruned model")],
     plan: Annotated[
         Path | None, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")
@@ -301,7 +317,7 @@ class DtypeChoice(StrEnum):
 @app.command()
 @command
 def profile(
-    model: Annotated[Path, typer.Argument(help="model folder with its tokenizer")],
+    model: Annotated[Path, model_argument("model folder with its tokenizer")],
     data: Annotated[
         Path,
         typer.Option(
@@ -545,11 +561,14 @@ MaxDropOpt = Annotated[
 @app.command()
 @command
 def bench(
-    model: Annotated[
-        Path, typer.Argument(help="model folder (config.json, safetensors, tokenizer)")
-    ],
+    model: Annotated[Path, model_argument("model folder (config.json, safetensors, tokenizer)")],
     baseline: Annotated[
-        Path | None, typer.Option("--baseline", help="the original model, benched side by side")
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="the original model, benched side by side" + _DEFAULT_HELP,
+            parser=_model_location,
+        ),
     ] = None,
     tasks: Annotated[
         list[str] | None,
@@ -663,7 +682,10 @@ def shrink(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="shrink.toml: profile, prune, bench, gate")
     ],
-    model: Annotated[Path | None, typer.Option("--model", help="overrides `model`")] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="overrides `model`" + _DEFAULT_HELP, parser=_model_location),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="overrides `out`")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="overrides `profile.data`")] = None,
     criterion: Annotated[

@@ -130,6 +130,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Sh
             for other in BUDGET_KEYS:
                 table.pop(other, None)
         table[name] = value
+    if isinstance(raw.get("model"), str):  # "default": the embedded default model
+        from mfprune.checkpoint import model_location
+
+        raw["model"] = str(model_location(raw["model"]))
     base = path.resolve().parent
     return build(ShrinkConfig, raw, base_dir=base, source=str(path), check=_check)
 
