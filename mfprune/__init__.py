@@ -12,6 +12,11 @@ Library API (the CLI is a thin layer over these):
 - ``run_bench(model, baseline=...)``: lm-eval quality, speed and memory side by side, the gate
   -> ``BenchReport``.
 - ``run_shrink(load_config("shrink.toml"))``: the CI step, profile → prune → bench → gate.
+- ``mfprune.heldout.heldout_loss(model, HeldOut.load(tokenizer, texts), experts=...)``: the
+  held-out loss of a pruning plan measured with the experts masked, without a rewrite.
+
+Wherever a model folder is taken, the string ``"default"`` names the trained demo model shipped
+in ``mfprune/default_model`` (``mfprune.checkpoint.model_location``).
 """
 
 __version__ = "0.1.0"
