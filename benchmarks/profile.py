@@ -25,6 +25,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from here)
+
 # Run as a script, this file would shadow the standard library's `profile` module (which
 # cProfile, imported by torch, needs): take its folder off the path, put the repository on it.
 HERE, REPO = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
@@ -335,14 +337,7 @@ def memory(size_gb: float, *, tokens: int, workdir: Path) -> dict[str, Any]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import transformers
 

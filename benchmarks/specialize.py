@@ -38,6 +38,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from _machine import cpu_model  # benchmarks/_machine.py (scripts run from here)
+
 # benchmarks/profile.py would shadow the standard library's `profile` (which torch imports):
 # take this folder off the path, put the repository on it.
 HERE, REPO = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
@@ -396,14 +398,7 @@ def refit_kept(bench: Bench, calib: Any, the_plan: Any, ridge: float = 1e-3) -> 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import transformers
 
     return (
