@@ -25,7 +25,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from here)
+from _common import (  # benchmarks/_common.py (scripts run from here)
+    cpu_model,
+    mixtral_layer_tensors,
+    replace_section,
+)
 
 # Run as a script, this file would shadow the standard library's `profile` module (which
 # cProfile, imported by torch, needs): take its folder off the path, put the repository on it.
@@ -171,21 +175,14 @@ def overhead(family: str, *, tokens: int, repeats: int, workdir: Path) -> dict[s
 
 
 def layer_tensors(layer: int) -> list[tuple[str, tuple[int, ...]]]:
-    d, i, kv = HIDDEN, INTERMEDIATE, HIDDEN // HEADS * KV_HEADS
-    p = f"model.layers.{layer}."
-    out = [
-        (p + "input_layernorm.weight", (d,)),
-        (p + "self_attn.q_proj.weight", (d, d)),
-        (p + "self_attn.k_proj.weight", (kv, d)),
-        (p + "self_attn.v_proj.weight", (kv, d)),
-        (p + "self_attn.o_proj.weight", (d, d)),
-        (p + "post_attention_layernorm.weight", (d,)),
-        (p + "block_sparse_moe.gate.weight", (EXPERTS, d)),
-    ]
-    for e in range(EXPERTS):
-        q = f"{p}block_sparse_moe.experts.{e}."
-        out += [(q + "w1.weight", (i, d)), (q + "w2.weight", (d, i)), (q + "w3.weight", (i, d))]
-    return out
+    return mixtral_layer_tensors(
+        layer,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        experts=EXPERTS,
+    )
 
 
 def nbytes(shape: tuple[int, ...]) -> int:
@@ -419,12 +416,7 @@ def report(args: argparse.Namespace, over: list[dict[str, Any]], mem: dict[str, 
 
 
 def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    if BEGIN not in doc or END not in doc:
-        sys.exit(f"{DOCS} has no {BEGIN} ... {END} markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    replace_section(DOCS, BEGIN, END, text)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import safetensors
 import torch
+from _common import mixtral_layer_tensors  # benchmarks/_common.py (scripts run from here)
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,21 +55,14 @@ TIME_TARGET = 1.5  # prune <= cp * this
 
 
 def layer_tensors(layer: int) -> list[tuple[str, tuple[int, ...]]]:
-    d, i, kv = HIDDEN, INTERMEDIATE, HIDDEN // HEADS * KV_HEADS
-    p = f"model.layers.{layer}."
-    out = [
-        (p + "input_layernorm.weight", (d,)),
-        (p + "self_attn.q_proj.weight", (d, d)),
-        (p + "self_attn.k_proj.weight", (kv, d)),
-        (p + "self_attn.v_proj.weight", (kv, d)),
-        (p + "self_attn.o_proj.weight", (d, d)),
-        (p + "post_attention_layernorm.weight", (d,)),
-        (p + "block_sparse_moe.gate.weight", (EXPERTS, d)),
-    ]
-    for e in range(EXPERTS):
-        q = f"{p}block_sparse_moe.experts.{e}."
-        out += [(q + "w1.weight", (i, d)), (q + "w2.weight", (d, i)), (q + "w3.weight", (i, d))]
-    return out
+    return mixtral_layer_tensors(
+        layer,
+        hidden=HIDDEN,
+        intermediate=INTERMEDIATE,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        experts=EXPERTS,
+    )
 
 
 def nbytes(shape: tuple[int, ...]) -> int:

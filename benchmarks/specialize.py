@@ -38,7 +38,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _machine import cpu_model  # benchmarks/_machine.py (scripts run from here)
+from _common import cpu_model, replace_section  # benchmarks/_common.py (scripts run from here)
 
 # benchmarks/profile.py would shadow the standard library's `profile` (which torch imports):
 # take this folder off the path, put the repository on it.
@@ -557,12 +557,7 @@ def goals_text(summary: dict[tuple, dict[str, Any]], domains: list[str]) -> str:
 
 
 def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    if BEGIN not in doc or END not in doc:
-        sys.exit(f"{DOCS} has no {BEGIN} ... {END} markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    replace_section(DOCS, BEGIN, END, text)
 
 
 def main() -> None:
