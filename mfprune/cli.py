@@ -84,6 +84,10 @@ def command(fn: F) -> F:
                 "re-run with MFPRUNE_DEBUG=1 for the traceback and report it",
             )
             raise typer.Exit(3) from None
+        finally:
+            from mfprune.io.outputs import release_all
+
+            release_all()  # output locks a failed command still held
 
     # typer reads the signature: hide the injected ``sink`` parameter
     import inspect
@@ -166,7 +170,7 @@ def _layers(layers: list[int]) -> str:
 @command
 def prune(
     model: Annotated[Path, model_argument("source model folder (never modified)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="output folder for the pruned model")],
+    out: Annotated[str, typer.Option("--out", "-o", help="output folder for the pruned model")],
     plan: Annotated[
         Path | None, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")
     ] = None,
@@ -174,8 +178,9 @@ def prune(
         Path | None, typer.Option("--profile", help="stats from `mfprune profile`: rank and plan")
     ] = None,
     criterion: Annotated[
-        str, typer.Option("--criterion", help="frequency, soft, ean, reap or random")
-    ] = "reap",
+        str | None,
+        typer.Option("--criterion", help="frequency, soft, ean, reap (default) or random"),
+    ] = None,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random criterion")] = 0,
     keep: Annotated[int | None, typer.Option("--keep", help="experts kept per MoE layer")] = None,
     keep_ratio: Annotated[
@@ -261,7 +266,7 @@ def prune(
     data: dict[str, Any] = {"out": str(outcome.out), "plan": outcome.plan.to_dict()}
     if outcome.layers:
         data["layers"] = [layer.__dict__ for layer in outcome.layers]
-        table = Table(title=f"plan ({criterion})", title_justify="left")
+        table = Table(title=f"plan ({criterion or 'reap'})", title_justify="left")
         for column in ("layer", "kept", "dropped", "routed mass kept"):
             table.add_column(column)
         for layer in outcome.layers:
@@ -273,6 +278,8 @@ def prune(
             )
         sink.show(table)
     result = outcome.rewrite
+    if result is not None and result.replaced:
+        sink.warn(f"--overwrite: replaced {result.replaced}")
     if result is None:
         sink.result(data, f"wrote {outcome.out / 'plan.json'} (--plan-only: no checkpoint)")
         return
@@ -326,7 +333,7 @@ def profile(
             "or a folder of those",
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="stats file to write (.safetensors)")],
+    out: Annotated[str, typer.Option("--out", "-o", help="stats file to write (.safetensors)")],
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", help="stop after this many tokens (default: all)")
     ] = None,
@@ -364,6 +371,7 @@ def profile(
     import time
 
     from mfprune.arch import load_spec_file
+    from mfprune.io.outputs import Input
     from mfprune.profiling import Shard, profile_model
     from mfprune.profiling.distributed import detect_world
     from mfprune.profiling.stats import check_stats_out
@@ -371,7 +379,10 @@ def profile(
     world = detect_world()
     if world is not None and not world.is_main:
         sink = Sink(OutputFormat.quiet)  # rank 0 reports and writes; errors still print
-    target = check_stats_out(out)
+    inputs = [Input(model, "the model folder"), Input(data, "the data")]
+    inputs += Input.of(arch, "the adapter file")
+    main_rank = world is None or world.is_main  # only rank 0 claims and writes the file
+    target = check_stats_out(out, inputs=inputs) if main_rank else None
     start = time.perf_counter()
     forward_start = [start]
 
@@ -398,12 +409,12 @@ def profile(
     end = time.perf_counter()
     if world is not None and not world.is_main:
         return
-    stats.save(target)
-    summary = {"out": str(target), **stats.summary(), "seconds": round(end - start, 3)}
+    written = stats.save(target)
+    summary = {"out": str(written), **stats.summary(), "seconds": round(end - start, 3)}
     # throughput of the forward passes alone (loading the model is not profiling)
     rate = stats.meta.tokens / max(end - forward_start[0], 1e-9)
     summary["tokens_per_second"] = round(rate, 1)
-    sink.result(summary, _stats_line(f"wrote {target}", summary))
+    sink.result(summary, _stats_line(f"wrote {written}", summary))
 
 
 @app.command("merge-stats")
@@ -413,19 +424,20 @@ def merge_stats_command(
         list[Path],
         typer.Argument(help="stats files of one model, on disjoint data", metavar="STATS"),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="merged stats file to write")],
+    out: Annotated[str, typer.Option("--out", "-o", help="merged stats file to write")],
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
 ) -> None:
     """Add up stats files of one model made on disjoint data (--shard 0/2 + 1/2, say)."""
+    from mfprune.io.outputs import Input
     from mfprune.profiling.stats import ProfileStats, check_stats_out, merge_stats
 
-    target = check_stats_out(out)
+    target = check_stats_out(out, inputs=[Input(p, "an input stats file") for p in stats])
     merged = merge_stats(*(ProfileStats.load(p) for p in stats))
-    merged.save(target)
-    summary = {"out": str(target), **merged.summary()}
-    sink.result(summary, _stats_line(f"merged {len(stats)} files into {target}", summary))
+    written = merged.save(target)
+    summary = {"out": str(written), **merged.summary()}
+    sink.result(summary, _stats_line(f"merged {len(stats)} files into {written}", summary))
 
 
 @app.command()
@@ -442,21 +454,27 @@ def show(
     ] = None,
     top: Annotated[int, typer.Option("--top", help="experts / heads listed per layer")] = 4,
     html: Annotated[
-        Path | None, typer.Option("--html", help="write a layers x experts heatmap page")
+        str | None, typer.Option("--html", help="write a layers x experts heatmap page")
     ] = None,
-    svg: Annotated[Path | None, typer.Option("--svg", help="write the heatmap as SVG")] = None,
+    svg: Annotated[str | None, typer.Option("--svg", help="write the heatmap as SVG")] = None,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
 ) -> None:
     """Each layer's most and least used experts and heads (share of routed tokens); with
     --against, the experts specific to the task; --html / --svg write a heatmap."""
+    from mfprune.io.outputs import Input, claim_file, write_file
     from mfprune.profiling.stats import ProfileStats
-    from mfprune.profiling.view import build_view, check_out, heatmap_html, heatmap_svg, write_text
+    from mfprune.profiling.view import build_view, heatmap_html, heatmap_svg
 
-    targets = {
-        kind: check_out(path, f".{kind}") for kind, path in (("html", html), ("svg", svg)) if path
-    }
+    inputs = [*Input.of(stats, "the stats file"), *Input.of(against, "the --against stats")]
+    targets = {}
+    for kind, path in (("html", html), ("svg", svg)):
+        if path is not None:
+            targets[kind] = claim_file(
+                path, inputs=inputs, flag=f"--{kind}", example=f"heatmap.{kind}"
+            )
+            inputs.append(Input(targets[kind].path, f"the --{kind} output"))
     view = build_view(
         ProfileStats.load(stats),
         name=stats.name,
@@ -468,8 +486,8 @@ def show(
         sink.show(_view_table(view, panel))
     written = []
     for kind, target in targets.items():
-        write_text(target, heatmap_html(view) if kind == "html" else heatmap_svg(view))
-        written.append(str(target))
+        write_file(target, heatmap_html(view) if kind == "html" else heatmap_svg(view))
+        written.append(str(target.path))
     data = view.to_dict()
     data["written"] = written
     meta = view.stats.meta
@@ -536,15 +554,13 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (temp file beside it, then rename)."""
+def _write_json(target: Any, data: dict[str, Any]) -> None:
+    """Write ``data`` to a claimed output (mfprune.io.outputs) atomically."""
     import json
 
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from mfprune.io.outputs import write_file
+
+    write_file(target, json.dumps(data, indent=2, default=str) + "\n")
 
 
 MaxDropOpt = Annotated[
@@ -613,7 +629,7 @@ def bench(
     no_speed: Annotated[bool, typer.Option("--no-speed", help="skip the speed runs")] = False,
     max_drop: MaxDropOpt = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json-out", help="also write the report as JSON (bench.json)")
+        str | None, typer.Option("--json-out", help="also write the report as JSON (bench.json)")
     ] = None,
     markdown: Annotated[
         bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
@@ -632,6 +648,14 @@ def bench(
             "--markdown and --format json both print on stdout", hint="use --json-out FILE"
         )
     gate = parse_gate(max_drop or ())  # not split on commas: lm-eval filters have them
+    json_target = None
+    if json_out is not None:  # claimed now: an unusable path fails before any model runs
+        from mfprune.io.outputs import Input, claim_file
+
+        inputs = [Input(model, "the model"), *Input.of(baseline, "the baseline model")]
+        inputs += [Input(p, "a --data file") for p in data or ()]
+        inputs += [Input(p, "an --include-path folder") for p in include_path or ()]
+        json_target = claim_file(json_out, inputs=inputs, flag="--json-out", example="bench.json")
     report = run_bench(
         model,
         baseline=baseline,
@@ -655,8 +679,8 @@ def bench(
         on_stage=sink.info,
     )
     data_out = report.to_dict()
-    if json_out is not None:
-        _write_json(json_out, data_out)
+    if json_target is not None:
+        _write_json(json_target, data_out)
     if markdown:
         sys.stdout.write(report.markdown())
     else:
@@ -686,7 +710,7 @@ def shrink(
         Path | None,
         typer.Option("--model", help="overrides `model`" + _DEFAULT_HELP, parser=_model_location),
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="overrides `out`")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="overrides `out`")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="overrides `profile.data`")] = None,
     criterion: Annotated[
         str | None, typer.Option("--criterion", help="overrides `prune.criterion`")
@@ -719,8 +743,13 @@ def shrink(
     one folder. Exit 0 done (gate passed), 4 gate failed, 2 bad input (docs/ci.md)."""
     from mfprune.shrink import load_config, run_shrink
 
-    def absolute(p: Path | None) -> str | None:  # flags are relative to the current directory
-        return None if p is None else str(p.expanduser().resolve())
+    def absolute(p: Path | str | None) -> str | None:  # flags: relative to the current folder
+        return None if p is None else str(Path(p).expanduser().resolve())
+
+    if out is not None:
+        from mfprune.io.outputs import not_empty
+
+        not_empty(out)
 
     overrides: dict[str, Any] = {
         "model": absolute(model),
@@ -736,7 +765,7 @@ def shrink(
         "bench.limit": limit,
         "overwrite": overwrite or None,
     }
-    outcome = run_shrink(load_config(config, overrides), on_stage=sink.info)
+    outcome = run_shrink(load_config(config, overrides), config_path=config, on_stage=sink.info)
     sink.show(outcome.bench.table())
     result = outcome.to_dict()
     rw = outcome.rewrite

@@ -168,6 +168,9 @@ def _convert(
         return good, out_d
     if _accepts(tp, value):
         if tp is Path:
+            if not value.strip():  # Path("") is "." : an unset variable must not mean a folder
+                problems.append(f"'{where}' is an empty path")
+                return False, None
             path = Path(value).expanduser()
             return True, path if path.is_absolute() else base_dir / path
         return True, float(value) if tp is float else value

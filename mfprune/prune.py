@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from mfprune.arch import ArchSpec, spec_for_config
-from mfprune.arch.layout import resolve_layout
+from mfprune.arch.layout import ModelLayout, resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import MfpruneError, PlanError, StatsError
+from mfprune.io.outputs import Input, claim_folder, staged_folder
 from mfprune.plan import PrunePlan
 from mfprune.planner import LayerReport, plan_from_profile
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
-from mfprune.rewrite.output import check_output, staged_output
 
 PLAN_ONLY_FILE = "plan.json"
 
@@ -30,6 +30,39 @@ class Budget:
     min_keep: int = 0
     attention_keep_ratio: float | None = None
     heads_keep_ratio: float | None = None
+
+    def given(self) -> list[str]:
+        """The options set, as flags (``--keep-ratio``), for messages."""
+        return [
+            "--" + k.replace("_", "-")
+            for k, v in self.__dict__.items()
+            if v is not None and not (k == "min_keep" and v == 0)
+        ]
+
+    def check(self, layout: ModelLayout) -> None:
+        """Refuse values no budget can use, before any work: ratios outside (0, 1], and
+        attention-expert or head ratios on a model that has none."""
+        problems = []
+        for name in ("keep_ratio", "coverage", "global_budget", "attention_keep_ratio"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                problems.append(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+        if self.heads_keep_ratio is not None and not 0 < self.heads_keep_ratio <= 1:
+            problems.append(
+                f"--heads-keep-ratio must be in (0, 1], got {self.heads_keep_ratio} "
+                "(leave it out to keep every head)"
+            )
+        if self.keep is not None and self.keep < 1:
+            problems.append(f"--keep must be at least 1, got {self.keep}")
+        if self.min_keep < 0:
+            problems.append(f"--min-keep must be 0 or more, got {self.min_keep}")
+        if self.attention_keep_ratio is not None and layout.attention_experts is None:
+            problems.append(
+                f"--attention-keep-ratio: {layout.family} has no attention experts "
+                "(only JetMoE-style models do)"
+            )
+        if problems:
+            raise PlanError(problems, hint="see `mfprune prune --help`")
 
 
 @dataclass(frozen=True)
@@ -47,7 +80,7 @@ def prune_model(
     *,
     plan: str | Path | PrunePlan | None = None,
     profile: str | Path | None = None,
-    criterion: str = "reap",
+    criterion: str | None = None,
     criterion_options: dict[str, Any] | None = None,
     budget: Budget = Budget(),
     spec: ArchSpec | None = None,
@@ -57,14 +90,56 @@ def prune_model(
     max_shard_bytes: int | None = None,
     verify: bool = False,
 ) -> PruneOutcome:
+    """Plan (from ``plan``, or ranked from ``profile`` with ``criterion``, default reap, under
+    ``budget``) and rewrite ``model`` into ``out``. Every input and option is checked, and the
+    output claimed, before the profile is read or a byte is written."""
     if (plan is None) == (profile is None):
         raise PlanError(
             "give either --plan PLAN or --profile STATS",
             hint="make a profile with `mfprune profile MODEL --data DATA --out STATS`",
         )
+    if plan is not None:
+        ignored = budget.given() + (["--criterion"] if criterion is not None else [])
+        if ignored:
+            raise PlanError(
+                f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored with "
+                "--plan (the plan already says what each layer keeps)",
+                hint="drop them, or rank a profile instead: --profile STATS",
+            )
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
+    budget.check(layout)
+    inputs = [Input(ckpt.root, "the source model")]
+    inputs += Input.of(profile, "the stats file")
+    if not isinstance(plan, PrunePlan):
+        inputs += Input.of(plan, "the plan file")
+    target = claim_folder(out, inputs=inputs, overwrite=overwrite)
+    with target.held():
+        return _prune(
+            ckpt, spec, layout, target, plan=plan, profile=profile,
+            criterion=criterion or "reap", criterion_options=criterion_options, budget=budget,
+            plan_only=plan_only, allow_uneven=allow_uneven, max_shard_bytes=max_shard_bytes,
+            verify=verify,
+        )  # fmt: skip
+
+
+def _prune(
+    ckpt: Any,
+    spec: ArchSpec,
+    layout: ModelLayout,
+    target: Any,
+    *,
+    plan: str | Path | PrunePlan | None,
+    profile: str | Path | None,
+    criterion: str,
+    criterion_options: dict[str, Any] | None,
+    budget: Budget,
+    plan_only: bool,
+    allow_uneven: bool,
+    max_shard_bytes: int | None,
+    verify: bool,
+) -> PruneOutcome:
     layers: list[LayerReport] = []
     if profile is not None:
         from mfprune.profiling import ProfileStats
@@ -92,18 +167,17 @@ def prune_model(
         )
     else:
         the_plan = plan if isinstance(plan, PrunePlan) else PrunePlan.load(plan)  # type: ignore[arg-type]
+        _check_plan_model(the_plan, ckpt, plan)
     if plan_only:
         the_plan.validate(layout, allow_uneven=allow_uneven)
-        out_dir = check_output(Path(out), source=ckpt.root, overwrite=overwrite)
-        with staged_output(out_dir) as tmp:
+        with staged_folder(target) as tmp:
             the_plan.save(tmp / PLAN_ONLY_FILE)
-        return PruneOutcome(plan=the_plan, out=out_dir, layers=layers)
+        return PruneOutcome(plan=the_plan, out=target.path, layers=layers)
     result = rewrite_checkpoint(
         ckpt.root,
         the_plan,
-        out,
+        target,
         spec=spec,
-        overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
         allow_uneven=allow_uneven,
     )
@@ -119,3 +193,17 @@ def prune_model(
                 hint="this is a bug in mfprune or in the adapter: please report it",
             )
     return PruneOutcome(plan=the_plan, out=result.out, layers=layers, rewrite=result, verify=check)
+
+
+def _check_plan_model(plan: PrunePlan, ckpt: Any, where: Any) -> None:
+    """A plan ranked from another model's profile names that model: refuse it."""
+    stats = plan.meta.get("stats") if isinstance(plan.meta, dict) else None
+    named = stats.get("model_fingerprint") if isinstance(stats, dict) else None
+    if isinstance(named, str) and named != ckpt.fingerprint():
+        raise PlanError(
+            f"the plan {where if not isinstance(where, PrunePlan) else ''} was made from a "
+            f"profile of another model (fingerprint {named[:12]}…, this model "
+            f"{ckpt.fingerprint()[:12]}…)",
+            hint="make a plan for this model, or delete meta.stats from the plan to apply it "
+            "anyway",
+        )

@@ -268,11 +268,15 @@ def default_cache_dir() -> Path:
 
 
 def run_shrink(
-    config: ShrinkConfig, *, on_stage: Callable[[str], None] | None = None
+    config: ShrinkConfig,
+    *,
+    config_path: str | Path | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> ShrinkOutcome:
     """Profile (or reuse cached stats), prune, bench against the original, write the folder.
 
-    The gate's verdict is in ``outcome.bench.gate``; raising on it is the caller's call.
+    ``config_path``: the file ``config`` was read from (the output may not touch it). The
+    gate's verdict is in ``outcome.bench.gate``; raising on it is the caller's call.
     """
     from mfprune.arch import spec_for_config
     from mfprune.arch.layout import resolve_layout
@@ -280,11 +284,11 @@ def run_shrink(
     from mfprune.bench.quality import as_limit, read_data_records, set_offline
     from mfprune.bench.run import resolve_kernel
     from mfprune.checkpoint import open_checkpoint
+    from mfprune.io.outputs import Input, claim_file, claim_folder, staged_folder
     from mfprune.profiling import profile_model
     from mfprune.profiling.data import load_token_data
     from mfprune.profiling.run import load_tokenizer, resolve_device
     from mfprune.prune import Budget, prune_model
-    from mfprune.rewrite.output import check_output, staged_output
 
     set_offline()
     say = on_stage or (lambda _line: None)
@@ -302,101 +306,115 @@ def run_shrink(
         heads_keep_ratio=p.heads_keep_ratio,
     )
     _dry_run_budget(layout, budget)
-    out = check_output(config.out, source=ckpt.root, overwrite=config.overwrite)
-    for data in b.data:
-        read_data_records(data)  # bad bench data fails now, not after profiling
-    resolve_kernel(b.kernel, resolve_device(b.device))
-    gate = parse_gate(config.gate_rules())
+    inputs = [Input(ckpt.root, "the source model"), Input(config.profile.data, "the data")]
+    inputs += Input.of(config_path, "the config file")
+    inputs += [Input(p, "a bench data file") for p in b.data]
+    inputs += [Input(p, "a bench task folder") for p in b.include_path]
+    target = claim_folder(config.out, inputs=inputs, overwrite=config.overwrite)
+    out = target.path
+    with target.held():  # released however the run ends
+        for data in b.data:
+            read_data_records(data)  # bad bench data fails now, not after profiling
+        resolve_kernel(b.kernel, resolve_device(b.device))
+        gate = parse_gate(config.gate_rules())
 
-    # ---- the stats: from the cache when this model has been profiled on this data
-    start = time.perf_counter()
-    tokens = load_token_data(
-        config.profile.data,
-        load_tokenizer(ckpt.root),
-        seq_len=config.profile.seq_len,
-        max_tokens=config.profile.max_tokens,
-        text_field=config.profile.text_field,
-    )
-    model_fp = ckpt.fingerprint()
-    cache_dir = config.profile.cache_dir or default_cache_dir()
-    cache_path = cache_dir / f"{model_fp[:24]}-{tokens.fingerprint[:24]}.safetensors"
-    stats = _cached_stats(cache_path, model_fp, tokens.fingerprint)
-    cached = stats is not None
-    if cached:
-        say(f"profile: skipped — reusing cached stats {cache_path} (same model, same data)")
-    else:
-        say(f"profile: {tokens.tokens:,} tokens of {config.profile.data}")
-        stats = profile_model(
-            ckpt.root,
+        # ---- the stats: from the cache when this model has been profiled on this data
+        start = time.perf_counter()
+        tokens = load_token_data(
             config.profile.data,
-            max_tokens=config.profile.max_tokens,
-            batch_size=config.profile.batch_size,
+            load_tokenizer(ckpt.root),
             seq_len=config.profile.seq_len,
-            dtype=config.profile.dtype,
-            device=config.profile.device,
+            max_tokens=config.profile.max_tokens,
             text_field=config.profile.text_field,
         )
-        stats.save(cache_path)
-    seconds["profile"] = time.perf_counter() - start
-
-    with staged_output(out) as tmp:
-        shutil.copyfile(cache_path, tmp / STATS_FILE)
-        say(f"prune: {p.criterion}, {_budget_text(budget)}")
-        start = time.perf_counter()
-        outcome = prune_model(
-            ckpt.root,
-            tmp / MODEL_DIR,
-            profile=tmp / STATS_FILE,
-            criterion=p.criterion,
-            criterion_options={"seed": p.seed} if p.criterion == "random" else {},
-            budget=budget,
-            verify=p.verify,
-        )
-        outcome.plan.save(tmp / PLAN_FILE)
-        seconds["prune"] = time.perf_counter() - start
-        start = time.perf_counter()
-        report = run_bench(
-            tmp / MODEL_DIR,
-            baseline=ckpt.root,
-            quality=QualitySpec(
-                tasks=tuple(b.tasks),
-                include_paths=tuple(b.include_path),
-                data=tuple(b.data),
-                limit=as_limit(b.limit),
-                batch_size=b.batch_size,
-                num_fewshot=b.num_fewshot,
-            ),
-            speed=SpeedSpec(
-                prompt_len=b.prompt_len,
-                new_tokens=b.new_tokens,
-                batch_size=b.speed_batch,
-                repeats=b.repeats,
+        model_fp = ckpt.fingerprint()
+        cache_dir = config.profile.cache_dir or default_cache_dir()
+        cache_path = cache_dir / f"{model_fp[:24]}-{tokens.fingerprint[:24]}.safetensors"
+        stats = _cached_stats(cache_path, model_fp, tokens.fingerprint)
+        cached = stats is not None
+        cache_target = None
+        if not cached:  # the cache may not lie in the model, the data, the config or OUT
+            cache_target = claim_file(
+                cache_path,
+                inputs=[*inputs, Input(out, "the output folder")],
+                flag="profile.cache_dir",
+                example="stats.safetensors",
             )
-            if b.speed
-            else None,
-            device=b.device,
-            dtype=b.dtype,
-            kernel=b.kernel,
-            gate=gate,
-            on_stage=lambda line: say(f"bench: {line}"),
-        )
-        seconds["bench"] = time.perf_counter() - start
-        report.model.path = str(out / MODEL_DIR)  # not the temp folder it was benched in
-        result = ShrinkOutcome(
-            config=config,
-            out=out,
-            stats_cached=cached,
-            cache_path=cache_path,
-            plan=outcome.plan,
-            layers=outcome.layers,
-            rewrite=replace(outcome.rewrite, out=out / MODEL_DIR),
-            bench=report,
-            seconds=seconds,
-        )
-        (tmp / BENCH_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", "utf-8")
-        (tmp / REPORT_FILE).write_text(render_report(result, stats), encoding="utf-8")
-        (tmp / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", "utf-8")
-    return result
+        if cached:
+            say(f"profile: skipped — reusing cached stats {cache_path} (same model, same data)")
+        else:
+            say(f"profile: {tokens.tokens:,} tokens of {config.profile.data}")
+            stats = profile_model(
+                ckpt.root,
+                config.profile.data,
+                max_tokens=config.profile.max_tokens,
+                batch_size=config.profile.batch_size,
+                seq_len=config.profile.seq_len,
+                dtype=config.profile.dtype,
+                device=config.profile.device,
+                text_field=config.profile.text_field,
+            )
+            stats.save(cache_target)
+        seconds["profile"] = time.perf_counter() - start
+
+        with staged_folder(target) as tmp:
+            shutil.copyfile(cache_path, tmp / STATS_FILE)
+            say(f"prune: {p.criterion}, {_budget_text(budget)}")
+            start = time.perf_counter()
+            outcome = prune_model(
+                ckpt.root,
+                tmp / MODEL_DIR,
+                profile=tmp / STATS_FILE,
+                criterion=p.criterion,
+                criterion_options={"seed": p.seed} if p.criterion == "random" else {},
+                budget=budget,
+                verify=p.verify,
+            )
+            outcome.plan.save(tmp / PLAN_FILE)
+            seconds["prune"] = time.perf_counter() - start
+            start = time.perf_counter()
+            report = run_bench(
+                tmp / MODEL_DIR,
+                baseline=ckpt.root,
+                quality=QualitySpec(
+                    tasks=tuple(b.tasks),
+                    include_paths=tuple(b.include_path),
+                    data=tuple(b.data),
+                    limit=as_limit(b.limit),
+                    batch_size=b.batch_size,
+                    num_fewshot=b.num_fewshot,
+                ),
+                speed=SpeedSpec(
+                    prompt_len=b.prompt_len,
+                    new_tokens=b.new_tokens,
+                    batch_size=b.speed_batch,
+                    repeats=b.repeats,
+                )
+                if b.speed
+                else None,
+                device=b.device,
+                dtype=b.dtype,
+                kernel=b.kernel,
+                gate=gate,
+                on_stage=lambda line: say(f"bench: {line}"),
+            )
+            seconds["bench"] = time.perf_counter() - start
+            report.model.path = str(out / MODEL_DIR)  # not the temp folder it was benched in
+            result = ShrinkOutcome(
+                config=config,
+                out=out,
+                stats_cached=cached,
+                cache_path=cache_path,
+                plan=outcome.plan,
+                layers=outcome.layers,
+                rewrite=replace(outcome.rewrite, out=out / MODEL_DIR),
+                bench=report,
+                seconds=seconds,
+            )
+            (tmp / BENCH_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", "utf-8")
+            (tmp / REPORT_FILE).write_text(render_report(result, stats), encoding="utf-8")
+            (tmp / SUMMARY_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n", "utf-8")
+        return result
 
 
 def _cached_stats(path: Path, model_fp: str, data_fp: str) -> Any:

@@ -895,33 +895,36 @@ def _out_under_proc(tmp: Path, model: Path) -> Path:
 
 
 OUTPUT_CASES = [
-    pytest.param(_out_is_source, (), ("is the source folder or inside it",), id="out-is-source"),
+    pytest.param(_out_is_source, (), ("is the source model",), id="out-is-source"),
     pytest.param(
-        _out_is_source,
-        ("--overwrite",),
-        ("is the source folder or inside it",),
-        id="out-is-source-overwrite",
+        _out_is_source, ("--overwrite",), ("is the source model",), id="out-is-source-overwrite"
     ),
     pytest.param(
         _out_inside_source,
         (),
-        ("is the source folder or inside it", "outside the source"),
+        ("lies inside the source model", "never writes into its inputs"),
         id="out-inside-source",
     ),
     pytest.param(
         _out_deep_inside_source,
         ("--overwrite",),
-        ("is the source folder or inside it",),
+        ("lies inside the source model",),
         id="out-deep-inside-source",
     ),
     pytest.param(
-        _out_contains_source, (), ("contains the source folder",), id="out-contains-source"
+        _out_contains_source, (), ("contains the source model",), id="out-contains-source"
     ),
     pytest.param(
         _out_contains_source,
         ("--overwrite",),
-        ("contains the source folder",),
+        ("contains the source model",),
         id="out-contains-source-overwrite",
+    ),
+    pytest.param(
+        _out_not_empty,
+        ("--overwrite",),
+        ("was not written by mfprune", "only replaces mfprune's own outputs"),
+        id="out-foreign-overwrite",
     ),
     pytest.param(
         _out_not_empty, (), ("exists and is not empty", "--overwrite"), id="out-not-empty"
@@ -1052,14 +1055,18 @@ def _assert_pruned_loads(out: Path) -> None:
     assert not any(info.values()), info
 
 
-def test_overwrite_replaces_non_empty_output(tiny_checkpoint, tmp_path):
+def test_overwrite_replaces_an_earlier_output(tiny_checkpoint, tmp_path):
     model = copy_model(tiny_checkpoint, "mixtral", tmp_path)
     source = snapshot(model)
     plan = write_plan(tmp_path / "plan.json", MIXTRAL_HALF)
-    out = _out_not_empty(tmp_path, model)
+    out = tmp_path / "out"
+    assert run("prune", model, "--plan", plan, "--out", out).exit_code == 0
+    (out / "sub").mkdir()
+    (out / "precious.txt").write_text("an earlier output's extra file")
     (out / "config.json").write_text('{"stale": true}')
     result = run("prune", model, "--plan", plan, "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output
+    assert f"replaced {out}" in result.stderr  # says what it removed
     assert {p.name for p in out.iterdir()} == EXPECTED_OUT  # precious.txt and sub/ are gone
     assert "stale" not in (out / "config.json").read_text()
     assert snapshot(model) == source

@@ -636,7 +636,7 @@ def test_cli_errors_leave_nothing_behind(model_dir, data, tmp_path, monkeypatch)
     def disk_full(*_a: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("mfprune.profiling.stats.os.replace", disk_full)
+    monkeypatch.setattr("mfprune.io.outputs.os.link", disk_full)
     result = run("profile", model, "--data", data, "--out", out, "--seq-len", SEQ_LEN)
     assert_clean_error(result, "No space left", exit_code=1)
     assert sorted(p.name for p in work.iterdir()) == ["junk.st", "other.st", "ours.st"]

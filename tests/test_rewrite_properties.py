@@ -87,9 +87,12 @@ def test_overwrite_replaces_output_and_keeps_source(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("olmoe")
     before = tree_digest(source)
     out = tmp_path / "pruned"
-    out.mkdir()
+    rewrite_checkpoint(source, PrunePlan(experts={0: [0, 1, 2, 3], 1: [3, 4, 5, 6]}), out)
     (out / "stale.txt").write_text("old run")
-    rewrite_checkpoint(source, PrunePlan(experts={0: [0, 1, 2], 1: [3, 4, 5]}), out, overwrite=True)
+    result = rewrite_checkpoint(
+        source, PrunePlan(experts={0: [0, 1, 2], 1: [3, 4, 5]}), out, overwrite=True
+    )
+    assert result.replaced is not None and str(out) in result.replaced
     assert not (out / "stale.txt").exists()
     assert (out / "model.safetensors").is_file()
     assert tree_digest(source) == before

@@ -9,10 +9,9 @@ Letters: L MoE layers (of one kind), E experts, K top-k, L_all decoder layers, H
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from mfprune.errors import CheckpointError, OutputError, StatsError
+from mfprune.errors import CheckpointError, StatsError
+from mfprune.io.outputs import Input, OutputTarget, claim_file, write_file
 
 FORMAT = "mfprune.stats/1"
 EXPERT_KINDS = ("experts", "attention_experts")
@@ -97,9 +97,9 @@ class ProfileStats:
     attention_experts: ExpertStats | None = None  # JetMoE's mixture of attention
     heads: HeadStats | None = None  # None where the attention has no per-head o_proj
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file beside ``path``, then rename); return ``path``."""
-        path = Path(path)
+    def save(self, path: str | Path | OutputTarget) -> Path:
+        """Write atomically (temp file beside ``path``, then rename); return the path.
+        ``path`` may be a target already claimed with ``check_stats_out``."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, str] = {
             "format": self.meta.format,
@@ -126,8 +126,8 @@ class ProfileStats:
             tensors["heads.usage"] = self.heads.usage
             tensors["heads.tokens"] = self.heads.tokens
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _atomic_save(tensors, path, metadata=meta)
-        return path
+        target = path if isinstance(path, OutputTarget) else check_stats_out(path)
+        return write_file(target, save(tensors, metadata=dict(sorted(meta.items()))))
 
     @classmethod
     def load(cls, path: str | Path) -> ProfileStats:
@@ -250,34 +250,29 @@ class _Shape:
 # ---------------------------------------------------------------------------------- save/load
 
 
-def check_stats_out(path: str | Path) -> Path:
-    """Vet an output path for a stats file before any work; raise OutputError."""
-    out = Path(path).expanduser().absolute()
-    if out.is_dir():
-        raise OutputError(f"output {out} is a folder", hint="name a file, e.g. stats.safetensors")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {parent}", hint="choose a writable output location")
-    return out
+def check_stats_out(
+    path: str | Path | None, *, inputs: Iterable[Input] = (), flag: str = "--out"
+) -> OutputTarget:
+    """Vet and claim an output path for a stats file before any work (the one output guard,
+    ``mfprune.io.outputs``): an existing file there is replaced only if it is a stats file."""
+    return claim_file(
+        path,
+        inputs=inputs,
+        flag=flag,
+        example="stats.safetensors",
+        replaceable=is_stats_file,
+        kind_name="an mfprune stats file",
+    )
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]) -> None:
-    """Serialize in memory (stats are small), write a temp file beside ``path``, fsync, rename."""
-    blob = save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.mfprune-tmp-{os.getpid()}"
+def is_stats_file(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file whose metadata says mfprune stats."""
+    from mfprune.io.reader import read_header
+
     try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+        return read_header(path).metadata.get("format") == FORMAT
+    except (CheckpointError, OSError):
+        return False
 
 
 def _load(path: Path) -> ProfileStats:

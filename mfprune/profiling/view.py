@@ -18,17 +18,14 @@ SVG with a heading and the tables.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from mfprune.errors import MfpruneError, OutputError, StatsError
+from mfprune.errors import MfpruneError, StatsError
 from mfprune.profiling.stats import ExpertStats, HeadStats, ProfileStats
 
 _EPS_OF_UNIFORM = 0.01  # ε of the ratio, as a share of the uniform share 1/E
@@ -410,33 +407,3 @@ def _pairs(pairs: list[list[Any]]) -> str:
 
 def _ratios(items: list[dict[str, Any]], column: str) -> str:
     return "  ".join(f"{i[column]} ({i['ratio']:.1f}x)" for i in items) or "—"
-
-
-# ------------------------------------------------------------------------------------ writing
-
-
-def check_out(path: str | Path, suffix: str) -> Path:
-    """Vet an output file path before any work; raise OutputError."""
-    out = Path(path).expanduser().absolute()
-    if out.is_dir():
-        raise OutputError(f"output {out} is a folder", hint=f"name a file, e.g. heatmap{suffix}")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {parent}", hint="choose a writable output location")
-    return out
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write atomically: a temp file beside ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.mfprune-tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return path

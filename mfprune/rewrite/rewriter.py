@@ -26,11 +26,11 @@ from mfprune.checkpoint import (
     open_checkpoint,
 )
 from mfprune.errors import ModelError
+from mfprune.io.outputs import Input, OutputTarget, claim_folder, staged_folder
 from mfprune.io.reader import TensorInfo
 from mfprune.io.writer import OutTensor, fsync_path, write_shard
 from mfprune.plan import PrunePlan, head_index
 from mfprune.rewrite.config_patch import config_changes, patch_config
-from mfprune.rewrite.output import check_output, staged_output
 from mfprune.rewrite.slicing import blocks_for, copy_tensor, slice_tensor
 
 PLAN_FILE = "mfprune_plan.json"
@@ -48,6 +48,7 @@ class RewriteResult:
     shards: int
     config_changes: dict[str, list[Any]]
     skipped_files: list[str] = field(default_factory=list)
+    replaced: str | None = None  # the previous mfprune output that --overwrite replaced
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -58,66 +59,77 @@ class RewriteResult:
 def rewrite_checkpoint(
     model: str | Path,
     plan: PrunePlan,
-    out: str | Path,
+    out: str | Path | OutputTarget,
     *,
     spec: ArchSpec | None = None,
     overwrite: bool = False,
+    inputs: tuple[Input, ...] = (),
     max_shard_bytes: int | None = None,
     allow_uneven: bool = False,
 ) -> RewriteResult:
     """Write the pruned copy of ``model`` described by ``plan`` to ``out``.
 
     Everything is validated first (model, adapter, plan, output location); nothing is written
-    unless all of it passes. ``allow_uneven`` accepts plans whose layers keep different expert
+    unless all of it passes. ``out`` is a path or a target already claimed with
+    ``mfprune.io.outputs.claim_folder`` (``inputs``: more paths the output may not touch, beside
+    the source model). ``allow_uneven`` accepts plans whose layers keep different expert
     counts; the output then loads with ``mfprune.load_pretrained``, not stock transformers.
     """
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
     plan.validate(layout, allow_uneven=allow_uneven)
-    out_dir = check_output(Path(out), source=ckpt.root, overwrite=overwrite)
-    tensors, stats = plan_tensors(ckpt, layout, plan)
-    new_config = patch_config(ckpt.config, layout, plan)
-    limit = max_shard_bytes or max(s.file_size for s in ckpt.shards)
-    shards = _assign_shards(tensors, limit)
-    with staged_output(out_dir) as tmp:
-        skipped = _copy_side_files(ckpt, tmp)
-        names = _shard_names(len(shards))
-        weight_map = {}
-        # fsync shard k in the background while shard k+1 is copied (both release the GIL)
-        with ThreadPoolExecutor(max_workers=1) as syncer:
-            synced = []
-            for name, shard in zip(names, shards, strict=True):
-                write_shard(tmp / name, shard, metadata={"format": "pt"})
-                synced.append(syncer.submit(fsync_path, tmp / name))
-                weight_map.update({t.name: name for t in shard})
-            for future in synced:
-                future.result()
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            _write_json(tmp / INDEX_NAME, index)
-        _write_json(tmp / "config.json", new_config)
-        plan.save(tmp / PLAN_FILE)
-        changes = config_changes(ckpt.config, new_config)
-        out_bytes = sum((tmp / n).stat().st_size for n in names)
-        _write_json(
-            tmp / PROVENANCE_FILE,
-            {
-                "format": "mfprune.provenance/1",
-                "mfprune_version": __version__,
-                "family": layout.family,
-                "source": {
-                    "path": str(ckpt.root),
-                    "fingerprint": ckpt.fingerprint(),
-                    "bytes": ckpt.nbytes,
-                },
-                "output_bytes": out_bytes,
-                "config_changes": changes,
-            },
+    target = (
+        out
+        if isinstance(out, OutputTarget)
+        else claim_folder(
+            out, inputs=(Input(ckpt.root, "the source model"), *inputs), overwrite=overwrite
         )
+    )
+    out_dir = target.path
+    with target.held():  # the lock goes with any failure before the rename
+        tensors, stats = plan_tensors(ckpt, layout, plan)
+        new_config = patch_config(ckpt.config, layout, plan)
+        limit = max_shard_bytes or max(s.file_size for s in ckpt.shards)
+        shards = _assign_shards(tensors, limit)
+        with staged_folder(target) as tmp:
+            skipped = _copy_side_files(ckpt, tmp)
+            names = _shard_names(len(shards))
+            weight_map = {}
+            # fsync shard k in the background while shard k+1 is copied (both release the GIL)
+            with ThreadPoolExecutor(max_workers=1) as syncer:
+                synced = []
+                for name, shard in zip(names, shards, strict=True):
+                    write_shard(tmp / name, shard, metadata={"format": "pt"})
+                    synced.append(syncer.submit(fsync_path, tmp / name))
+                    weight_map.update({t.name: name for t in shard})
+                for future in synced:
+                    future.result()
+            if len(shards) > 1:
+                index = {
+                    "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                    "weight_map": dict(sorted(weight_map.items())),
+                }
+                _write_json(tmp / INDEX_NAME, index)
+            _write_json(tmp / "config.json", new_config)
+            plan.save(tmp / PLAN_FILE)
+            changes = config_changes(ckpt.config, new_config)
+            out_bytes = sum((tmp / n).stat().st_size for n in names)
+            _write_json(
+                tmp / PROVENANCE_FILE,
+                {
+                    "format": "mfprune.provenance/1",
+                    "mfprune_version": __version__,
+                    "family": layout.family,
+                    "source": {
+                        "path": str(ckpt.root),
+                        "fingerprint": ckpt.fingerprint(),
+                        "bytes": ckpt.nbytes,
+                    },
+                    "output_bytes": out_bytes,
+                    "config_changes": changes,
+                },
+            )
     return RewriteResult(
         out=out_dir,
         source_bytes=ckpt.nbytes,
@@ -125,6 +137,7 @@ def rewrite_checkpoint(
         shards=len(shards),
         config_changes=changes,
         skipped_files=skipped,
+        replaced=target.replaced,
         **stats,
     )
 
