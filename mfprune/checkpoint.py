@@ -17,6 +17,7 @@ from mfprune.errors import CheckpointError, ModelError
 from mfprune.io.reader import SafetensorsHeader, TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _SAMPLE = 1 << 20  # bytes of each shard's data that the fingerprint reads, at each end
 
@@ -72,8 +73,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not root.exists():
         raise ModelError(f"model folder {root} does not exist", hint="check the path")
     if not root.is_dir():
+        what = _stats_note(root)
         raise ModelError(
-            f"{root} is a file, not a model folder", hint="pass the folder holding config.json"
+            f"{root} is a file{what}, not a model folder",
+            hint="pass the folder holding config.json"
+            + (" (stats go to --profile)" if what else ""),
         )
     root = root.resolve()
     config = read_config(root)
@@ -129,9 +133,21 @@ def _shard_files(root: Path) -> list[Path]:
     if index.exists():
         weight_map = _read_index(root)["weight_map"]
         names = sorted(set(weight_map.values()))
-    else:
-        names = sorted(p.name for p in root.glob("*.safetensors"))
+    elif (root / SINGLE_NAME).exists():
+        names = [SINGLE_NAME]
+    else:  # what transformers loads: model.safetensors, or shards named by an index
+        names = sorted(p.name for p in root.glob("model-*.safetensors"))
     if not names:
+        others = sorted(p.name for p in root.glob("*.safetensors"))
+        if others:
+            what = _stats_note(root / others[0])
+            raise ModelError(
+                f"{root} has no model.safetensors or {INDEX_NAME}; "
+                f"{', '.join(others[:3])}{' …' if len(others) > 3 else ''} "
+                f"{'is' if len(others) == 1 else 'are'} not weights transformers loads{what}",
+                hint="a model folder holds model.safetensors, or model-*.safetensors shards "
+                "named by model.safetensors.index.json (what save_pretrained writes)",
+            )
         pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise ModelError(
@@ -166,6 +182,17 @@ def _shard_files(root: Path) -> list[Path]:
                 hint="copy the file into the folder instead of linking it",
             )
     return files
+
+
+def _stats_note(path: Path) -> str:
+    """' (it is an mfprune stats file)' when ``path`` is one, else ''."""
+    from mfprune.io.reader import read_header
+
+    try:
+        fmt = read_header(path).metadata.get("format", "")
+    except (CheckpointError, OSError):
+        return ""
+    return " (it is an mfprune stats file)" if fmt.startswith("mfprune.stats") else ""
 
 
 def _read_index(root: Path) -> dict[str, Any]:

@@ -339,8 +339,13 @@ def profile(
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per forward")] = 8,
     seq_len: Annotated[
-        int, typer.Option("--seq-len", help="cut longer documents into chunks of this many tokens")
-    ] = 2048,
+        int | None,
+        typer.Option(
+            "--seq-len",
+            help="cut longer documents into chunks of this many tokens (default: 2048, or the "
+            "model's max_position_embeddings if smaller)",
+        ),
+    ] = None,
     dtype: Annotated[
         DtypeChoice, typer.Option("--dtype", help="dtype to run in (auto: the checkpoint's)")
     ] = DtypeChoice.auto,

@@ -48,7 +48,7 @@ class ProfileConfig:
     data: Path  # calibration data: JSONL / text / folder (as `mfprune profile --data`)
     max_tokens: int | None = None
     batch_size: int = 8
-    seq_len: int = 2048
+    seq_len: int | None = None  # default: 2048, capped at the model's positions
     text_field: str | None = None
     dtype: Dtype = "auto"
     device: str = "auto"
@@ -287,7 +287,7 @@ def run_shrink(
     from mfprune.io.outputs import Input, claim_file, claim_folder, staged_folder
     from mfprune.profiling import profile_model
     from mfprune.profiling.data import load_token_data
-    from mfprune.profiling.run import load_tokenizer, resolve_device
+    from mfprune.profiling.run import load_tokenizer, resolve_device, resolve_seq_len
     from mfprune.prune import Budget, prune_model
 
     set_offline()
@@ -323,7 +323,7 @@ def run_shrink(
         tokens = load_token_data(
             config.profile.data,
             load_tokenizer(ckpt.root),
-            seq_len=config.profile.seq_len,
+            seq_len=resolve_seq_len(ckpt.config, config.profile.seq_len),
             max_tokens=config.profile.max_tokens,
             text_field=config.profile.text_field,
         )

@@ -92,13 +92,17 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         if spec.attention_experts
         else None
     )
-    return ModelLayout(
+    layout = ModelLayout(
         spec=spec,
         num_layers=num_layers,
         experts=experts,
         attention_experts=attention,
         heads=_resolve_heads(cfg, spec.heads),
     )
+    from mfprune.arch.consistency import check_config_against_weights
+
+    check_config_against_weights(ckpt, layout)
+    return layout
 
 
 def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:

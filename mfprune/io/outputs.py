@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,8 +181,6 @@ def _vet(path: Path, *, inputs: Iterable[Input], flag: str, folder: bool) -> Pat
             f"{flag} {path} is a symlink; mfprune neither replaces links nor writes through them",
             hint=f"give the real path ({path.resolve()}) or a new one",
         )
-    if folder and st is not None and stat.S_ISREG(st.st_mode):
-        raise OutputError(f"output {path} exists and is a file", hint="choose a folder path")
     if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
         raise OutputError(
             f"{flag} {path} is a {_special(st.st_mode)}, not a regular "
@@ -190,7 +189,7 @@ def _vet(path: Path, *, inputs: Iterable[Input], flag: str, folder: bool) -> Pat
         )
     # resolve symlinks of the parents too; the output itself is not a link (checked above)
     path = path.absolute()
-    real = path.parent.resolve() / path.name
+    real = path.resolve() if path.name in ("", ".", "..") else path.parent.resolve() / path.name
     for item in [*inputs, Input(Path.cwd(), "the working folder")]:
         src = item.path.expanduser().resolve()
         if real == src:
@@ -207,12 +206,25 @@ def _vet(path: Path, *, inputs: Iterable[Input], flag: str, folder: bool) -> Pat
                 f"{flag} {path} lies inside {item.what} ({src})",
                 hint=f"write outside {item.what}: mfprune never writes into its inputs",
             )
-    parent = _existing_parent(real)
+    if folder and st is not None and stat.S_ISREG(st.st_mode):
+        raise OutputError(f"output {path} exists and is a file", hint="choose a folder path")
+    parent = _existing_parent(real.parent)
     if not parent.is_dir():
         raise OutputError(f"cannot create {path}: {parent} is a file", hint="choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write to {parent}", hint="choose a writable output location")
+    _probe(parent, path)
     return real
+
+
+def _probe(parent: Path, path: Path) -> None:
+    """Create and remove a hidden folder in ``parent``: the only write test that holds as root
+    (access() says yes to root even on /proc) and on read-only mounts."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mfprune-probe-", dir=parent))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {path}: {parent} is not writable ({exc.strerror or exc})",
+            hint="choose a writable output location",
+        ) from None
 
 
 def _special(mode: int) -> str:

@@ -11,7 +11,10 @@ recursively, in sorted path order). A JSONL record gives its text by, in this or
 
 Each record or text file is one document. ``--shard I/N`` keeps documents I, I+N, I+2N, ...
 (counted over the whole of DATA). Documents are tokenized, cut into chunks of at most
-``seq_len`` tokens, and cut off once ``max_tokens`` tokens are taken. Batches are padded on the
+``seq_len`` tokens, and cut off once ``max_tokens`` tokens are taken; a text longer than
+``PIECE_CHARS`` characters is tokenized piece by piece and only as far as ``max_tokens`` needs,
+so one huge line costs about what the same text split into lines does. Blank documents hold no
+tokens; the data must give at least ``MIN_TOKENS`` tokens. Batches are padded on the
 right; the attention mask marks the real tokens, and padding is never counted.
 
 Everything is read and tokenized before the model is loaded, so bad data fails fast.
@@ -31,6 +34,8 @@ import torch
 from mfprune.errors import DataError, MfpruneError, did_you_mean
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+MIN_TOKENS = 16  # fewer tokens make every expert tie: a plan on noise
+PIECE_CHARS = 1 << 16  # longer texts are tokenized in pieces (bounded memory, early stop)
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 
 
@@ -114,10 +119,24 @@ def load_token_data(
 ) -> TokenData:
     """Read, tokenize and chunk DATA (see the module docstring); raise DataError on bad data."""
     root = Path(path)
+    if max_tokens is not None and max_tokens < MIN_TOKENS:
+        raise DataError(
+            f"--max-tokens {max_tokens} is below the {MIN_TOKENS} tokens a profile needs",
+            hint=f"pass --max-tokens {MIN_TOKENS} or more (or leave it out: all of the data)",
+        )
     digest = hashlib.sha256()
     chunks: list[torch.Tensor] = []
     documents = taken = 0
     seen = 0
+
+    def add(piece: list[int]) -> None:
+        nonlocal taken
+        chunk = torch.tensor(piece, dtype=torch.int32)
+        digest.update(len(piece).to_bytes(8, "little"))
+        digest.update(chunk.to(torch.int64).numpy().tobytes())
+        chunks.append(chunk)
+        taken += len(piece)
+
     for number, record in enumerate(iter_records(root, text_field=text_field)):
         seen = number + 1
         if not shard.keeps(number):
@@ -125,18 +144,16 @@ def load_token_data(
         if max_tokens is not None and taken >= max_tokens:
             break
         documents += 1
-        ids = encode(record, tokenizer)
-        for start in range(0, len(ids), seq_len):
-            piece = ids[start : start + seq_len]
-            if max_tokens is not None:
-                piece = piece[: max_tokens - taken]
-            if not piece:
-                break
-            chunk = torch.tensor(piece, dtype=torch.int32)
-            digest.update(len(piece).to_bytes(8, "little"))
-            digest.update(chunk.to(torch.int64).numpy().tobytes())
-            chunks.append(chunk)
-            taken += len(piece)
+        buffer: list[int] = []  # this document's tokens not yet cut into a chunk
+        for ids in encode_pieces(record, tokenizer):  # long texts: piece by piece
+            buffer += ids
+            while len(buffer) >= seq_len and (max_tokens is None or taken < max_tokens):
+                add(buffer[: min(seq_len, max_tokens - taken) if max_tokens else seq_len])
+                buffer = buffer[seq_len:]
+            if max_tokens is not None and taken + len(buffer) >= max_tokens:
+                break  # enough: the rest of the document is never tokenized
+        if buffer and (max_tokens is None or taken < max_tokens):
+            add(buffer[: max_tokens - taken] if max_tokens else buffer)
     if not chunks:
         if seen == 0:
             raise DataError(
@@ -151,6 +168,12 @@ def load_token_data(
         raise DataError(
             f"the documents in {root} hold no tokens (all {documents} are empty)",
             hint="check the text field (--text-field) and the data",
+        )
+    if taken < MIN_TOKENS:
+        raise DataError(
+            f"{root} holds only {taken} {'token' if taken == 1 else 'tokens'} of text; a "
+            f"profile needs at least {MIN_TOKENS}",
+            hint="profile on real task data: a few hundred documents or more",
         )
     return TokenData(chunks=chunks, documents=documents, fingerprint=digest.hexdigest())
 
@@ -306,6 +329,27 @@ def _chat(messages: Any, where: str) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------- tokenizing
+
+
+def encode_pieces(record: Record, tokenizer: Any) -> Iterator[list[int]]:
+    """Token ids of one document, piece by piece: a text up to ``PIECE_CHARS`` long in one
+    piece (exactly ``encode``), a longer one cut at whitespace into pieces of about that many
+    characters, each tokenized only when the caller asks for it (special tokens on the first).
+    A blank text has no tokens."""
+    text = record.text
+    if record.messages is not None or text is None or len(text) <= PIECE_CHARS:
+        if text is None or text.strip():
+            yield encode(record, tokenizer)
+        return
+    start, first = 0, True
+    while start < len(text):
+        end = min(start + PIECE_CHARS, len(text))
+        if end < len(text):  # cut before the last whitespace of the piece, if it has one
+            cut = max(text.rfind(c, start + PIECE_CHARS // 2, end) for c in " \n\t")
+            end = cut if cut > start else end
+        ids = tokenizer(text[start:end], add_special_tokens=first, verbose=False)["input_ids"]
+        yield list(ids)
+        start, first = end, False
 
 
 def encode(record: Record, tokenizer: Any) -> list[int]:

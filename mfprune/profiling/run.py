@@ -39,7 +39,7 @@ def profile_model(
     *,
     max_tokens: int | None = None,
     batch_size: int = 8,
-    seq_len: int = 2048,
+    seq_len: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     text_field: str | None = None,
@@ -54,7 +54,9 @@ def profile_model(
     Args:
         max_tokens: stop after this many tokens (None: all of the data).
         batch_size: sequences per forward pass; shorter ones are padded (padding never counts).
-        seq_len: longer documents are cut into chunks of at most this many tokens.
+        seq_len: longer documents are cut into chunks of at most this many tokens (None:
+            2048, or the model's ``max_position_embeddings`` if smaller; a larger value than
+            the model's positions is refused).
         dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
         device: "auto" (cuda if available, else cpu), or a torch device such as "cuda:1".
         text_field: the JSONL field holding the text (default: text / messages /
@@ -73,6 +75,7 @@ def profile_model(
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
     _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
+    seq_len = resolve_seq_len(ckpt.config, seq_len)
     world = distributed.detect_world()
     if world is not None and shard != WHOLE:
         raise MfpruneError(
@@ -196,6 +199,30 @@ def _complete(stats: ExpertStats | None, total: int, what: str) -> ExpertStats:
             "MoE block); please report it with the model's config.json",
         )
     return stats
+
+
+DEFAULT_SEQ_LEN = 2048
+
+
+def resolve_seq_len(config: dict[str, Any], seq_len: int | None) -> int:
+    """``seq_len``, or the default capped at the model's positions; refuse a longer one than
+    the model was built for (positions past it are extrapolation, not the task)."""
+    cfgs = [
+        config,
+        config.get("text_config") if isinstance(config.get("text_config"), dict) else {},
+    ]
+    positions = next(
+        (v for c in cfgs if isinstance(v := c.get("max_position_embeddings"), int) and v > 0),
+        None,
+    )
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, positions or DEFAULT_SEQ_LEN)
+    if positions is not None and seq_len > positions:
+        raise MfpruneError(
+            f"--seq-len {seq_len} is longer than the model's max_position_embeddings = {positions}",
+            hint=f"pass --seq-len {positions} or less (or leave it out: {min(DEFAULT_SEQ_LEN, positions)})",
+        )
+    return seq_len
 
 
 def _check_counts(**counts: int | None) -> None:

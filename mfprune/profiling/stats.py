@@ -279,7 +279,10 @@ def _load(path: Path) -> ProfileStats:
     from mfprune.io.reader import read_header
 
     if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
+        what = "does not exist"
+        if path.is_dir():
+            model = (path / "config.json").is_file()
+            what = "is a model folder, not a stats file" if model else "is a folder"
         raise StatsError(f"stats file {path} {what}", hint="pass a file made by `mfprune profile`")
     try:
         header = read_header(path)
@@ -288,6 +291,8 @@ def _load(path: Path) -> ProfileStats:
     meta = header.metadata
     if meta.get("format") != FORMAT:
         found = f"'{meta['format']}'" if "format" in meta else "no format"
+        if meta.get("format") == "pt" or (path.parent / "config.json").is_file():
+            found += ": it holds model weights"
         raise StatsError(
             f"{path} is not an mfprune stats file ({found}; expected '{FORMAT}')",
             hint="pass a file made by `mfprune profile` with this mfprune version or older",
