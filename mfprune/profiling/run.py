@@ -220,7 +220,7 @@ def resolve_seq_len(config: dict[str, Any], seq_len: int | None) -> int:
     if positions is not None and seq_len > positions:
         raise MfpruneError(
             f"--seq-len {seq_len} is longer than the model's max_position_embeddings = {positions}",
-            hint=f"pass --seq-len {positions} or less (or leave it out: {min(DEFAULT_SEQ_LEN, positions)})",
+            hint=f"pass --seq-len {positions} or less (or leave it out)",
         )
     return seq_len
 
