@@ -281,7 +281,8 @@ def run_shrink(
     from mfprune.arch import spec_for_config
     from mfprune.arch.layout import resolve_layout
     from mfprune.bench import QualitySpec, SpeedSpec, parse_gate, run_bench
-    from mfprune.bench.quality import as_limit, read_data_records, set_offline
+    from mfprune.bench.quality import as_limit, data_metric_keys, read_data_records, set_offline
+    from mfprune.bench.report import check_gate_names
     from mfprune.bench.run import resolve_kernel
     from mfprune.checkpoint import open_checkpoint
     from mfprune.io.outputs import Input, claim_file, claim_folder, staged_folder
@@ -317,6 +318,8 @@ def run_shrink(
             read_data_records(data)  # bad bench data fails now, not after profiling
         resolve_kernel(b.kernel, resolve_device(b.device))
         gate = parse_gate(config.gate_rules())
+        if gate and b.data and not b.tasks:  # the metrics are known: check the names now
+            check_gate_names(gate, data_metric_keys(b.data), where="gate")
 
         # ---- the stats: from the cache when this model has been profiled on this data
         start = time.perf_counter()

@@ -420,3 +420,45 @@ def test_bench_json_out_is_checked_before_any_model_runs(work, tmp_path, monkeyp
     assert_clean_error(result, "cannot")
     result = run("bench", "model", "--json-out", work / "model" / "bench.json", "--no-speed")
     assert_clean_error(result, "lies inside the model")
+
+
+def test_gate_names_are_checked_before_anything_runs(work, tmp_path, monkeypatch):
+    import mfprune.profiling as profiling
+
+    def never(*_a, **_k):
+        raise AssertionError("profiling started before the gate was checked")
+
+    monkeypatch.setattr(profiling, "profile_model", never)
+    config = work / "shrink.toml"
+    config.write_text(
+        'model = "model"\nout = "o"\n[profile]\ndata = "task.jsonl"\n[prune]\nkeep = 4\n'
+        '[bench]\ndata = ["task.jsonl"]\nspeed = false\n[gate]\nmetrics = { "acc" = 0.01 }\n'
+    )
+    result = run("shrink", "--config", config)
+    assert_clean_error(result, "gate metric 'acc' matches none", "data_task/bits_per_byte")
+    assert not (work / "o").exists()
+    result = run(
+        "bench", "model", "--baseline", "model", "--data", "task.jsonl", "--max-drop", "acc=0.01"
+    )
+    assert_clean_error(result, "--max-drop metric 'acc' matches none")
+
+
+def test_the_documented_shrink_config_gates_on_metrics_its_data_gives(tmp_path):
+    """docs/ci.md's shrink.toml: it loads, and every gate rule names a metric of its data."""
+    import re
+
+    from mfprune.bench import parse_gate
+    from mfprune.bench.quality import data_metric_keys
+    from mfprune.bench.report import check_gate_names
+    from mfprune.shrink import load_config
+
+    docs = (Path(__file__).parents[1] / "docs" / "ci.md").read_text()
+    toml = re.search(r"```toml\n(.*?)```", docs, re.S).group(1)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "calibration.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "data" / "heldout.jsonl").write_text('{"text": "y"}\n')
+    toml = toml.replace('"checkpoints/final"', '"default"')
+    (tmp_path / "shrink.toml").write_text(toml)
+    config = load_config(tmp_path / "shrink.toml")
+    keys = data_metric_keys(config.bench.data)
+    check_gate_names(parse_gate(config.gate_rules()), keys, where="gate")

@@ -87,6 +87,22 @@ def parse_gate(texts: Iterable[str | float]) -> tuple[GateRule, ...]:
     return tuple(GateRule.parse(str(t)) for t in texts)
 
 
+def check_gate_names(rules: Sequence[GateRule], keys: Sequence[str], *, where: str) -> None:
+    """Before anything runs: every rule's pattern must match one of ``keys`` (``task/metric``,
+    the metrics the tasks will report), or the gate could only fail after the whole run."""
+    names = {k.split("/", 1)[-1] for k in keys}
+    for rule in rules:
+        if rule.pattern is None:
+            continue
+        if not any(fnmatch.fnmatchcase(k, rule.pattern) for k in (*keys, *names)):
+            raise MfpruneError(
+                f"{where} metric '{rule.pattern}' matches none of the metrics the tasks give: "
+                f"{', '.join(keys)}",
+                hint="name one of those (globs work, e.g. '*/bits_per_byte'), or add a task "
+                "that reports it",
+            )
+
+
 @dataclass(frozen=True)
 class GateCheck:
     metric: str

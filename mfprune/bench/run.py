@@ -20,8 +20,14 @@ from typing import Any
 
 from mfprune.arch import spec_for_config
 from mfprune.arch.layout import resolve_layout
-from mfprune.bench.quality import QualitySpec, evaluate, prepare_tasks, set_offline
-from mfprune.bench.report import BenchReport, GateRule, ModelBench, check_gate
+from mfprune.bench.quality import (
+    QualitySpec,
+    data_metric_keys,
+    evaluate,
+    prepare_tasks,
+    set_offline,
+)
+from mfprune.bench.report import BenchReport, GateRule, ModelBench, check_gate, check_gate_names
 from mfprune.bench.speed import SpeedSpec, measure_speed
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import MfpruneError, ModelError, did_you_mean
@@ -76,6 +82,8 @@ def run_bench(
         tasks = None
         if not quality.empty:
             tasks = prepare_tasks(quality, Path(work))  # bad data / task names fail here, quietly
+            if gate and set(tasks.names) <= set(tasks.data_tasks):  # metrics known up front
+                check_gate_names(gate, data_metric_keys(quality.data), where="--max-drop")
             say(f"lm-eval tasks: {', '.join(tasks.names)}")
         for role, target in (("baseline", base), ("model", ckpt)):
             if target is None:
