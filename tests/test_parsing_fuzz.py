@@ -86,5 +86,5 @@ def stats_file(model_dir, tmp_path_factory):
     from mfprune import profile_model
 
     d = tmp_path_factory.mktemp("fuzz")
-    (d / "t.jsonl").write_text(json.dumps({"text": "def f(x): return x * 2"}) + "\n")
+    (d / "t.jsonl").write_text(json.dumps({"text": "def f(x): return x * 2\n" * 3}) + "\n")
     return profile_model(model_dir("mixtral"), d / "t.jsonl", device="cpu").save(d / "s.st")

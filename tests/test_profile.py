@@ -429,6 +429,33 @@ def test_seq_len_max_tokens_shards_and_batches(data, tokenizer):
     assert again.fingerprint == full.fingerprint != capped.fingerprint
 
 
+def test_long_text_is_tokenized_in_pieces(tmp_path, tokenizer, monkeypatch):
+    """A text past PIECE_CHARS is tokenized piece by piece, cut at whitespace, to the same ids
+    as the whole text; with --max-tokens the tokenizer never sees the rest of it."""
+    import mfprune.profiling.data as data_mod
+
+    words = [f"w{i % 97}x{i % 13}" for i in range(3000)]
+    text = " ".join(words)
+    path = write_jsonl(tmp_path / "one.jsonl", [{"text": text}])
+    whole = tokenizer(text)["input_ids"]
+    monkeypatch.setattr(data_mod, "PIECE_CHARS", 500)
+    seen: list[int] = []
+
+    class Spy:
+        def __call__(self, piece: str, **kw: Any) -> Any:
+            seen.append(len(piece))
+            return tokenizer(piece, **kw)
+
+    got = load_token_data(path, Spy(), seq_len=100)
+    assert len(seen) > 10 and max(seen) <= 500
+    assert torch.cat(got.chunks).tolist() == whole
+    assert [c.numel() for c in got.chunks[:-1]] == [100] * (len(got.chunks) - 1)
+    seen.clear()
+    capped = load_token_data(path, Spy(), seq_len=100, max_tokens=150)
+    assert capped.tokens == 150 and torch.cat(capped.chunks).tolist() == whole[:150]
+    assert sum(seen) < len(text) / 5  # stopped early: most of the text was never tokenized
+
+
 def test_shard_parse():
     assert Shard.parse("1/4") == Shard(1, 4) and str(Shard(1, 4)) == "1/4"
     for bad in ("4/4", "1", "a/b", "-1/2", "1/0"):

@@ -243,6 +243,7 @@ def _jsonl_records(file: Path, *, text_field: str | None) -> Iterator[Record]:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise _not_utf8(where, raw[exc.start], exc.start + 1) from None
+            del raw  # a line can be a whole corpus: keep one copy of it, not two
             if not line.strip():
                 continue
             try:
