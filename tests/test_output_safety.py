@@ -462,3 +462,28 @@ def test_the_documented_shrink_config_gates_on_metrics_its_data_gives(tmp_path):
     config = load_config(tmp_path / "shrink.toml")
     keys = data_metric_keys(config.bench.data)
     check_gate_names(parse_gate(config.gate_rules()), keys, where="gate")
+
+
+def test_a_plan_made_for_another_model_is_refused(work, tmp_path):
+    stats = _profile(work / "model", work / "task.jsonl", tmp_path / "s.safetensors")
+    planned = tmp_path / "planned"
+    result = run("prune", "model", "--profile", stats, "--keep", 4, "--out", planned, "--plan-only")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads((planned / "plan.json").read_text())
+    assert plan["meta"]["stats"]["model_fingerprint"]
+    plan["meta"]["stats"]["model_fingerprint"] = "0" * 64
+    (tmp_path / "foreign.json").write_text(json.dumps(plan))
+    result = run("prune", "model", "--plan", tmp_path / "foreign.json", "--out", tmp_path / "o")
+    assert_clean_error(result, "profile of another model", "delete meta.stats")
+    assert run("prune", "model", "--plan", planned / "plan.json", "--out", "o2").exit_code == 0
+
+
+def test_the_shrink_stats_cache_may_not_lie_in_an_input(work):
+    config = work / "shrink.toml"
+    config.write_text(
+        'model = "model"\nout = "o"\n[profile]\ndata = "task.jsonl"\ncache_dir = "model/cache"\n'
+        "[prune]\nkeep = 4\n[bench]\nspeed = false\n"
+    )
+    before = snapshot(work)
+    assert_clean_error(run("shrink", "--config", config), "profile.cache_dir", "the source model")
+    assert snapshot(work) == before
