@@ -287,7 +287,7 @@ def run_shrink(
     from mfprune.checkpoint import open_checkpoint
     from mfprune.io.outputs import Input, claim_file, claim_folder, staged_folder
     from mfprune.profiling import profile_model
-    from mfprune.profiling.data import load_token_data
+    from mfprune.profiling.data import MIN_TOKENS, load_token_data
     from mfprune.profiling.run import load_tokenizer, resolve_device, resolve_seq_len
     from mfprune.prune import Budget, prune_model
 
@@ -329,6 +329,7 @@ def run_shrink(
             seq_len=resolve_seq_len(ckpt.config, config.profile.seq_len),
             max_tokens=config.profile.max_tokens,
             text_field=config.profile.text_field,
+            min_tokens=MIN_TOKENS,
         )
         model_fp = ckpt.fingerprint()
         cache_dir = config.profile.cache_dir or default_cache_dir()

@@ -14,7 +14,7 @@ Each record or text file is one document. ``--shard I/N`` keeps documents I, I+N
 ``seq_len`` tokens, and cut off once ``max_tokens`` tokens are taken; a text longer than
 ``PIECE_CHARS`` characters is tokenized piece by piece and only as far as ``max_tokens`` needs,
 so one huge line costs about what the same text split into lines does. Blank documents hold no
-tokens; the data must give at least ``MIN_TOKENS`` tokens. Batches are padded on the
+tokens; a profile needs at least ``MIN_TOKENS`` tokens. Batches are padded on the
 right; the attention mask marks the real tokens, and padding is never counted.
 
 Everything is read and tokenized before the model is loaded, so bad data fails fast.
@@ -116,13 +116,15 @@ def load_token_data(
     max_tokens: int | None = None,
     text_field: str | None = None,
     shard: Shard = WHOLE,
+    min_tokens: int = 1,
 ) -> TokenData:
-    """Read, tokenize and chunk DATA (see the module docstring); raise DataError on bad data."""
+    """Read, tokenize and chunk DATA (see the module docstring); raise DataError on bad data,
+    or when it holds fewer than ``min_tokens`` tokens (profiles ask for ``MIN_TOKENS``)."""
     root = Path(path)
-    if max_tokens is not None and max_tokens < MIN_TOKENS:
+    if max_tokens is not None and max_tokens < min_tokens:
         raise DataError(
-            f"--max-tokens {max_tokens} is below the {MIN_TOKENS} tokens a profile needs",
-            hint=f"pass --max-tokens {MIN_TOKENS} or more (or leave it out: all of the data)",
+            f"--max-tokens {max_tokens} is below the {min_tokens} tokens a profile needs",
+            hint=f"pass --max-tokens {min_tokens} or more (or leave it out: all of the data)",
         )
     digest = hashlib.sha256()
     chunks: list[torch.Tensor] = []
@@ -169,10 +171,10 @@ def load_token_data(
             f"the documents in {root} hold no tokens (all {documents} are empty)",
             hint="check the text field (--text-field) and the data",
         )
-    if taken < MIN_TOKENS:
+    if taken < min_tokens:
         raise DataError(
             f"{root} holds only {taken} {'token' if taken == 1 else 'tokens'} of text; a "
-            f"profile needs at least {MIN_TOKENS}",
+            f"profile needs at least {min_tokens}",
             hint="profile on real task data: a few hundred documents or more",
         )
     return TokenData(chunks=chunks, documents=documents, fingerprint=digest.hexdigest())

@@ -24,7 +24,7 @@ from mfprune.arch.layout import ModelLayout, resolve_layout
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
 from mfprune.profiling import distributed
-from mfprune.profiling.data import WHOLE, Shard, TokenData, load_token_data
+from mfprune.profiling.data import MIN_TOKENS, WHOLE, Shard, TokenData, load_token_data
 from mfprune.profiling.distributed import World
 from mfprune.profiling.hooks import Recorder
 from mfprune.profiling.stats import ExpertStats, ProfileStats, StatsMeta
@@ -94,6 +94,7 @@ def profile_model(
         max_tokens=max_tokens,
         text_field=text_field,
         shard=shard,
+        min_tokens=MIN_TOKENS,
     )
     _check_vocab(tokens, ckpt.config)
     run = _Run(
