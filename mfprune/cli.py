@@ -771,6 +771,8 @@ def shrink(
         "overwrite": overwrite or None,
     }
     outcome = run_shrink(load_config(config, overrides), config_path=config, on_stage=sink.info)
+    if outcome.replaced:
+        sink.warn(f"overwrite: replaced {outcome.replaced}")
     sink.show(outcome.bench.table())
     result = outcome.to_dict()
     rw = outcome.rewrite

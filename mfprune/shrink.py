@@ -231,6 +231,7 @@ class ShrinkOutcome:
     rewrite: Any  # RewriteResult
     bench: Any  # BenchReport
     seconds: dict[str, float]
+    replaced: str | None = None  # the earlier mfprune output that overwrite replaced
 
     def to_dict(self) -> dict[str, Any]:
         from mfprune import __version__
@@ -414,6 +415,7 @@ def run_shrink(
                 rewrite=replace(outcome.rewrite, out=out / MODEL_DIR),
                 bench=report,
                 seconds=seconds,
+                replaced=target.replaced,
             )
             (tmp / BENCH_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", "utf-8")
             (tmp / REPORT_FILE).write_text(render_report(result, stats), encoding="utf-8")

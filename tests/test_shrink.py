@@ -220,6 +220,9 @@ def test_rerun_skips_the_profile(setup, first, rerun):
     assert rerun.exit_code == 0, rerun.output + rerun.stderr
     assert "profile: skipped — reusing cached stats" in rerun.stderr
     assert "(profile skipped: cached stats)" in rerun.stdout
+    assert f"overwrite: replaced {setup['root'] / 'out'} (an mfprune output with shrink.json" in (
+        rerun.stderr
+    )
     summary = json.loads((setup["root"] / "out" / "shrink.json").read_text())
     assert summary["stats_cached"] is True
     before = json.loads(first.stdout)
