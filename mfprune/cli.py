@@ -156,6 +156,8 @@ def inspect(
             table.add_row(f"params: {role}", f"{n:,} ({100 * n / max(total, 1):.1f}%)")
     table.add_row("params: total", f"{total:,}")
     table.add_row("dtypes", ", ".join(f"{k} {v:,}" for k, v in report.dtypes.items()))
+    table.add_row("weights", report.weight_format.description)
+    table.add_row("per expert", ", ".join(report.expert_tensors))
     table.add_row("on disk", f"{_human_bytes(report.bytes_on_disk)} in {report.shards} shard(s)")
     sink.result(report.to_dict(), table)
 

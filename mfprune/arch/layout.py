@@ -3,9 +3,17 @@ experts, top-k, groups, heads — with the config checked against the tensors on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from mfprune.arch.expert_tensors import (
+    LayerTensors,
+    group_by_layer,
+    layer_prefix,
+    rules_for,
+    sort_layer,
+)
 from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ArchError, ModelError
@@ -23,6 +31,8 @@ class ExpertLayout:
     count_key: str  # the config key that holds E
     n_group: int = 1  # group-limited routing (DeepSeek-V3): E splits into n_group equal groups
     topk_group: int = 1
+    # each MoE layer's expert tensors sorted by rule (mfprune.arch.expert_tensors)
+    tensors: Mapping[int, LayerTensors] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def group_size(self) -> int:
@@ -86,9 +96,12 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
-    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers)
+    others = (spec.attention_experts,) if spec.attention_experts else ()
+    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers, others=others)
     attention = (
-        _resolve_experts(ckpt, spec.attention_experts, "attention_experts", num_layers)
+        _resolve_experts(
+            ckpt, spec.attention_experts, "attention_experts", num_layers, others=(spec.experts,)
+        )
         if spec.attention_experts
         else None
     )
@@ -121,7 +134,12 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int) -> bool:
 
 
 def _resolve_experts(
-    ckpt: Checkpoint, spec: ExpertSpec, kind: str, num_layers: int
+    ckpt: Checkpoint,
+    spec: ExpertSpec,
+    kind: str,
+    num_layers: int,
+    *,
+    others: tuple[ExpertSpec, ...] = (),
 ) -> ExpertLayout:
     cfg, tensors = ckpt.config, ckpt.tensors
     count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
@@ -172,26 +190,18 @@ def _resolve_experts(
                     f"along axis {st.axis}",
                     hint="the config does not match the weights",
                 )
-        for template in spec.per_expert:
-            for e in range(num_experts):
-                if template.format(layer=L, expert=e) not in tensors:
-                    raise ModelError(
-                        f"expert tensor {template.format(layer=L, expert=e)} is missing "
-                        f"({count_key} = {num_experts})",
-                        hint="the config does not match the weights",
-                    )
-            if template.format(layer=L, expert=num_experts) in tensors:
-                raise ModelError(
-                    f"config.json says {count_key} = {num_experts} but "
-                    f"{template.format(layer=L, expert=num_experts)} exists",
-                    hint="the config does not match the weights; fix config.json",
-                )
     n_group = max(1, _int_key(cfg, spec.groups_key, 1))
     if num_experts % n_group:
         raise ModelError(
             f"{num_experts} experts do not split into n_group = {n_group} groups",
             hint=f"n_group must divide {count_key}; fix config.json",
         )
+    by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
+    sorted_layers = {}
+    for L in with_router:
+        rules = rules_for(spec, L, others=others)
+        sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
+        _check_per_expert(sorted_layers[L], spec, num_experts=num_experts, count_key=count_key)
     return ExpertLayout(
         kind=kind,
         spec=spec,
@@ -201,7 +211,35 @@ def _resolve_experts(
         count_key=count_key,
         n_group=n_group,
         topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
+        tensors=sorted_layers,
     )
+
+
+def _check_per_expert(
+    lt: LayerTensors, spec: ExpertSpec, *, num_experts: int, count_key: str
+) -> None:
+    """Every expert 0..E-1 has the adapter's tensors (plain, or a quantized form under the
+    same module) and no expert numbered E or above exists. Experts may differ otherwise (a
+    quantization config can leave some experts unquantized)."""
+    if not spec.per_expert:
+        return
+    beyond = [e for e in lt.per_expert if e >= num_experts]
+    if beyond:
+        first = lt.per_expert[beyond[0]][0].info.name
+        raise ModelError(
+            f"config.json says {count_key} = {num_experts} but {first} exists",
+            hint="the config does not match the weights; fix config.json",
+        )
+    for e in range(num_experts):
+        names = {t.info.name for t in lt.per_expert.get(e, ())}
+        for template in spec.per_expert:
+            name = template.format(layer=lt.layer, expert=e)
+            module = name.rsplit(".", 1)[0] + "."
+            if name not in names and not any(n.startswith(module) for n in names):
+                raise ModelError(
+                    f"expert tensor {name} is missing ({count_key} = {num_experts})",
+                    hint="the config does not match the weights",
+                )
 
 
 def _resolve_heads(cfg: dict[str, Any], spec: HeadSpec) -> HeadLayout | None:
