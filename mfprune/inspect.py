@@ -41,6 +41,7 @@ class ModelReport:
     bytes_on_disk: int
     shards: int
     weight_format: WeightFormat
+    mtp_layers: list[int]  # multi-token-prediction layers (pruned with the decoder layers)
     expert_tensors: list[str]  # what one expert holds (first MoE layer), prefix removed
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelRe
         bytes_on_disk=ckpt.nbytes,
         shards=len(ckpt.shards),
         weight_format=detect_format(ckpt.config, ckpt.tensors),
+        mtp_layers=list(layout.mtp_layers),
         expert_tensors=expert_tensor_names(layout.experts),
     )
 

@@ -31,8 +31,16 @@ class ExpertLayout:
     count_key: str  # the config key that holds E
     n_group: int = 1  # group-limited routing (DeepSeek-V3): E splits into n_group equal groups
     topk_group: int = 1
+    # multi-token-prediction layers with these experts (indices >= num_layers; transformers
+    # does not build them, servers do): pruned with the same count
+    mtp_layers: tuple[int, ...] = ()
     # each MoE layer's expert tensors sorted by rule (mfprune.arch.expert_tensors)
     tensors: Mapping[int, LayerTensors] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Decoder MoE layers, then MTP MoE layers."""
+        return self.layers + self.mtp_layers
 
     @property
     def group_size(self) -> int:
@@ -75,6 +83,7 @@ class ModelLayout:
     experts: ExpertLayout
     attention_experts: ExpertLayout | None
     heads: HeadLayout | None  # None when the config does not say how many heads
+    mtp_layers: tuple[int, ...] = ()  # multi-token-prediction layers: num_layers, num_layers+1..
 
     @property
     def family(self) -> str:
@@ -96,11 +105,20 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
+    n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
+    # MTP layers as stored: save_pretrained writes the config key but never the layer
+    present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
+    mtp = tuple(L for L in range(num_layers, num_layers + n_mtp) if L in present)
     others = (spec.attention_experts,) if spec.attention_experts else ()
-    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers, others=others)
+    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers, mtp=mtp, others=others)
     attention = (
         _resolve_experts(
-            ckpt, spec.attention_experts, "attention_experts", num_layers, others=(spec.experts,)
+            ckpt,
+            spec.attention_experts,
+            "attention_experts",
+            num_layers,
+            mtp=mtp,
+            others=(spec.experts,),
         )
         if spec.attention_experts
         else None
@@ -111,6 +129,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         experts=experts,
         attention_experts=attention,
         heads=_resolve_heads(cfg, spec.heads),
+        mtp_layers=mtp,
     )
     from mfprune.arch.consistency import check_config_against_weights
 
@@ -139,6 +158,7 @@ def _resolve_experts(
     kind: str,
     num_layers: int,
     *,
+    mtp: tuple[int, ...] = (),
     others: tuple[ExpertSpec, ...] = (),
 ) -> ExpertLayout:
     cfg, tensors = ckpt.config, ckpt.tensors
@@ -197,8 +217,28 @@ def _resolve_experts(
             hint=f"n_group must divide {count_key}; fix config.json",
         )
     by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
+    beyond = sorted(
+        L for L in by_layer if num_layers <= L and spec.router.format(layer=L) in tensors
+    )
+    if [L for L in beyond if L not in mtp]:
+        what = f"{len(mtp)} multi-token-prediction layer(s)" if mtp else "no MTP layers"
+        raise ModelError(
+            f"layer {beyond[0]} has a router ({spec.router.format(layer=beyond[0])}) but "
+            f"config.json says {num_layers} decoder layers and {what}",
+            hint="an MTP / extra layer that the adapter does not describe would keep its "
+            "experts while the config's count changes; fix config.json or the adapter's "
+            "mtp_layers_key",
+        )
+    for L in beyond:
+        rows = tensors[spec.router.format(layer=L)].shape[0]
+        if rows != num_experts:
+            raise ModelError(
+                f"config.json says {count_key} = {num_experts} but MTP layer {L}'s router has "
+                f"{rows} rows",
+                hint="the config does not match the weights; fix config.json",
+            )
     sorted_layers = {}
-    for L in with_router:
+    for L in [*with_router, *beyond]:
         rules = rules_for(spec, L, others=others)
         sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
         _check_per_expert(sorted_layers[L], spec, num_experts=num_experts, count_key=count_key)
@@ -211,6 +251,7 @@ def _resolve_experts(
         count_key=count_key,
         n_group=n_group,
         topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
+        mtp_layers=tuple(beyond),
         tensors=sorted_layers,
     )
 

@@ -31,6 +31,7 @@ from mfprune.io.reader import TensorInfo
 from mfprune.io.writer import OutTensor, fsync_path, write_shard
 from mfprune.plan import PrunePlan, head_index
 from mfprune.rewrite.config_patch import config_changes, patch_config
+from mfprune.rewrite.mtp import check_drop, drop_actions, dropped_config
 from mfprune.rewrite.quant_config import patch_quantization_config
 from mfprune.rewrite.quantized import companion_slices, missing_head_tensor
 from mfprune.rewrite.slicing import blocks_for, copy_tensor, slice_tensor
@@ -68,6 +69,7 @@ def rewrite_checkpoint(
     inputs: tuple[Input, ...] = (),
     max_shard_bytes: int | None = None,
     allow_uneven: bool = False,
+    drop_mtp: bool = False,
 ) -> RewriteResult:
     """Write the pruned copy of ``model`` described by ``plan`` to ``out``.
 
@@ -76,11 +78,18 @@ def rewrite_checkpoint(
     ``mfprune.io.outputs.claim_folder`` (``inputs``: more paths the output may not touch, beside
     the source model). ``allow_uneven`` accepts plans whose layers keep different expert
     counts; the output then loads with ``mfprune.load_pretrained``, not stock transformers.
+    Multi-token-prediction layers are pruned like the last decoder layer unless the plan names
+    them (``PrunePlan.with_mtp``); ``drop_mtp`` removes them and sets the config's count to 0.
     """
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
     plan.validate(layout, allow_uneven=allow_uneven)
+    if drop_mtp:
+        check_drop(plan, layout)
+    else:
+        plan = plan.with_mtp(layout)
+        plan.validate(layout, allow_uneven=allow_uneven)
     target = (
         out
         if isinstance(out, OutputTarget)
@@ -90,9 +99,11 @@ def rewrite_checkpoint(
     )
     out_dir = target.path
     with target.held():  # the lock goes with any failure before the rename
-        tensors, stats = plan_tensors(ckpt, layout, plan)
+        tensors, stats = plan_tensors(ckpt, layout, plan, drop_mtp=drop_mtp)
         new_config = patch_config(ckpt.config, layout, plan)
         new_config = patch_quantization_config(new_config, layout, plan)
+        if drop_mtp:
+            new_config = dropped_config(new_config, layout)
         limit = max_shard_bytes or max(s.file_size for s in ckpt.shards)
         shards = _assign_shards(tensors, limit)
         with staged_folder(target) as tmp:
@@ -146,12 +157,14 @@ def rewrite_checkpoint(
 
 
 def plan_tensors(
-    ckpt: Checkpoint, layout: ModelLayout, plan: PrunePlan
+    ckpt: Checkpoint, layout: ModelLayout, plan: PrunePlan, *, drop_mtp: bool = False
 ) -> tuple[list[OutTensor], dict[str, int]]:
     """Every output tensor, in source order, with where its bytes come from."""
     actions: dict[str, OutTensor | None] = {}  # None: dropped
+    if drop_mtp:
+        drop_actions(ckpt, layout, actions)
     for experts in filter(None, (layout.experts, layout.attention_experts)):
-        _expert_actions(experts, plan, actions)
+        _expert_actions(experts, plan, actions, drop_mtp=drop_mtp)
     if plan.heads:
         _head_actions(ckpt.tensors, layout, plan, actions)
     out, stats = [], {"tensors_sliced": 0, "tensors_dropped": 0, "tensors_copied": 0}
@@ -168,14 +181,19 @@ def plan_tensors(
 
 
 def _expert_actions(
-    experts: ExpertLayout, plan: PrunePlan, actions: dict[str, OutTensor | None]
+    experts: ExpertLayout,
+    plan: PrunePlan,
+    actions: dict[str, OutTensor | None],
+    *,
+    drop_mtp: bool = False,
 ) -> None:
     """Pruned layers: router rows and stacked tensors sliced; every tensor under a kept
     expert's prefix renumbered, every tensor of a dropped expert dropped. Refuses a layer
     holding a tensor that looks per-expert and that no rule covers."""
+    layers = experts.layers if drop_mtp else experts.all_layers
     unknown = [
         info
-        for layer in experts.layers
+        for layer in layers
         if len(plan.kept_experts(experts, layer)) < experts.num_experts
         for info in experts.tensors[layer].unknown
     ]
@@ -188,7 +206,7 @@ def _expert_actions(
             hint="list such a tensor in the adapter's [experts] stacked (one slice per expert "
             "along an axis), or keep every expert of that layer; see docs/checkpoint-formats.md",
         )
-    for layer in experts.layers:
+    for layer in layers:
         kept = plan.kept_experts(experts, layer)
         if len(kept) == experts.num_experts:
             continue
