@@ -71,6 +71,7 @@ def verify_rewrite(
         experts=removed(plan.experts, layout.experts.num_experts) or None,
         attention_experts=removed(plan.attention_experts, att.num_experts) if att else None,
         heads=removed(plan.heads, heads.num_heads) if heads and plan.heads else None,
+        spec=spec,
     )
     unmasked = logits(original, ids)
     got = logits(small, ids)

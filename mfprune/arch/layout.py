@@ -187,7 +187,20 @@ def _resolve_experts(
             f"config.json '{spec.top_k_key}' = {cfg.get(spec.top_k_key)!r} is not a valid top-k",
             hint=f"top-k must be between 1 and {count_key} = {num_experts}; fix config.json",
         )
-    for L in with_router:
+    by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
+    beyond = sorted(
+        L for L in by_layer if num_layers <= L and spec.router.format(layer=L) in tensors
+    )
+    if [L for L in beyond if L not in mtp]:
+        what = f"{len(mtp)} multi-token-prediction layer(s)" if mtp else "no MTP layers"
+        raise ModelError(
+            f"layer {beyond[0]} has a router ({spec.router.format(layer=beyond[0])}) but "
+            f"config.json says {num_layers} decoder layers and {what}",
+            hint="an MTP / extra layer that the adapter does not describe would keep its "
+            "experts while the config's count changes; fix config.json or the adapter's "
+            "mtp_layers_key",
+        )
+    for L in [*with_router, *beyond]:  # decoder MoE layers, then MTP layers
         rows = tensors[spec.router.format(layer=L)].shape[0]
         if rows != num_experts:
             raise ModelError(
@@ -216,27 +229,6 @@ def _resolve_experts(
             f"{num_experts} experts do not split into n_group = {n_group} groups",
             hint=f"n_group must divide {count_key}; fix config.json",
         )
-    by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
-    beyond = sorted(
-        L for L in by_layer if num_layers <= L and spec.router.format(layer=L) in tensors
-    )
-    if [L for L in beyond if L not in mtp]:
-        what = f"{len(mtp)} multi-token-prediction layer(s)" if mtp else "no MTP layers"
-        raise ModelError(
-            f"layer {beyond[0]} has a router ({spec.router.format(layer=beyond[0])}) but "
-            f"config.json says {num_layers} decoder layers and {what}",
-            hint="an MTP / extra layer that the adapter does not describe would keep its "
-            "experts while the config's count changes; fix config.json or the adapter's "
-            "mtp_layers_key",
-        )
-    for L in beyond:
-        rows = tensors[spec.router.format(layer=L)].shape[0]
-        if rows != num_experts:
-            raise ModelError(
-                f"config.json says {count_key} = {num_experts} but MTP layer {L}'s router has "
-                f"{rows} rows",
-                hint="the config does not match the weights; fix config.json",
-            )
     sorted_layers = {}
     for L in [*with_router, *beyond]:
         rules = rules_for(spec, L, others=others)
