@@ -3,9 +3,17 @@ experts, top-k, groups, heads — with the config checked against the tensors on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from mfprune.arch.expert_tensors import (
+    LayerTensors,
+    group_by_layer,
+    layer_prefix,
+    rules_for,
+    sort_layer,
+)
 from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ArchError, ModelError
@@ -23,6 +31,16 @@ class ExpertLayout:
     count_key: str  # the config key that holds E
     n_group: int = 1  # group-limited routing (DeepSeek-V3): E splits into n_group equal groups
     topk_group: int = 1
+    # multi-token-prediction layers with these experts (indices >= num_layers; transformers
+    # does not build them, servers do): pruned with the same count
+    mtp_layers: tuple[int, ...] = ()
+    # each MoE layer's expert tensors sorted by rule (mfprune.arch.expert_tensors)
+    tensors: Mapping[int, LayerTensors] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Decoder MoE layers, then MTP MoE layers."""
+        return self.layers + self.mtp_layers
 
     @property
     def group_size(self) -> int:
@@ -65,6 +83,7 @@ class ModelLayout:
     experts: ExpertLayout
     attention_experts: ExpertLayout | None
     heads: HeadLayout | None  # None when the config does not say how many heads
+    mtp_layers: tuple[int, ...] = ()  # multi-token-prediction layers: num_layers, num_layers+1..
 
     @property
     def family(self) -> str:
@@ -86,9 +105,21 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
-    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers)
+    n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
+    # MTP layers as stored: save_pretrained writes the config key but never the layer
+    present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
+    mtp = tuple(L for L in range(num_layers, num_layers + n_mtp) if L in present)
+    others = (spec.attention_experts,) if spec.attention_experts else ()
+    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers, mtp=mtp, others=others)
     attention = (
-        _resolve_experts(ckpt, spec.attention_experts, "attention_experts", num_layers)
+        _resolve_experts(
+            ckpt,
+            spec.attention_experts,
+            "attention_experts",
+            num_layers,
+            mtp=mtp,
+            others=(spec.experts,),
+        )
         if spec.attention_experts
         else None
     )
@@ -98,6 +129,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         experts=experts,
         attention_experts=attention,
         heads=_resolve_heads(cfg, spec.heads),
+        mtp_layers=mtp,
     )
     from mfprune.arch.consistency import check_config_against_weights
 
@@ -121,7 +153,13 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int) -> bool:
 
 
 def _resolve_experts(
-    ckpt: Checkpoint, spec: ExpertSpec, kind: str, num_layers: int
+    ckpt: Checkpoint,
+    spec: ExpertSpec,
+    kind: str,
+    num_layers: int,
+    *,
+    mtp: tuple[int, ...] = (),
+    others: tuple[ExpertSpec, ...] = (),
 ) -> ExpertLayout:
     cfg, tensors = ckpt.config, ckpt.tensors
     count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
@@ -149,7 +187,20 @@ def _resolve_experts(
             f"config.json '{spec.top_k_key}' = {cfg.get(spec.top_k_key)!r} is not a valid top-k",
             hint=f"top-k must be between 1 and {count_key} = {num_experts}; fix config.json",
         )
-    for L in with_router:
+    by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
+    beyond = sorted(
+        L for L in by_layer if num_layers <= L and spec.router.format(layer=L) in tensors
+    )
+    if [L for L in beyond if L not in mtp]:
+        what = f"{len(mtp)} multi-token-prediction layer(s)" if mtp else "no MTP layers"
+        raise ModelError(
+            f"layer {beyond[0]} has a router ({spec.router.format(layer=beyond[0])}) but "
+            f"config.json says {num_layers} decoder layers and {what}",
+            hint="an MTP / extra layer that the adapter does not describe would keep its "
+            "experts while the config's count changes; fix config.json or the adapter's "
+            "mtp_layers_key",
+        )
+    for L in [*with_router, *beyond]:  # decoder MoE layers, then MTP layers
         rows = tensors[spec.router.format(layer=L)].shape[0]
         if rows != num_experts:
             raise ModelError(
@@ -172,26 +223,17 @@ def _resolve_experts(
                     f"along axis {st.axis}",
                     hint="the config does not match the weights",
                 )
-        for template in spec.per_expert:
-            for e in range(num_experts):
-                if template.format(layer=L, expert=e) not in tensors:
-                    raise ModelError(
-                        f"expert tensor {template.format(layer=L, expert=e)} is missing "
-                        f"({count_key} = {num_experts})",
-                        hint="the config does not match the weights",
-                    )
-            if template.format(layer=L, expert=num_experts) in tensors:
-                raise ModelError(
-                    f"config.json says {count_key} = {num_experts} but "
-                    f"{template.format(layer=L, expert=num_experts)} exists",
-                    hint="the config does not match the weights; fix config.json",
-                )
     n_group = max(1, _int_key(cfg, spec.groups_key, 1))
     if num_experts % n_group:
         raise ModelError(
             f"{num_experts} experts do not split into n_group = {n_group} groups",
             hint=f"n_group must divide {count_key}; fix config.json",
         )
+    sorted_layers = {}
+    for L in [*with_router, *beyond]:
+        rules = rules_for(spec, L, others=others)
+        sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
+        _check_per_expert(sorted_layers[L], spec, num_experts=num_experts, count_key=count_key)
     return ExpertLayout(
         kind=kind,
         spec=spec,
@@ -201,7 +243,36 @@ def _resolve_experts(
         count_key=count_key,
         n_group=n_group,
         topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
+        mtp_layers=tuple(beyond),
+        tensors=sorted_layers,
     )
+
+
+def _check_per_expert(
+    lt: LayerTensors, spec: ExpertSpec, *, num_experts: int, count_key: str
+) -> None:
+    """Every expert 0..E-1 has the adapter's tensors (plain, or a quantized form under the
+    same module) and no expert numbered E or above exists. Experts may differ otherwise (a
+    quantization config can leave some experts unquantized)."""
+    if not spec.per_expert:
+        return
+    beyond = [e for e in lt.per_expert if e >= num_experts]
+    if beyond:
+        first = lt.per_expert[beyond[0]][0].info.name
+        raise ModelError(
+            f"config.json says {count_key} = {num_experts} but {first} exists",
+            hint="the config does not match the weights; fix config.json",
+        )
+    for e in range(num_experts):
+        names = {t.info.name for t in lt.per_expert.get(e, ())}
+        for template in spec.per_expert:
+            name = template.format(layer=lt.layer, expert=e)
+            module = name.rsplit(".", 1)[0] + "."
+            if name not in names and not any(n.startswith(module) for n in names):
+                raise ModelError(
+                    f"expert tensor {name} is missing ({count_key} = {num_experts})",
+                    hint="the config does not match the weights",
+                )
 
 
 def _resolve_heads(cfg: dict[str, Any], spec: HeadSpec) -> HeadLayout | None:

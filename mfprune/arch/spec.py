@@ -93,6 +93,9 @@ class ArchSpec:
     heads: HeadSpec = field(default_factory=HeadSpec)
     attention_experts: ExpertSpec | None = None  # JetMoE / ModuleFormer mixture of attention
     num_layers_key: str = "num_hidden_layers"
+    # multi-token-prediction layers (DeepSeek-V3 num_nextn_predict_layers): whole decoder
+    # layers stored after the last one, at indices num_layers.., that transformers ignores
+    mtp_layers_key: str | None = None
     description: str = ""
     source: str = ""  # the file it came from
 
@@ -170,6 +173,7 @@ _TOP_KEYS = {
     "model_types",
     "description",
     "num_layers_key",
+    "mtp_layers_key",
     "experts",
     "attention_experts",
     "heads",
@@ -302,6 +306,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         heads=heads,
         attention_experts=attention,
         num_layers_key=r.get(t, "num_layers_key", "adapter", str, "num_hidden_layers"),
+        mtp_layers_key=r.get(t, "mtp_layers_key", "adapter", str, None),
         description=r.get(t, "description", "adapter", str, ""),
         source=source,
     )
