@@ -105,6 +105,9 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
+    from mfprune.arch.consistency import check_config_against_weights, check_layer_count
+
+    check_layer_count(ckpt, spec, num_layers)
     n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
     # MTP layers as stored: save_pretrained writes the config key but never the layer
     present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
@@ -131,8 +134,6 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         heads=_resolve_heads(cfg, spec.heads),
         mtp_layers=mtp,
     )
-    from mfprune.arch.consistency import check_config_against_weights
-
     check_config_against_weights(ckpt, layout)
     return layout
 
