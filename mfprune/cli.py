@@ -630,7 +630,10 @@ def bench(
     ] = 256,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="speed: decode steps")] = 64,
     speed_batch: Annotated[int, typer.Option("--speed-batch", help="speed: sequences")] = 1,
-    repeats: Annotated[int, typer.Option("--repeats", help="speed: timed runs (median)")] = 3,
+    repeats: Annotated[
+        int,
+        typer.Option("--repeats", help="speed: timed rounds after a warm-up (median and spread)"),
+    ] = 5,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="skip the speed runs")] = False,
     max_drop: MaxDropOpt = None,
     json_out: Annotated[
