@@ -4,7 +4,6 @@ and prints the result. Domain errors become one `error: ... (hint: ...)` line an
 import functools
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -15,6 +14,7 @@ import typer
 from rich.table import Table
 
 from mfprune.console import OutputFormat, Sink
+from mfprune.entry import INTERRUPT_HINT, Interrupted
 from mfprune.errors import MfpruneError
 
 app = typer.Typer(
@@ -24,7 +24,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from mfprune import __version__
+
+        sys.stdout.write(f"mfprune {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    """Shrink Mixture-of-Experts LLMs to the task they are used for."""
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,25 +75,23 @@ ArchOpt = Annotated[
 ]
 
 
-def _sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def command(fn: F) -> F:
-    """Run a command body; turn MfpruneError / Ctrl-C into one line and a non-zero exit."""
+def command(fn: F | None = None, *, interrupted: str = INTERRUPT_HINT) -> Any:
+    """Run a command body; turn MfpruneError / Ctrl-C into one line and a non-zero exit.
+    ``interrupted``: the hint printed after Ctrl-C (what is true of this command's outputs)."""
+    if fn is None:
+        return functools.partial(command, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         sink = Sink(kwargs.get("fmt", OutputFormat.human))
-        signal.signal(signal.SIGTERM, _sigterm)
         try:
             return fn(*args, sink=sink, **kwargs)
         except MfpruneError as exc:
             sink.error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            sink.error("interrupted; no output was left behind", "re-run the command to resume")
-            raise typer.Exit(130) from None
+        except (KeyboardInterrupt, Interrupted) as exc:
+            sink.error("interrupted", interrupted)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             sink.error(f"{exc.strerror or exc}{where}", "check disk space and permissions")
@@ -96,7 +116,33 @@ def command(fn: F) -> F:
     wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=[p for p in sig.parameters.values() if p.name != "sink"]
     )
-    return wrapper  # type: ignore[return-value]
+    return wrapper
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` and run the command; every usage error is one ``error:`` line, exit 2.
+    Called by ``mfprune.entry.main`` (which handles Ctrl-C outside a command body)."""
+    cli = typer.main.get_command(app)
+    try:
+        code = cli.main(args=argv, prog_name="mfprune", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's usage errors: missing option, bad value, ...
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stderr.write(ctx.get_help() + "\n")
+            return 2
+        where = ctx.command_path if ctx is not None else "mfprune"
+        sys.stderr.write(f"error: {_sentence(exc.format_message())} (hint: see `{where} --help`)\n")
+        return 2 if getattr(exc, "exit_code", 1) in (1, 2) else int(exc.exit_code)
+    except MfpruneError as exc:  # raised while parsing an argument (e.g. MODEL)
+        Sink().error(exc.message, exc.hint)
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
+
+
+def _sentence(message: str) -> str:
+    """typer's 'Missing option '--out'.' -> 'missing option '--out'' (one line, our style)."""
+    text = " ".join(message.split()).rstrip(".")
+    return text[:1].lower() + text[1:]
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
@@ -709,7 +755,10 @@ def _raise_on_gate(gate: Any) -> None:
 
 
 @app.command()
-@command
+@command(
+    interrupted="nothing was written to the output folder; a profile that finished is in the "
+    "stats cache, so running the command again skips it"
+)
 def shrink(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="shrink.toml: profile, prune, bench, gate")
@@ -787,5 +836,7 @@ def shrink(
     _raise_on_gate(outcome.bench.gate)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:  # pragma: no cover - the console entry point is mfprune.entry:main
+    from mfprune.entry import main as entry
+
+    entry()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import ModelLayout, resolve_layout
@@ -13,8 +13,10 @@ from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import MfpruneError, PlanError, StatsError
 from mfprune.io.outputs import Input, claim_folder, staged_folder
 from mfprune.plan import PrunePlan
-from mfprune.planner import LayerReport, plan_from_profile
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
+
+if TYPE_CHECKING:  # the planner needs torch: a prune with a given plan never imports it
+    from mfprune.planner import LayerReport
 
 PLAN_ONLY_FILE = "plan.json"
 
@@ -142,6 +144,7 @@ def _prune(
 ) -> PruneOutcome:
     layers: list[LayerReport] = []
     if profile is not None:
+        from mfprune.planner import plan_from_profile
         from mfprune.profiling import ProfileStats
 
         stats = ProfileStats.load(profile)
