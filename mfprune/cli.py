@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from mfprune.console import OutputFormat, Sink
+from mfprune.console import OutputFormat, Sink, library_output
 from mfprune.entry import INTERRUPT_HINT, Interrupted
 from mfprune.errors import MfpruneError
 
@@ -68,6 +68,15 @@ _DEFAULT_HELP = "; `default`: the embedded demo model"
 def model_argument(help: str) -> Any:
     return typer.Argument(help=help + _DEFAULT_HELP, parser=_model_location)
 
+
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="show what lm-eval, datasets and transformers print (progress, logs) on stderr",
+    ),
+]
 
 ArchOpt = Annotated[
     Path | None,
@@ -413,6 +422,7 @@ def profile(
         ),
     ] = False,
     arch: ArchOpt = None,
+    verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -441,7 +451,7 @@ def profile(
         ticker.set_total(tokens.tokens)
         forward_start[0] = time.perf_counter()
 
-    with sink.progress(unit="tokens") as ticker:
+    with sink.progress(unit="tokens") as ticker, library_output(verbose=verbose):
         stats = profile_model(
             model,
             data,
@@ -688,6 +698,7 @@ def bench(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
     ] = False,
+    verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -710,28 +721,32 @@ def bench(
         inputs += [Input(p, "a --data file") for p in data or ()]
         inputs += [Input(p, "an --include-path folder") for p in include_path or ()]
         json_target = claim_file(json_out, inputs=inputs, flag="--json-out", example="bench.json")
-    report = run_bench(
-        model,
-        baseline=baseline,
-        quality=QualitySpec(
-            tasks=_split(tasks),
-            include_paths=tuple(include_path or ()),
-            data=tuple(data or ()),
-            limit=as_limit(limit),
-            batch_size=batch_size,
-            num_fewshot=num_fewshot,
-        ),
-        speed=None
-        if no_speed
-        else SpeedSpec(
-            prompt_len=prompt_len, new_tokens=new_tokens, batch_size=speed_batch, repeats=repeats
-        ),
-        device=device,
-        dtype=dtype.value,
-        kernel=kernel.value if kernel else None,
-        gate=gate,
-        on_stage=sink.info,
-    )
+    with library_output(verbose=verbose):
+        report = run_bench(
+            model,
+            baseline=baseline,
+            quality=QualitySpec(
+                tasks=_split(tasks),
+                include_paths=tuple(include_path or ()),
+                data=tuple(data or ()),
+                limit=as_limit(limit),
+                batch_size=batch_size,
+                num_fewshot=num_fewshot,
+            ),
+            speed=None
+            if no_speed
+            else SpeedSpec(
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                batch_size=speed_batch,
+                repeats=repeats,
+            ),
+            device=device,
+            dtype=dtype.value,
+            kernel=kernel.value if kernel else None,
+            gate=gate,
+            on_stage=sink.info,
+        )
     data_out = report.to_dict()
     if json_target is not None:
         _write_json(json_target, data_out)
@@ -792,6 +807,7 @@ def shrink(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace a non-empty output folder (atomically)")
     ] = False,
+    verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -822,7 +838,8 @@ def shrink(
         "bench.limit": limit,
         "overwrite": overwrite or None,
     }
-    outcome = run_shrink(load_config(config, overrides), config_path=config, on_stage=sink.info)
+    with library_output(verbose=verbose):
+        outcome = run_shrink(load_config(config, overrides), config_path=config, on_stage=sink.info)
     sink.show(outcome.bench.table())
     result = outcome.to_dict()
     rw = outcome.rewrite
