@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from mfprune.console import OutputFormat, Sink, library_output
-from mfprune.entry import INTERRUPT_HINT, Interrupted
+from mfprune.entry import INTERRUPT_HINT, Interrupted, received, stop_interrupts
 from mfprune.errors import MfpruneError
 
 app = typer.Typer(
@@ -94,13 +94,20 @@ def command(fn: F | None = None, *, interrupted: str = INTERRUPT_HINT) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         sink = Sink(kwargs.get("fmt", OutputFormat.human))
         try:
-            return fn(*args, sink=sink, **kwargs)
+            try:
+                return fn(*args, sink=sink, **kwargs)
+            except BaseException as exc:
+                code = _interrupt_code(exc)
+                if code is None:
+                    raise
+                stop_interrupts()
+                sink.error("interrupted", interrupted)
+                raise typer.Exit(code) from None
+        except typer.Exit:
+            raise
         except MfpruneError as exc:
             sink.error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
-        except (KeyboardInterrupt, Interrupted) as exc:
-            sink.error("interrupted", interrupted)
-            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             sink.error(f"{exc.strerror or exc}{where}", "check disk space and permissions")
@@ -126,6 +133,19 @@ def command(fn: F | None = None, *, interrupted: str = INTERRUPT_HINT) -> Any:
         parameters=[p for p in sig.parameters.values() if p.name != "sink"]
     )
     return wrapper
+
+
+def _interrupt_code(exc: BaseException) -> int | None:
+    """The exit code when ``exc`` is an interrupt, or follows one (a library caught the
+    interrupt and then failed because of it); None otherwise."""
+    if isinstance(exc, Interrupted):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):  # in-process use: Python's own SIGINT handler
+        return 130
+    signum = received()
+    if signum is None or isinstance(exc, typer.Exit | SystemExit):
+        return None
+    return 128 + signum
 
 
 def run(argv: list[str]) -> int:
@@ -225,7 +245,9 @@ def _layers(layers: list[int]) -> str:
 @command
 def prune(
     model: Annotated[Path, model_argument("source model folder (never modified)")],
-    out: Annotated[str, typer.Option("--out", "-o", help="output folder for the pruned model")],
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="output folder for the pruned model")
+    ] = None,
     plan: Annotated[
         Path | None, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")
     ] = None,
@@ -264,8 +286,13 @@ def prune(
         typer.Option("--attention-keep-ratio", help="share of attention experts kept (JetMoE)"),
     ] = None,
     plan_only: Annotated[
-        bool, typer.Option("--plan-only", help="write OUT/plan.json and stop (no checkpoint)")
+        bool,
+        typer.Option("--plan-only", help="write only the plan, to --plan-out (no checkpoint)"),
     ] = False,
+    plan_out: Annotated[
+        Path | None,
+        typer.Option("--plan-out", help="with --plan-only: the plan file to write (plan.json)"),
+    ] = None,
     allow_uneven: Annotated[
         bool,
         typer.Option("--allow-uneven", help="accept a plan whose layers keep different counts"),
@@ -313,12 +340,14 @@ def prune(
         ),
         spec=load_spec_file(arch) if arch else None,
         plan_only=plan_only,
+        plan_out=plan_out,
         allow_uneven=allow_uneven,
         overwrite=overwrite,
         max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
         verify=verify,
     )
-    data: dict[str, Any] = {"out": str(outcome.out), "plan": outcome.plan.to_dict()}
+    where = "out" if outcome.rewrite is not None else "plan_out"
+    data: dict[str, Any] = {where: str(outcome.out), "plan": outcome.plan.to_dict()}
     if outcome.layers:
         data["layers"] = [layer.__dict__ for layer in outcome.layers]
         table = Table(title=f"plan ({criterion or 'reap'})", title_justify="left")
@@ -336,7 +365,11 @@ def prune(
     if result is not None and result.replaced:
         sink.warn(f"--overwrite: replaced {result.replaced}")
     if result is None:
-        sink.result(data, f"wrote {outcome.out / 'plan.json'} (--plan-only: no checkpoint)")
+        sink.result(
+            data,
+            f"wrote {outcome.out} (--plan-only: no checkpoint; next: mfprune prune MODEL "
+            f"--plan {outcome.out} --out DIR)",
+        )
         return
     for name in result.skipped_files:
         sink.warn(f"not carried over: {name} (weights outside the safetensors index, or a folder)")

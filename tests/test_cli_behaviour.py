@@ -69,7 +69,8 @@ def test_usage_error_through_the_entry_point():
     result = mfprune("prune", "default")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
-        "error: missing option '--out' / '-o' (hint: see `mfprune prune --help`)\n"
+        "error: missing option '--out' / '-o' (hint: name the output folder; see "
+        "`mfprune prune --help`)\n"
     )
 
 
