@@ -234,6 +234,12 @@ def inspect(
     table.add_row("dtypes", ", ".join(f"{k} {v:,}" for k, v in report.dtypes.items()))
     table.add_row("weights", report.weight_format.description)
     table.add_row("per expert", ", ".join(report.expert_tensors))
+    if report.uncovered_expert_tensors:
+        names = report.uncovered_expert_tensors
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        table.add_row(
+            "uncovered", ", ".join(names[:3]) + more + " (a prune of their layers refuses)"
+        )
     table.add_row("on disk", f"{_human_bytes(report.bytes_on_disk)} in {report.shards} shard(s)")
     sink.result(report.to_dict(), table)
 

@@ -43,6 +43,7 @@ class ModelReport:
     weight_format: WeightFormat
     mtp_layers: list[int]  # multi-token-prediction layers (pruned with the decoder layers)
     expert_tensors: list[str]  # what one expert holds (first MoE layer), prefix removed
+    uncovered_expert_tensors: list[str]  # look per-expert, no rule covers: a prune refuses
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +79,12 @@ def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelRe
         weight_format=detect_format(ckpt.config, ckpt.tensors),
         mtp_layers=list(layout.mtp_layers),
         expert_tensors=expert_tensor_names(layout.experts),
+        uncovered_expert_tensors=[
+            info.name
+            for kind in filter(None, (layout.experts, layout.attention_experts))
+            for layer in kind.all_layers
+            for info in kind.tensors[layer].unknown
+        ],
     )
 
 

@@ -41,12 +41,38 @@ def load_pretrained(path: str | Path, **kwargs: Any):
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {config_path}: {exc}", hint="pass a model folder") from None
     counts = config.get(UNEVEN_KEY)
-    if not counts:
-        return _checked(AutoModelForCausalLM.from_pretrained(path, **kwargs), path, asked_for_info)
-    keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
-    per_layer = {int(layer): int(n) for layer, n in counts.items()}
-    with _per_layer_counts(config, keys, per_layer):
-        return _checked(AutoModelForCausalLM.from_pretrained(path, **kwargs), path, asked_for_info)
+    with quantization_support(path):
+        if not counts:
+            loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            return _checked(loaded, path, asked_for_info)
+        keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
+        per_layer = {int(layer): int(n) for layer, n in counts.items()}
+        with _per_layer_counts(config, keys, per_layer):
+            loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            return _checked(loaded, path, asked_for_info)
+
+
+@contextlib.contextmanager
+def quantization_support(model_dir: str | Path) -> Iterator[None]:
+    """Around a ``from_pretrained`` of ``model_dir``: a quantized checkpoint that transformers
+    cannot run here (GPTQ needs optimum, AWQ autoawq, compressed-tensors its package) is
+    refused in one line saying what is needed."""
+    try:
+        yield
+    except ImportError as exc:
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise exc from None
+        qc = config.get("quantization_config") if isinstance(config, dict) else None
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        if not method:
+            raise
+        raise ModelError(
+            f"transformers cannot run this {method} checkpoint here: {exc}",
+            hint="install what it names to profile, bench or verify this model; inspect and "
+            "prune with a plan work without it (docs/checkpoint-formats.md)",
+        ) from None
 
 
 def _checked(loaded: tuple[Any, dict], path: str | Path, with_info: bool):

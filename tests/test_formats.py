@@ -228,3 +228,30 @@ def test_inspect_reports_the_format(make, expected, tiny_checkpoint, tmp_path):
     report = inspect_model(make(tiny_checkpoint, tmp_path / "m"))
     assert report.weight_format.name == expected
     assert report.to_dict()["weight_format"]["description"]
+
+
+@pytest.mark.parametrize(
+    "fmt, needs", [("gptq", "optimum"), ("compressed-tensors", "compressed-tensors")]
+)
+def test_profile_says_what_a_format_needs_when_transformers_cannot_run_it(
+    fmt, needs, model_dir, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from mfprune.cli import app
+
+    source = write_packed(model_dir("qwen3_moe"), tmp_path / "src", fmt)
+    data = tmp_path / "t.txt"
+    data.write_text("The router sends every token to the experts it scores highest. " * 8)
+    args = ["profile", str(source), "--data", str(data), "--out", str(tmp_path / "s.safetensors")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output + result.stderr
+    assert f"error: transformers cannot run this {fmt} checkpoint here" in result.stderr
+    assert needs in result.stderr and "Traceback" not in result.stderr
+
+
+def test_inspect_lists_tensors_a_prune_would_refuse(tiny_checkpoint, tmp_path):
+    name = "model.layers.1.mlp.gate.bias"
+    source = _with_extra(tiny_checkpoint("deepseek_v3"), tmp_path, {name: torch.ones(8)})
+    assert inspect_model(source).uncovered_expert_tensors == [name]
+    assert inspect_model(tiny_checkpoint("deepseek_v3")).uncovered_expert_tensors == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib import resources
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from checks import assert_exact, assert_experts_follow, removed
 from safetensors.torch import load_file, save_file
 
 from mfprune import PrunePlan, rewrite_checkpoint
+from mfprune.arch import load_spec_file
 from mfprune.errors import ModelError, PlanError
 from mfprune.inspect import inspect_model
 
@@ -121,6 +123,17 @@ def test_a_router_beyond_the_layers_the_config_names_is_refused(tiny_checkpoint,
         rewrite_checkpoint(source, PrunePlan(experts=KEPT), tmp_path / "pruned")
     with pytest.raises(ModelError, match="an MTP / extra layer the adapter does not describe"):
         inspect_model(source)
+
+
+def test_an_adapter_that_does_not_know_the_mtp_key_is_refused(with_mtp, tmp_path):
+    builtin = resources.files("mfprune.arch").joinpath("families", "deepseek_v3.toml")
+    text = builtin.read_text("utf-8").replace('mtp_layers_key = "num_nextn_predict_layers"', "")
+    adapter = tmp_path / "no_mtp.toml"
+    adapter.write_text(text)
+    spec = load_spec_file(adapter)
+    with pytest.raises(ModelError, match=r"weights hold 4 layers"):
+        rewrite_checkpoint(with_mtp, PrunePlan(experts=KEPT), tmp_path / "pruned", spec=spec)
+    assert not (tmp_path / "pruned").exists()
 
 
 def test_inspect_reports_mtp_layers(with_mtp):

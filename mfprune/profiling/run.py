@@ -277,7 +277,9 @@ def load_tokenizer(model_dir: Path) -> Any:
 def load_model(model_dir: Path, *, dtype: torch.dtype | str, device: torch.device) -> Any:
     from transformers import AutoModelForCausalLM
 
-    with quiet_transformers():
+    from mfprune.loading import quantization_support
+
+    with quiet_transformers(), quantization_support(model_dir):
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, local_files_only=True, use_safetensors=True
         )
