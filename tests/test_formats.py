@@ -255,3 +255,51 @@ def test_inspect_lists_tensors_a_prune_would_refuse(tiny_checkpoint, tmp_path):
     source = _with_extra(tiny_checkpoint("deepseek_v3"), tmp_path, {name: torch.ones(8)})
     assert inspect_model(source).uncovered_expert_tensors == [name]
     assert inspect_model(tiny_checkpoint("deepseek_v3")).uncovered_expert_tensors == []
+
+
+def test_an_fp8_release_profiles_prunes_and_verifies_end_to_end(model_dir, tmp_path):
+    """profile (transformers dequantizes on CPU) -> prune --profile --verify, experts and
+    heads: the pruned FP8 checkpoint equals the masked original."""
+    from typer.testing import CliRunner
+
+    from mfprune.cli import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output + result.stderr
+        return result
+
+    source = write_fp8(
+        model_dir("deepseek_v3"), tmp_path / "src", block=8, select=experts_and_attention
+    )
+    data = tmp_path / "t.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"token {i} routes to expert {i % 5}, twice."}) + "\n"
+            for i in range(40)
+        )
+    )
+    stats = tmp_path / "s.safetensors"
+    run("profile", source, "--data", data, "--out", stats, "--format", "quiet")
+    out = tmp_path / "pruned"
+    budget = ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.75"]
+    result = run("prune", source, "--profile", stats, *budget, "--verify", "--out", out,
+                 "--format", "json")  # fmt: skip
+    check = json.loads(result.stdout)["verify"]
+    assert check["exact"] and check["masking_effect"] > 1e-4
+    plan = PrunePlan.load(out / "mfprune_plan.json")
+    assert assert_experts_follow(source, out, kept={k: list(v) for k, v in plan.experts.items()})
+    assert inspect_model(out).weight_format.name == "fp8-block"
+
+
+def test_sequential_profile_dequantizes_fp8_layer_by_layer(model_dir, tmp_path):
+    from test_profile import DOCS, assert_same_stats, profile, write_jsonl
+
+    source = write_fp8(
+        model_dir("deepseek_v3"), tmp_path / "src", block=8, select=experts_and_attention
+    )
+    data = write_jsonl(tmp_path / "task.jsonl", [{"text": d} for d in DOCS])
+    whole = profile(source, data, batch_size=3)
+    layered = profile(source, data, batch_size=3, sequential=True)
+    assert_same_stats(whole, layered, rtol=1e-5)
+    assert layered.meta == whole.meta

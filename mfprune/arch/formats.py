@@ -72,3 +72,24 @@ def detect_format(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> Wei
         )
     dtypes = sorted({t.dtype for t in tensors.values()})
     return WeightFormat("unquantized", "unquantized (" + ", ".join(dtypes) + ")")
+
+
+def dequantize_fp8_blocks(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (name -> tensor) with every ``X.weight`` (F8_E4M3) that has an
+    ``X.weight_scale_inv`` beside it replaced by ``weight * scale`` (each scale covering its
+    block, the block size told by the shapes) in float32, and the scales removed: what
+    transformers does when it loads an FP8 checkpoint on a machine without a GPU."""
+    import torch
+
+    out = dict(state)
+    for name in [n for n in state if n.endswith(".weight_scale_inv")]:
+        weight_name = name.removesuffix("_scale_inv")
+        if weight_name not in state:
+            continue
+        weight, scale = state[weight_name], out.pop(name).float()
+        rows, cols = weight.shape[-2:]
+        block_r, block_c = -(-rows // scale.shape[-2]), -(-cols // scale.shape[-1])
+        full = scale.repeat_interleave(block_r, dim=-2)[..., :rows, :]
+        full = full.repeat_interleave(block_c, dim=-1)[..., :cols]
+        out[weight_name] = weight.to(torch.float32) * full
+    return out

@@ -77,6 +77,12 @@ def checkpoint_dtype(ckpt: Checkpoint) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+def is_fp8_block(ckpt: Checkpoint) -> bool:
+    from mfprune.arch.formats import detect_format
+
+    return detect_format(ckpt.config, ckpt.tensors).name == "fp8-block"
+
+
 def build_skeleton(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device) -> Any:
     """The model of ``ckpt`` with every weight on the meta device, in eval mode; only the
     non-persistent buffers outside the decoder layers (the rotary frequencies) are real."""
@@ -84,9 +90,10 @@ def build_skeleton(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device
 
     from mfprune.profiling.run import quiet_transformers
 
-    if ckpt.config.get("quantization_config"):
+    if ckpt.config.get("quantization_config") and not is_fp8_block(ckpt):
         raise ModelError(
-            f"{ckpt.root} is a quantized checkpoint, which --sequential cannot read yet",
+            f"{ckpt.root} is a quantized checkpoint, which --sequential cannot read yet "
+            "(FP8 block checkpoints it dequantizes layer by layer)",
             hint="profile it without --sequential, or a dequantized copy with it",
         )
     with quiet_transformers():
@@ -107,6 +114,7 @@ class LayerByLayer:
         from transformers.modeling_utils import LoadStateDictConfig
 
         self.model, self.device = model, device
+        self.fp8 = is_fp8_block(ckpt)  # weights dequantized as each layer is read
         self.decoder = model.base_model
         layers = getattr(self.decoder, "layers", None)
         if not isinstance(layers, nn.ModuleList) or not len(layers):
@@ -207,11 +215,14 @@ class LayerByLayer:
         """Load ``module``'s tensors from the checkpoint; send it back to meta afterwards."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
+        from mfprune.arch.formats import dequantize_fp8_blocks
         from mfprune.profiling.run import quiet_transformers
 
         where = "the embeddings" if key == "embed" else f"decoder layer {key}"
         infos = self.tensors.get(key, [])
         state = {info.name: read_tensor(info) for info in infos}
+        if self.fp8:
+            state = dequantize_fp8_blocks(state)
         with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.model, state, self.load_config)
         del state
