@@ -25,9 +25,8 @@ from mfprune.rewrite.config_patch import UNEVEN_KEY
 
 def load_pretrained(path: str | Path, **kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` that also handles per-layer
-    expert counts. Returns the model."""
-    from transformers import AutoModelForCausalLM
-
+    expert counts. A checkpoint saved from another head (``config.json``'s ``architectures``:
+    a token classifier, an image-text model) loads with its own class. Returns the model."""
     from mfprune.checkpoint import model_location
 
     path = model_location(path)  # "default": the embedded default model
@@ -41,14 +40,15 @@ def load_pretrained(path: str | Path, **kwargs: Any):
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {config_path}: {exc}", hint="pass a model folder") from None
     counts = config.get(UNEVEN_KEY)
+    model_class = model_class_for(config)
     with quantization_support(path):
         if not counts:
-            loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            loaded = model_class.from_pretrained(path, **kwargs)
             return _checked(loaded, path, asked_for_info)
         keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
         per_layer = {int(layer): int(n) for layer, n in counts.items()}
         with _per_layer_counts(config, keys, per_layer):
-            loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            loaded = model_class.from_pretrained(path, **kwargs)
             return _checked(loaded, path, asked_for_info)
 
 
@@ -73,6 +73,20 @@ def quantization_support(model_dir: str | Path) -> Iterator[None]:
             hint="install what it names to profile, bench or verify this model; inspect and "
             "prune with a plan work without it (docs/checkpoint-formats.md)",
         ) from None
+
+
+def model_class_for(config: dict[str, Any]) -> Any:
+    """The class a checkpoint was saved from (``architectures[0]``) when it is not a causal
+    LM that ``AutoModelForCausalLM`` builds (a token classifier, an image-text model...)."""
+    import transformers
+
+    names = config.get("architectures")
+    name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
+    own = getattr(transformers, name, None) if name.isidentifier() else None
+    is_model = isinstance(own, type) and issubclass(own, transformers.PreTrainedModel)
+    if is_model and not name.endswith("ForCausalLM"):
+        return own
+    return transformers.AutoModelForCausalLM
 
 
 def _checked(loaded: tuple[Any, dict], path: str | Path, with_info: bool):

@@ -120,3 +120,21 @@ def test_shapes_grouped_mm_refuses_fall_back_to_eager_experts(tiny_checkpoint, t
     out = tmp_path / "pruned"
     rewrite_checkpoint(source, PrunePlan(experts=MIXTRAL_KEPT), out)
     assert_exact(source, out, experts=removed(MIXTRAL_KEPT, 8))
+
+
+def test_a_token_classifier_loads_with_its_own_class_and_verifies(tmp_path):
+    from transformers import MixtralForTokenClassification
+
+    from mfprune import tinymodels
+    from mfprune.verify import verify_rewrite
+
+    torch.manual_seed(0)
+    model = MixtralForTokenClassification(tinymodels.make_config("mixtral", num_labels=5))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 1.0)
+    model.save_pretrained(tmp_path / "src")
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(tmp_path / "src", PrunePlan(experts=MIXTRAL_KEPT), out)
+    check = verify_rewrite(tmp_path / "src", out)
+    assert check.exact and check.masking_effect > 1e-4
