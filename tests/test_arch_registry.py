@@ -44,8 +44,7 @@ def _dict_keys(data: Any) -> set[str]:
 def moe_model_types() -> set[str]:
     """``model_type``s whose config (or a sub-config) declares an expert count."""
     found = set()
-    for model_type in CONFIG_MAPPING.keys():
-        cls = CONFIG_MAPPING[model_type]
+    for model_type, cls in CONFIG_MAPPING.items():
         names = _fields(cls)
         try:
             with warnings.catch_warnings():
