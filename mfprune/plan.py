@@ -232,6 +232,9 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
         if not 0 <= layer < model.num_layers:
             problems.append(f"{where}: layer {layer} does not exist (0..{model.num_layers - 1})")
             continue
+        if heads.no_heads_reason(layer):
+            problems.append(f"{where}: {heads.no_heads_reason(layer)}")
+            continue
         bad = [i for i in ids if not 0 <= i < H]
         if bad:
             problems.append(
@@ -251,7 +254,11 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
             )
             continue
         shapes.add((len(ids), len(per_kv)))
-    full = {(H, heads.num_kv_heads)} if len(kept) < model.num_layers else set()
+    full = (
+        {(H, heads.num_kv_heads)}
+        if len(set(kept) & set(heads.layers)) < len(heads.layers)
+        else set()
+    )
     if len(shapes | full) > 1 and not any(p.startswith("heads[") for p in problems):
         problems.append(
             "heads: layers would keep different head counts "

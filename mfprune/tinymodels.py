@@ -48,8 +48,26 @@ _DEEPSEEK: dict[str, Any] = {
     "v_head_dim": 16,
 }
 
-#: Config kwargs per family (keyed by our family name, which is also the transformers
-#: ``model_type``). Each dict is complete: pass it to ``AutoConfig.for_model(family, **kw)``.
+#: DeepSeek-V3 routing (sigmoid + correction bias, 2 groups of 4, one group per token) on a
+#: GQA model whose first layer is dense: GLM-4.5 and the families built on its code.
+_GLM: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 2,
+    "topk_group": 1,
+    "head_dim": 16,
+}
+
+#: A per-expert softmax-router family: 8 experts of width 32, top-2.
+_SOFTMAX: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}
+
+#: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
+#: serves it is found from that). Each dict is complete: pass it to
+#: ``AutoConfig.for_model(model_type, **kw)``.
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen2_moe": {
@@ -85,6 +103,104 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "kv_channels": 16,
         "num_key_value_heads": 2,
         "num_attention_heads": 4,
+    },
+    "glm4_moe": {**_BASE, **_GLM},
+    "dots1": {**_BASE, **_GLM},
+    "solar_open": {**_BASE, **_GLM, "first_k_dense_replace": 0},
+    "sarvam_moe": {**_BASE, **_GLM},
+    "sarvam_mla": {**_BASE, **_DEEPSEEK, "n_group": 2, "topk_group": 1, "q_lora_rank": 16},
+    # DeepSeek-V3.2 / GLM-5 DSA: MLA plus a token indexer; MoE layers from mlp_layer_types
+    **{
+        family: {
+            **_BASE,
+            **_DEEPSEEK,
+            "n_group": 2,
+            "topk_group": 1,
+            "q_lora_rank": 16,
+            "index_n_heads": 2,
+            "index_head_dim": 16,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+        }
+        for family in ("deepseek_v32", "glm_moe_dsa")
+    },
+    # lightning attention in layer 1: heads only in layer 0
+    "minimax": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "head_dim": 16,
+        "layer_types": ["full_attention", "linear_attention"],
+    },
+    # FlexOlmo's default pad_token_id lies outside the tiny vocabulary
+    "flex_olmo": {
+        **_BASE,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "pad_token_id": 1,
+        "bos_token_id": None,
+        "eos_token_id": 2,
+    },
+    "mellum": {**_BASE, **_SOFTMAX, "num_local_experts": 8},
+    "cohere2_moe": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "layer_types": ["sliding_attention"] * 3,
+    },
+    # Mamba in layers 0 and 2, attention in 1 and 3; MoE in layers 0 and 2 (offset 0, so the
+    # default every-step-th rule would be wrong)
+    "jamba": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 0,
+        "mamba_d_state": 8,
+        "mamba_d_conv": 4,
+        "mamba_expand": 2,
+        "mamba_dt_rank": 8,
+    },
+    "granitemoeshared": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 32,
+    },
+    "granitemoehybrid": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 32,
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 32,
+        "mamba_d_state": 8,
+        "mamba_n_groups": 1,
+    },
+    "granitemoe_swa": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "lara_mini": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_experts": 8,
+        "shared_expert_intermediate_size": 32,
+        "layer_types": ["linear_attention", "sliding_attention"],
+    },
+    # Gated DeltaNet in layer 0, gated softmax attention in layer 1
+    "qwen3_next": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_experts": 8,
+        "shared_expert_intermediate_size": 32,
+        "linear_num_value_heads": 4,
+        "linear_num_key_heads": 2,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "layer_types": ["linear_attention", "full_attention"],
     },
 }
 

@@ -13,7 +13,15 @@ from mfprune import PrunePlan, rewrite_checkpoint
 from mfprune.errors import PlanError
 from mfprune.oracle import logits, masked_logits, sample_ids
 
-# family -> (kept experts per MoE layer, the config key holding the count)
+
+def _half(*layers: int) -> dict[int, list[int]]:
+    """Keep 4 of 8 experts in each MoE layer, a different half each time; 2 per group of 4,
+    so group-limited routers (2 groups) stay feasible."""
+    halves = ([0, 2, 5, 7], [1, 3, 4, 6])
+    return {layer: halves[i % 2] for i, layer in enumerate(layers)}
+
+
+# tiny model -> (kept experts per MoE layer, the config key holding the count)
 EXPERT_CASES = {
     "mixtral": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
     "qwen2_moe": ({0: [0, 1, 2, 7], 1: [3, 4, 5, 6]}, "num_experts"),
@@ -25,6 +33,25 @@ EXPERT_CASES = {
     "gpt_oss": ({0: [0, 1, 2, 7], 1: [2, 3, 5, 6]}, "num_local_experts"),
     "granitemoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
     "phimoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
+    # V3 routing (sigmoid + correction bias, groups), first layer dense
+    "glm4_moe": (_half(1, 2), "n_routed_experts"),
+    "dots1": (_half(1, 2), "n_routed_experts"),
+    "solar_open": (_half(0, 1, 2), "n_routed_experts"),
+    "sarvam_moe": (_half(1, 2), "n_routed_experts"),  # bias saved as gate.expert_bias
+    "sarvam_mla": (_half(1, 2), "n_routed_experts"),  # the deepseek_v3 adapter
+    "deepseek_v32": (_half(1, 2), "n_routed_experts"),  # MoE layers from mlp_layer_types
+    "glm_moe_dsa": (_half(1, 2), "n_routed_experts"),
+    # softmax / top-k routers
+    "minimax": (_half(0, 1), "num_local_experts"),
+    "flex_olmo": (_half(0, 1), "num_experts"),
+    "mellum": (_half(0, 1), "num_local_experts"),
+    "cohere2_moe": (_half(1, 2), "num_experts"),  # MoE layers from mlp_layer_types
+    "jamba": (_half(0, 2), "num_experts"),  # MoE every 2nd layer from offset 0
+    "granitemoeshared": (_half(0, 1), "num_local_experts"),
+    "granitemoehybrid": (_half(0, 1), "num_local_experts"),
+    "granitemoe_swa": (_half(0, 1), "num_local_experts"),
+    "lara_mini": (_half(0, 1), "num_experts"),
+    "qwen3_next": (_half(0, 1), "num_experts"),
 }
 
 

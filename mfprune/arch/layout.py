@@ -36,6 +36,19 @@ class HeadLayout:
     num_kv_heads: int  # KV
     head_dim: int
     config: dict[str, Any]
+    layers: tuple[int, ...] = ()  # decoder layers holding the head tensors (hybrids: not all)
+
+    def no_heads_reason(self, layer: int) -> str:
+        """Why ``layer`` has no prunable heads ('' when it has): linear-attention, Mamba..."""
+        if layer in self.layers:
+            return ""
+        types = self.config.get("layer_types")
+        kind = (
+            f" (a '{types[layer]}' layer)" if isinstance(types, list) and layer < len(types) else ""
+        )
+        return (
+            f"layer {layer} has no attention heads{kind}; heads live in layers {list(self.layers)}"
+        )
 
     @property
     def group_size(self) -> int:
@@ -97,7 +110,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         num_layers=num_layers,
         experts=experts,
         attention_experts=attention,
-        heads=_resolve_heads(cfg, spec.heads),
+        heads=_resolve_heads(cfg, spec.heads, ckpt, num_layers),
     )
     from mfprune.arch.consistency import check_config_against_weights
 
@@ -110,14 +123,19 @@ def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int) -> bool:
+def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers: int) -> bool:
+    """The adapter's MoE-layer rule (``MoeLayers``) applied to ``config.json``."""
     rules = spec.layers
+    types = cfg.get(rules.layer_types_key) if rules.layer_types_key else None
+    if isinstance(types, list) and len(types) == num_layers:
+        return types[layer] in rules.moe_layer_types
     if layer < _int_key(cfg, rules.first_dense_key, 0):
         return False
     dense = cfg.get(rules.dense_layers_key) if rules.dense_layers_key else None
     if isinstance(dense, list) and layer in dense:
         return False
-    return (layer + 1) % max(1, _int_key(cfg, rules.sparse_step_key, 1)) == 0
+    step = max(1, _int_key(cfg, rules.sparse_step_key, 1))
+    return layer % step == _int_key(cfg, rules.sparse_offset_key, step - 1)
 
 
 def _resolve_experts(
@@ -137,12 +155,12 @@ def _resolve_experts(
             f"no MoE layer found: no tensor named like '{spec.router.format(layer=0)}'",
             hint="a dense model has no experts to prune; for another layout pass --arch FILE",
         )
-    by_config = [L for L in range(num_layers) if _moe_by_config(cfg, spec, L)]
+    by_config = [L for L in range(num_layers) if _moe_by_config(cfg, spec, L, num_layers)]
     if by_config != with_router:
         raise ModelError(
             f"config.json makes layers {by_config} MoE but router tensors exist for {with_router}",
-            hint="the config does not match the weights; check first_k_dense_replace / "
-            "decoder_sparse_step / mlp_only_layers",
+            hint=f"the config does not match the weights; the adapter's rule: MoE in "
+            f"{spec.layers.describe()}",
         )
     if top_k <= 0 or top_k > num_experts:
         raise ModelError(
@@ -204,10 +222,20 @@ def _resolve_experts(
     )
 
 
-def _resolve_heads(cfg: dict[str, Any], spec: HeadSpec) -> HeadLayout | None:
+def _resolve_heads(
+    cfg: dict[str, Any], spec: HeadSpec, ckpt: Checkpoint, num_layers: int
+) -> HeadLayout | None:
     heads = _int_key(cfg, spec.count_key, 0)
     if heads <= 0:
         return None
     kv = _int_key(cfg, spec.kv_count_key, heads)
     head_dim = _int_key(cfg, spec.head_dim_key, 0) or _int_key(cfg, "hidden_size", 0) // heads
-    return HeadLayout(spec=spec, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, config=cfg)
+    required = [t.name for t in spec.tensors if not t.optional]
+    layers = tuple(  # hybrid models (Mamba, linear attention) have heads in some layers only
+        L
+        for L in range(num_layers)
+        if all(name.format(layer=L) in ckpt.tensors for name in required)
+    )
+    return HeadLayout(
+        spec=spec, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, config=cfg, layers=layers
+    )

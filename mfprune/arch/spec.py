@@ -31,13 +31,35 @@ class StackedTensor:
 class MoeLayers:
     """Which decoder layers are MoE, from config keys (each optional).
 
-    A layer L is MoE unless ``L < config[first_dense_key]``, or ``L in config[dense_layers_key]``,
-    or ``(L + 1) % config[sparse_step_key] != 0`` — the rules of DeepSeek and Qwen-MoE.
+    When ``config[layer_types_key]`` is a list with one entry per layer (``mlp_layer_types:
+    ["dense", "sparse", ...]``), layer L is MoE exactly when its entry is one of
+    ``moe_layer_types``. Otherwise a layer L is MoE unless ``L < config[first_dense_key]``, or
+    ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
+    config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
+    the rules of DeepSeek, Qwen-MoE and Jamba.
     """
 
     first_dense_key: str | None = None
     sparse_step_key: str | None = None
+    sparse_offset_key: str | None = None
     dense_layers_key: str | None = None
+    layer_types_key: str | None = None
+    moe_layer_types: tuple[str, ...] = ("sparse",)
+
+    def describe(self) -> str:
+        """The rule in words, with the config keys it reads."""
+        parts = []
+        if self.layer_types_key:
+            kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
+            parts.append(f"layers whose {self.layer_types_key} entry is {kinds}")
+        if self.first_dense_key:
+            parts.append(f"layers from {self.first_dense_key} on")
+        if self.sparse_step_key:
+            offset = self.sparse_offset_key or f"{self.sparse_step_key} - 1"
+            parts.append(f"every {self.sparse_step_key}-th layer (starting at {offset})")
+        if self.dense_layers_key:
+            parts.append(f"except those listed in {self.dense_layers_key}")
+        return "; ".join(parts) if parts else "every layer"
 
 
 @dataclass(frozen=True)
@@ -150,6 +172,9 @@ _EXPERT_KEYS = {
     "first_dense_key",
     "sparse_step_key",
     "dense_layers_key",
+    "sparse_offset_key",
+    "layer_types_key",
+    "moe_layer_types",
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
@@ -211,7 +236,10 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         layers=MoeLayers(
             first_dense_key=r.get(t, "first_dense_key", where, str, None),
             sparse_step_key=r.get(t, "sparse_step_key", where, str, None),
+            sparse_offset_key=r.get(t, "sparse_offset_key", where, str, None),
             dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
+            layer_types_key=r.get(t, "layer_types_key", where, str, None),
+            moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
