@@ -90,6 +90,15 @@ HEAD_CASES = {
     "gpt_oss": ({0: [0, 2], 1: [1, 3]}, {}),  # per-head attention sinks are sliced too
     "deepseek_v3": ({1: [0, 2, 3], 2: [0, 1, 3], 0: [1, 2, 3]}, {}),  # MLA, KV heads == heads
     "qwen2_moe": ({0: [0, 1], 1: [0, 1]}, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}),  # q/k/v biases
+    "glm4_moe": ({0: [0, 1], 1: [0, 1], 2: [2, 3]}, _half(1, 2)),
+    "dots1": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, {}),  # per-head-dim q/k norms
+    "deepseek_v32": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA + indexer
+    "granitemoe_swa": ({0: [0, 2], 1: [1, 3]}, {}),  # sinks
+    # hybrids: heads only in the softmax-attention layers
+    "qwen3_next": ({1: [1, 3]}, {}),  # layer 0: Gated DeltaNet; q_proj rows = query + gate
+    "jamba": ({1: [0, 1], 3: [2, 3]}, _half(0, 2)),  # layers 0, 2: Mamba
+    "granitemoehybrid": ({1: [1, 2]}, {}),  # layer 0: Mamba-2
+    "lara_mini": ({1: [0, 3]}, {}),  # layer 0: linear attention
 }
 
 
@@ -103,6 +112,29 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
     assert_tensors_are_slices(source, out, experts=experts)
     diff = config_diff(source, out)
     assert diff["num_attention_heads"] == (4, len(next(iter(heads.values()))))
+
+
+@pytest.mark.parametrize(
+    ("family", "layer", "kind"),
+    [("qwen3_next", 0, "linear_attention"), ("lara_mini", 0, "linear_attention"), ("jamba", 0, "")],
+)
+def test_heads_in_a_layer_without_attention_are_refused(
+    family, layer, kind, tiny_checkpoint, tmp_path
+):
+    source = tiny_checkpoint(family)
+    with pytest.raises(
+        PlanError, match=f"heads\\[{layer}\\]: layer {layer} has no attention heads"
+    ) as err:
+        rewrite_checkpoint(source, PrunePlan(heads={layer: [0, 2]}), tmp_path / "out")
+    if kind:
+        assert f"(a '{kind}' layer)" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_minimax_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
+    # its linear-attention layers also read num_attention_heads: pruning heads is not exact
+    with pytest.raises(PlanError, match="lightning-attention layers take their head count"):
+        rewrite_checkpoint(tiny_checkpoint("minimax"), PrunePlan(heads={0: [0, 2]}), tmp_path / "o")
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
