@@ -28,7 +28,18 @@ from mfprune.profiling.sequential import LayerByLayer
 # per-expert on-disk names (mixtral w1/w2/w3, qwen2_moe gate/up/down + shared expert), a dense
 # first layer and groups (deepseek_v3), fused experts with biases and sliding-window layers
 # (gpt_oss), attention experts (jetmoe)
-FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "jetmoe"]
+FAMILIES = [
+    "mixtral",
+    "qwen2_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "jetmoe",
+    "glm4_moe",
+    "qwen3_next",
+    "jamba",
+    "granitemoehybrid",
+    "deepseek_v32",
+]
 
 
 @pytest.fixture(scope="module")
