@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import warnings
 from typing import Any
 
@@ -114,3 +115,46 @@ def test_unknown_family_message(model_type, expected, absent):
     assert expected in message
     if absent:
         assert absent not in message
+
+
+@pytest.mark.parametrize(
+    ("family", "phrases"),
+    [
+        (
+            "glm4_moe",
+            [
+                "top-2 of 8 experts",
+                "plus the bias model.layers.L.mlp.gate.e_score_correction_bias",
+                "2 groups of 4",
+                "top-1 groups ranked by the sum of its top-2 scores",
+                "shared experts (model.layers.L.mlp.shared_experts.)",
+                "MoE layers: layers from first_k_dense_replace on",
+            ],
+        ),
+        ("deepseek_v32", ["layers whose mlp_layer_types entry is 'sparse'"]),
+        ("jamba", ["every expert_layer_period-th layer (starting at expert_layer_offset)"]),
+        ("mixtral", ["top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate"]),
+    ],
+)
+def test_inspect_states_the_routing_rule(family, phrases, tiny_checkpoint):
+    from mfprune.inspect import inspect_model
+
+    report = inspect_model(tiny_checkpoint(family))
+    for phrase in phrases:
+        assert phrase in report.experts.routing
+    if family in ("jamba", "mixtral"):
+        assert "group-limited" not in report.experts.routing
+        assert "bias" not in report.experts.routing
+
+
+def test_inspect_names_a_hybrids_attention_layers(tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from mfprune.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(tiny_checkpoint("jamba")), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["head_layers"] == [1, 3]
+    assert report["experts"]["layers"] == [0, 2]
+    assert "Jamba" in report["description"]

@@ -59,7 +59,7 @@ class MoeLayers:
             parts.append(f"every {self.sparse_step_key}-th layer (starting at {offset})")
         if self.dense_layers_key:
             parts.append(f"except those listed in {self.dense_layers_key}")
-        return "; ".join(parts) if parts else "every layer"
+        return ", ".join(parts) if parts else "every layer"
 
 
 @dataclass(frozen=True)
