@@ -42,11 +42,24 @@ def load_pretrained(path: str | Path, **kwargs: Any):
         raise ModelError(f"cannot read {config_path}: {exc}", hint="pass a model folder") from None
     counts = config.get(UNEVEN_KEY)
     if not counts:
-        return _checked(AutoModelForCausalLM.from_pretrained(path, **kwargs), path, asked_for_info)
+        cls = auto_model_class(str(config.get("model_type")))
+        return _checked(cls.from_pretrained(path, **kwargs), path, asked_for_info)
     keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
     per_layer = {int(layer): int(n) for layer, n in counts.items()}
     with _per_layer_counts(config, keys, per_layer):
         return _checked(AutoModelForCausalLM.from_pretrained(path, **kwargs), path, asked_for_info)
+
+
+def auto_model_class(model_type: str) -> type:
+    """The transformers auto class that builds a ``model_type`` whole: for a composite (vision +
+    text) model ``AutoModelForImageTextToText``, so its towers load too (a causal-LM class
+    would drop them); else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _checked(loaded: tuple[Any, dict], path: str | Path, with_info: bool):

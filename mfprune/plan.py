@@ -214,6 +214,12 @@ def _check_experts(
             "(a layer absent from the plan keeps all); --allow-uneven writes per-layer counts "
             "that mfprune.load_pretrained loads"
         )
+    elif len(set(counts.values())) > 1 and model.spec.config_path:
+        problems.append(
+            f"{kind}: kept counts differ across MoE layers, and per-layer counts are not "
+            f"supported for composite models ({model.family}): keep the same number in every "
+            "MoE layer"
+        )
 
 
 def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:

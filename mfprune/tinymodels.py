@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from mfprune.loading import auto_model_class
 from mfprune.modules import is_router
 
 _BASE: dict[str, Any] = {
@@ -202,6 +203,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "linear_value_head_dim": 16,
         "layer_types": ["linear_attention", "full_attention"],
     },
+    # composite: a one-block vision tower and the MoE language model under text_config
+    "qwen3_vl_moe": {
+        "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "patch_size": 4,
+            "temporal_patch_size": 1,
+            "spatial_merge_size": 1,
+            "deepstack_visual_indexes": [0],
+        },
+    },
 }
 
 #: Standard deviation given to router weights so routing is far from uniform.
@@ -265,7 +281,7 @@ def build_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedMo
     """
     config = make_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_model_class(config.model_type).from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         _randomise(model, generator)

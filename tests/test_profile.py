@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.activations import ACT2FN
 from typer.testing import CliRunner
 
@@ -30,6 +30,7 @@ from mfprune.arch.layout import resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.cli import app
 from mfprune.errors import DataError, ModelError, StatsError
+from mfprune.loading import auto_model_class
 from mfprune.modules import find_o_projs, find_routers, parent_of
 from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
@@ -95,7 +96,8 @@ def assert_same_stats(a: ProfileStats, b: ProfileStats, *, rtol: float = 1e-6) -
 
 
 def load_model(path: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model_type = open_checkpoint(path).config["model_type"]
+    return auto_model_class(model_type).from_pretrained(path, dtype=torch.float32).eval()
 
 
 # ------------------------------------------------------------------------- what stats promise
@@ -268,7 +270,7 @@ class _Sums:
 def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
     """Run each chunk alone (no padding) and sum routing and expert norms by hand."""
     model = load_model(path)
-    config = model.config
+    config = model.config.get_text_config()
     chunks = load_token_data(data, tokenizer, seq_len=SEQ_LEN).chunks
     E = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
     routers = find_routers(model, attention=False)

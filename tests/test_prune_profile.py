@@ -64,6 +64,8 @@ def stats_of(model_dir, task, tmp_path_factory):
         ("glm4_moe", "reap", ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.5"]),
         ("qwen3_next", "reap", ["--keep", "4", "--heads-keep-ratio", "0.5"]),
         ("jamba", "soft", ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.5"]),
+        # composite: vision tower + MoE language model under text_config; --verify loads both
+        ("qwen3_vl_moe", "reap", ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.5", "--verify"]),
     ],
 )
 def test_profile_then_prune_is_exact(family, criterion, extra, model_dir, stats_of, tmp_path):

@@ -10,6 +10,7 @@ import torch
 from checks import assert_exact, assert_tensors_are_slices, config_diff, removed
 
 from mfprune import PrunePlan, rewrite_checkpoint
+from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import PlanError
 from mfprune.oracle import logits, masked_logits, sample_ids
 
@@ -162,3 +163,37 @@ def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_check
     reference = masked_logits(original, ids, experts=removed(kept, 8))
     assert (logits(model, ids) - reference).abs().max().item() <= 1e-5
     assert (reference - logits(original, ids)).abs().max().item() > 1e-4
+
+
+# composite models (vision + text): counts under text_config, weights under
+# model.language_model., the vision tower carried over byte for byte
+COMPOSITE_CASES = {
+    "qwen3_vl_moe": ("num_local_experts", "model.visual."),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COMPOSITE_CASES))
+def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoint, tmp_path):
+    count_key, tower = COMPOSITE_CASES[family]
+    source = tiny_checkpoint(family)
+    experts, heads = _half(0, 1), {0: [1, 3], 1: [0, 2]}
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
+    assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))
+    assert_tensors_are_slices(source, out, experts=experts)
+    assert set(config_diff(source, out)) == {"text_config"}  # nothing else in config.json
+    assert result.config_changes == {  # one query head per KV group: KV heads stay 2
+        f"text_config.{count_key}": [8, 4],
+        "text_config.num_attention_heads": [4, 2],
+    }
+
+    src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
+    towers = sorted(name for name in src if name.startswith(tower))
+    assert towers and towers == sorted(name for name in dst if name.startswith(tower))
+    assert all(src[n].shape == dst[n].shape for n in towers)  # and bytes: assert_tensors_are_slices
+
+
+def test_composite_model_refuses_uneven_counts(tiny_checkpoint, tmp_path):
+    plan = PrunePlan(experts={0: [0, 1, 2], 1: [0, 1, 2, 3, 4]})
+    with pytest.raises(PlanError, match="not supported for composite models"):
+        rewrite_checkpoint(tiny_checkpoint("qwen3_vl_moe"), plan, tmp_path / "o", allow_uneven=True)

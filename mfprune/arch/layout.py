@@ -84,13 +84,31 @@ class ModelLayout:
         return self.spec.family
 
 
+def lm_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
+    """The part of ``config.json`` that holds the language model's keys: the whole config, or
+    for a composite model (vision + text) the sub-config at ``spec.config_path``
+    (``text_config``; dotted for deeper ones). The dict returned is ``config``'s own, so a
+    caller that patches it patches ``config``."""
+    cfg = config
+    for part in spec.config_path.split(".") if spec.config_path else ():
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        if not isinstance(cfg, dict):
+            raise ModelError(
+                f"config.json has no '{spec.config_path}' table ({spec.family} keeps its "
+                "language model's settings there)",
+                hint="the config does not match the adapter; check config.json",
+            )
+    return cfg
+
+
 def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     """Check the adapter against the config and the tensors; raise ModelError on a mismatch."""
-    cfg = ckpt.config
+    cfg = lm_config(ckpt.config, spec)
+    where = f"{spec.config_path}." if spec.config_path else ""
     num_layers = cfg.get(spec.num_layers_key)
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
         raise ModelError(
-            f"config.json has no valid '{spec.num_layers_key}' (got {num_layers!r})",
+            f"config.json has no valid '{where}{spec.num_layers_key}' (got {num_layers!r})",
             hint="the adapter's num_layers_key must name the decoder-layer count",
         )
     if num_layers > len(ckpt.tensors):  # every layer has tensors: a huge count is a broken config
@@ -99,9 +117,9 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
-    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers)
+    experts = _resolve_experts(ckpt, cfg, spec.experts, "experts", num_layers)
     attention = (
-        _resolve_experts(ckpt, spec.attention_experts, "attention_experts", num_layers)
+        _resolve_experts(ckpt, cfg, spec.attention_experts, "attention_experts", num_layers)
         if spec.attention_experts
         else None
     )
@@ -139,9 +157,9 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers
 
 
 def _resolve_experts(
-    ckpt: Checkpoint, spec: ExpertSpec, kind: str, num_layers: int
+    ckpt: Checkpoint, cfg: dict[str, Any], spec: ExpertSpec, kind: str, num_layers: int
 ) -> ExpertLayout:
-    cfg, tensors = ckpt.config, ckpt.tensors
+    tensors = ckpt.tensors
     count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
     if count_key is None:
         raise ModelError(

@@ -115,6 +115,7 @@ class ArchSpec:
     heads: HeadSpec = field(default_factory=HeadSpec)
     attention_experts: ExpertSpec | None = None  # JetMoE / ModuleFormer mixture of attention
     num_layers_key: str = "num_hidden_layers"
+    config_path: str | None = None  # composite models: the LM's keys sit under config[path]
     description: str = ""
     source: str = ""  # the file it came from
 
@@ -195,6 +196,7 @@ _TOP_KEYS = {
     "model_types",
     "description",
     "num_layers_key",
+    "config_path",
     "experts",
     "attention_experts",
     "heads",
@@ -330,6 +332,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         heads=heads,
         attention_experts=attention,
         num_layers_key=r.get(t, "num_layers_key", "adapter", str, "num_hidden_layers"),
+        config_path=r.get(t, "config_path", "adapter", str, None),
         description=r.get(t, "description", "adapter", str, ""),
         source=source,
     )
