@@ -66,6 +66,28 @@ _GLM: dict[str, Any] = {
 #: A per-expert softmax-router family: 8 experts of width 32, top-2.
 _SOFTMAX: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}
 
+#: Qwen3-Next's language model: Gated DeltaNet in layer 0, gated softmax attention in layer 1.
+_QWEN_NEXT: dict[str, Any] = {
+    "shared_expert_intermediate_size": 32,
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "layer_types": ["linear_attention", "full_attention"],
+}
+
+#: A one-block vision tower of the Qwen-VL families.
+_QWEN_VISION: dict[str, Any] = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 4,
+    "temporal_patch_size": 1,
+    "spatial_merge_size": 1,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -191,32 +213,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "shared_expert_intermediate_size": 32,
         "layer_types": ["linear_attention", "sliding_attention"],
     },
-    # Gated DeltaNet in layer 0, gated softmax attention in layer 1
-    "qwen3_next": {
-        **_BASE,
-        **_SOFTMAX,
-        "num_experts": 8,
-        "shared_expert_intermediate_size": 32,
-        "linear_num_value_heads": 4,
-        "linear_num_key_heads": 2,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "layer_types": ["linear_attention", "full_attention"],
-    },
+    "qwen3_next": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
-        "vision_config": {
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "patch_size": 4,
-            "temporal_patch_size": 1,
-            "spatial_merge_size": 1,
-            "deepstack_visual_indexes": [0],
-        },
+        "vision_config": {**_QWEN_VISION, "deepstack_visual_indexes": [0]},
+    },
+    "qwen3_5_moe": {
+        "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
+        "vision_config": _QWEN_VISION,
     },
 }
 

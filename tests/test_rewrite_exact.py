@@ -168,15 +168,17 @@ def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_check
 # composite models (vision + text): counts under text_config, weights under
 # model.language_model., the vision tower carried over byte for byte
 COMPOSITE_CASES = {
-    "qwen3_vl_moe": ("num_local_experts", "model.visual."),
+    "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}),
+    # layer 0 is Gated DeltaNet: heads only in layer 1
+    "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}),
 }
 
 
 @pytest.mark.parametrize("family", sorted(COMPOSITE_CASES))
 def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoint, tmp_path):
-    count_key, tower = COMPOSITE_CASES[family]
+    count_key, tower, heads = COMPOSITE_CASES[family]
     source = tiny_checkpoint(family)
-    experts, heads = _half(0, 1), {0: [1, 3], 1: [0, 2]}
+    experts = _half(0, 1)
     out = tmp_path / "pruned"
     result = rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
     assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))
