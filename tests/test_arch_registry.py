@@ -158,3 +158,17 @@ def test_inspect_names_a_hybrids_attention_layers(tiny_checkpoint):
     assert report["head_layers"] == [1, 3]
     assert report["experts"]["layers"] == [0, 2]
     assert "Jamba" in report["description"]
+
+
+def test_readme_and_families_page_list_the_adapters():
+    from pathlib import Path
+
+    from mfprune.arch.catalog import families_page, with_readme_block
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text("utf-8")
+    hint = "run `python -m mfprune.arch.catalog` to regenerate"
+    assert with_readme_block(readme) == readme, f"README.md's family list is stale; {hint}"
+    assert (root / "docs" / "families.md").read_text("utf-8") == families_page(), hint
+    for family in builtin_specs():
+        assert f"`{family}`" in readme
