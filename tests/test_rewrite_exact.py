@@ -199,3 +199,18 @@ def test_composite_model_refuses_uneven_counts(tiny_checkpoint, tmp_path):
     plan = PrunePlan(experts={0: [0, 1, 2], 1: [0, 1, 2, 3, 4]})
     with pytest.raises(PlanError, match="not supported for composite models"):
         rewrite_checkpoint(tiny_checkpoint("qwen3_vl_moe"), plan, tmp_path / "o", allow_uneven=True)
+
+
+def test_composite_config_that_lies_is_refused(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("qwen3_vl_moe"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 96  # the weights are 64 wide
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"config\.json says hidden_size = 96"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

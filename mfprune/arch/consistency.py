@@ -22,7 +22,10 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 
 def check_config_against_weights(ckpt: Checkpoint, layout: Any) -> None:
     """Raise ModelError when config.json disagrees with the tensors (``layout``: ModelLayout)."""
-    spec, cfg = layout.spec, ckpt.config
+    from mfprune.arch.layout import lm_config
+
+    spec = layout.spec
+    cfg = lm_config(ckpt.config, spec)  # a composite model's language model: its text_config
     _check_layer_count(ckpt, spec.experts.router, spec.num_layers_key, layout.num_layers)
     embedding = _embedding(ckpt)
     if embedding is not None and len(embedding.shape) == 2:
@@ -87,7 +90,7 @@ def _check_heads(ckpt: Checkpoint, layout: Any) -> None:
             if info.shape[t.axis] != count * width:
                 key = spec.count_key if query else (spec.kv_count_key or spec.count_key)
                 derived = t.width == "head_dim" and not isinstance(
-                    ckpt.config.get(spec.head_dim_key or ""), int
+                    heads.config.get(spec.head_dim_key or ""), int
                 )
                 per = f"head_dim {width}" + (
                     f" = hidden_size / {spec.count_key}" if derived else ""
