@@ -140,7 +140,8 @@ def inspect(
     table.add_row("family", f"{report.family} (model_type {report.model_type})")
     if report.description:
         table.add_row("about", report.description)
-    table.add_row("layers", f"{report.num_layers}, MoE: {_layers(e.layers)}")
+    mtp = f", MTP: {_layers(report.mtp_layers)}" if report.mtp_layers else ""
+    table.add_row("layers", f"{report.num_layers}, MoE: {_layers(e.layers)}{mtp}")
     groups = f", {e.n_group} groups (top-{e.topk_group} groups)" if e.n_group > 1 else ""
     table.add_row("experts", f"{e.experts_per_layer} per layer, top-{e.top_k}{groups}")
     table.add_row("routing", e.routing)
@@ -165,6 +166,8 @@ def inspect(
             table.add_row(f"params: {role}", f"{n:,} ({100 * n / max(total, 1):.1f}%)")
     table.add_row("params: total", f"{total:,}")
     table.add_row("dtypes", ", ".join(f"{k} {v:,}" for k, v in report.dtypes.items()))
+    table.add_row("weights", report.weight_format.description)
+    table.add_row("per expert", ", ".join(report.expert_tensors))
     table.add_row("on disk", f"{_human_bytes(report.bytes_on_disk)} in {report.shards} shard(s)")
     sink.result(report.to_dict(), table)
 
@@ -240,6 +243,14 @@ def prune(
             "(small models only)",
         ),
     ] = False,
+    drop_mtp: Annotated[
+        bool,
+        typer.Option(
+            "--drop-mtp",
+            help="remove the multi-token-prediction layers (config count set to 0) instead of "
+            "pruning them like the last decoder layer",
+        ),
+    ] = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -271,6 +282,7 @@ def prune(
         overwrite=overwrite,
         max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
         verify=verify,
+        drop_mtp=drop_mtp,
     )
     data: dict[str, Any] = {"out": str(outcome.out), "plan": outcome.plan.to_dict()}
     if outcome.layers:

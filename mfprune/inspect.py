@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.arch.formats import WeightFormat, detect_format
 from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 
@@ -42,6 +43,9 @@ class ModelReport:
     dtypes: dict[str, int]  # dtype -> parameter count
     bytes_on_disk: int
     shards: int
+    weight_format: WeightFormat
+    mtp_layers: list[int]  # multi-token-prediction layers (pruned with the decoder layers)
+    expert_tensors: list[str]  # what one expert holds (first MoE layer), prefix removed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +80,20 @@ def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelRe
         dtypes=dtypes,
         bytes_on_disk=ckpt.nbytes,
         shards=len(ckpt.shards),
+        weight_format=detect_format(ckpt.config, ckpt.tensors),
+        mtp_layers=list(layout.mtp_layers),
+        expert_tensors=expert_tensor_names(layout.experts),
     )
+
+
+def expert_tensor_names(experts: ExpertLayout) -> list[str]:
+    """The tensors of expert 0 in the first MoE layer (prefix removed), then the stacked ones
+    (``name [axis]``): what the rewrite moves with each expert."""
+    lt = experts.tensors[experts.layers[0]]
+    names = sorted(t.info.name[len(t.prefix.format(expert=0)) :] for t in lt.per_expert.get(0, ()))
+    block = lt.router.name.rsplit(".", 2)[0] + "."
+    stacked = [f"{info.name.removeprefix(block)} [axis {axis}]" for info, axis in lt.stacked]
+    return names + stacked
 
 
 def _summary(e: ExpertLayout) -> ExpertSummary:
@@ -125,17 +142,14 @@ def param_split(ckpt: Checkpoint, layout: ModelLayout) -> dict[str, int]:
     role: dict[str, str] = {}
     for experts in filter(None, (layout.experts, layout.attention_experts)):
         kind = "routed_experts" if experts.kind == "experts" else "attention_experts"
-        spec = experts.spec
         for layer in experts.layers:
-            router = spec.router.format(layer=layer)
-            role[router] = "routers"
-            for st in spec.stacked:
-                name = st.name.format(layer=layer)
-                is_router = name.startswith(router.rsplit(".", 1)[0] + ".")
-                role[name] = "routers" if is_router else kind
-            for template in spec.per_expert:
-                for e in range(experts.num_experts):
-                    role[template.format(layer=layer, expert=e)] = kind
+            lt = experts.tensors[layer]
+            role[lt.router.name] = "routers"
+            router_module = lt.router.name.rsplit(".", 1)[0] + "."
+            for info, _axis in lt.stacked:
+                role[info.name] = "routers" if info.name.startswith(router_module) else kind
+            for members in lt.per_expert.values():
+                role.update((t.info.name, kind) for t in members)
     shared = [p.format(layer=L) for L in layout.experts.layers for p in layout.experts.spec.shared]
     split = dict.fromkeys(
         ("routed_experts", "attention_experts", "shared_experts", "routers", "attention", "other"),

@@ -1,7 +1,10 @@
 """Where a loaded transformers model keeps its routers and attention output projections.
 
 Shared by the exactness oracle (which masks routers and heads) and the profiler (which hooks
-them): both find the same modules the same way, by class name and module path.
+them). ``adapter_routers`` finds routers from the adapter's tensor names (through
+transformers' key renamings), wherever the family keeps them and its selection bias; the
+oracle uses it; ``routing_modules`` gives the profiler the routing module around each.
+``find_routers`` finds them by class name and module path.
 
 * Routers: every family's top-k router class (``*TopKRouter`` / ``*TopkRouter``), and JetMoE's
   ``JetMoeTopKGating``. A router under ``self_attention`` / ``self_attn`` routes attention
@@ -12,8 +15,13 @@ them): both find the same modules the same way, by class name and module path.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
+import torch
 from torch import nn
+
+from mfprune.arch.spec import ExpertSpec
 
 ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -80,3 +88,87 @@ def find_o_proj(model: nn.Module, layer: int) -> nn.Linear:
     if o_proj is None:
         raise ValueError(f"heads: layer {layer} has no self_attn.o_proj linear to mask")
     return o_proj
+
+
+def loaded_name(model: nn.Module, key: str) -> str:
+    """The name transformers gives the on-disk tensor ``key`` in ``model`` (its key renamings:
+    Mixtral's ``block_sparse_moe.gate.weight`` is ``mlp.gate.weight`` once loaded)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    name = key
+    for rename in get_model_conversion_mapping(model):
+        if hasattr(rename, "rename_source_key"):
+            name, _ = rename.rename_source_key(name)
+    return name
+
+
+@dataclass(frozen=True)
+class RouterSite:
+    """Where one layer's routing can be masked: the module that owns the router weight (its
+    forward computes the logits), and the selection bias wherever the family keeps it."""
+
+    layer: int
+    name: str  # in-memory name of the module owning the router weight
+    module: nn.Module
+    num_experts: int  # E: rows of the router weight
+    top_k: int
+    bias: torch.Tensor | None = None  # added to scores before top-k (sigmoid + bias families)
+
+
+def adapter_routers(
+    model: nn.Module, spec: ExpertSpec, layers: Iterable[int]
+) -> dict[int, RouterSite]:
+    """The router of each of ``layers``, found from the adapter's tensor names (not by class).
+
+    Raises:
+        ValueError: if a router weight (or the selection bias of a ``biased_score`` family)
+            is not in the loaded model.
+    """
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    top_k = int(getattr(config, spec.top_k_key, 1) or 1)
+    sites = {}
+    for layer in layers:
+        weight_name = loaded_name(model, spec.router.format(layer=layer))
+        if weight_name not in tensors:
+            raise ValueError(
+                f"layer {layer}: the adapter's router {spec.router.format(layer=layer)} "
+                f"(loaded as {weight_name}) is not in the model"
+            )
+        module_name = weight_name.rpartition(".")[0]
+        bias = None
+        if spec.selection == "biased_score" and spec.selection_bias:
+            bias_name = loaded_name(model, spec.selection_bias.format(layer=layer))
+            if bias_name not in tensors:
+                raise ValueError(f"layer {layer}: selection bias {bias_name} is not in the model")
+            bias = tensors[bias_name]
+        sites[layer] = RouterSite(
+            layer=layer,
+            name=module_name,
+            module=model.get_submodule(module_name),
+            num_experts=int(tensors[weight_name].shape[0]),
+            top_k=top_k,
+            bias=bias,
+        )
+    return sites
+
+
+def routing_modules(
+    model: nn.Module, spec: ExpertSpec, layers: Iterable[int]
+) -> dict[int, tuple[str, nn.Module]]:
+    """Map layer -> ``(name, module)`` of the module that routes each of ``layers``, found from
+    the adapter: the module owning the router weight, or, when that is a bare ``nn.Linear``
+    (JetMoE's ``router.layer``, Granite's, Hunyuan's ``gate.wg``, AFMoE's ``router.gate``), the
+    router module around it. Its parent is the MoE block. (The profiler.)
+
+    Raises:
+        ValueError: as ``adapter_routers``.
+    """
+    found = {}
+    for layer, site in adapter_routers(model, spec, layers).items():
+        name, module = site.name, site.module
+        if isinstance(module, nn.Linear):
+            name = name.rpartition(".")[0]
+            module = model.get_submodule(name)
+        found[layer] = (name, module)
+    return found

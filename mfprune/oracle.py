@@ -6,16 +6,26 @@ heads contribute nothing. ``masked_logits`` produces the right-hand side of that
 the *original* model, without touching its weights:
 
 * Pruned experts get a selection score of ``-inf`` in their router, so top-k never picks them and
-  every softmax normaliser excludes them, exactly as if the router had fewer rows:
+  every softmax normaliser excludes them, exactly as if the router had fewer rows. Routers are
+  found from the adapter (``mfprune.modules.adapter_routers``: the router weight's name through
+  transformers' key renamings), not by class name:
 
-  - most routers (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, GPT-OSS, GraniteMoE, PhiMoE) compute
-    their logits with a single ``torch.nn.functional.linear`` call inside ``forward``; during
-    that forward, ``linear`` is temporarily swapped for one that adds the mask to its output;
-  - DeepSeek-V3 selects on ``sigmoid(logits) + e_score_correction_bias`` and weights by the
-    un-biased sigmoid, so the mask goes on the bias (pruned entries set to ``-inf``) instead;
-  - JetMoE's ``JetMoeTopKGating`` takes its logits from an ``nn.Linear`` child called ``layer``,
-    masked with a forward hook. JetMoE has two routers per layer: the MLP's (``experts``) and the
-    attention's mixture-of-attention router (``attention_experts``).
+  - the logits are always masked, so every softmax normaliser excludes the pruned experts as
+    a router with fewer rows would;
+  - a family whose adapter says ``selection = "biased_score"`` (DeepSeek-V3: selection on
+    ``sigmoid(logits) + e_score_correction_bias``, weights from the un-biased sigmoid; ERNIE
+    4.5: ``softmax(logits) + bias`` in ``moe_statics``) also gets the mask on that bias
+    (pruned entries ``-inf``), wherever the family keeps it (router, MoE block or expert
+    module): a masked logit alone leaves ``0 + bias`` selectable;
+  - a router weight owned by a plain ``nn.Linear`` (JetMoE's ``router.layer``) is masked with
+    a forward hook on its output. JetMoE has two routers per layer: the MLP's (``experts``) and
+    the attention's mixture-of-attention router (``attention_experts``);
+  - any other owner computes the logits with a single ``torch.nn.functional.linear`` call inside
+    ``forward``; during that forward, ``linear`` is temporarily swapped for one that adds the
+    mask to its output (a forward making another number of calls is refused).
+
+* Where transformers' CPU ``grouped_mm`` experts refuse a shape ("strides should be multiple
+  of 16 bytes", e.g. hidden size 37), ``logits`` switches the model to the ``eager`` experts.
 
 * Pruned query heads are zeroed at the input of ``self_attn.o_proj`` (a forward pre-hook), which
   is what removing the matching ``o_proj`` columns does.
@@ -26,23 +36,36 @@ All patches are undone in ``finally`` blocks, so the model is unchanged after ev
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mfprune.modules import find_o_proj, find_routers
+from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.modules import RouterSite, adapter_routers, find_o_proj
 
 #: Ids to remove, per decoder-layer index.
 Pruned = Mapping[int, Sequence[int]]
 
 
+_GROUPED_MM_REFUSAL = "strides should be multiple of 16 bytes"
+
+
 def logits(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Plain forward pass: ``model(input_ids).logits`` as float32, without gradients."""
+    """Plain forward pass: ``model(input_ids).logits`` as float32, without gradients.
+
+    Falls back to the ``eager`` experts implementation (for good) where ``grouped_mm`` refuses
+    the model's shapes."""
+    ids = input_ids.to(model.device)
     with torch.no_grad():
-        ids = input_ids.to(model.device)
+        try:
+            return model(input_ids=ids, use_cache=False).logits.float()
+        except RuntimeError as exc:
+            if _GROUPED_MM_REFUSAL not in str(exc):
+                raise
+        model.set_experts_implementation("eager")
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
@@ -59,6 +82,7 @@ def masked_logits(
     experts: Pruned | None = None,
     attention_experts: Pruned | None = None,
     heads: Pruned | None = None,
+    spec: ArchSpec | None = None,
 ) -> torch.Tensor:
     """Logits of ``model`` with the given experts/heads masked out (see the module docstring).
 
@@ -69,6 +93,8 @@ def masked_logits(
         attention_experts: per layer index, the attention experts to remove (JetMoE's
             mixture-of-attention router).
         heads: per layer index, the query heads to remove.
+        spec: the adapter that says where the routers are; by default the built-in one for
+            the model's ``model_type``.
 
     Returns:
         float32 logits, shape ``(batch, seq, vocab)``.
@@ -79,43 +105,35 @@ def masked_logits(
         RuntimeError: if a router's forward did not make exactly one ``linear`` call, i.e. the
             masking could not be applied as designed.
     """
+    if (experts or attention_experts) and spec is None:
+        spec = spec_for_config(model.config.to_dict())
     with ExitStack() as stack:
-        if experts:
-            routers = find_routers(model, attention=False)
-            for layer, ids in experts.items():
-                stack.enter_context(_mask_router(_lookup(routers, layer, "experts"), ids))
-        if attention_experts:
-            routers = find_routers(model, attention=True)
-            for layer, ids in attention_experts.items():
-                router = _lookup(routers, layer, "attention_experts")
-                stack.enter_context(_mask_router(router, ids))
+        for pruned, kind in ((experts, "experts"), (attention_experts, "attention_experts")):
+            if not pruned:
+                continue
+            assert spec is not None
+            kind_spec = spec.experts if kind == "experts" else spec.attention_experts
+            if kind_spec is None:
+                raise ValueError(f"{kind}: the {spec.family} adapter has no {kind}")
+            sites = adapter_routers(model, kind_spec, pruned.keys())
+            for layer, ids in pruned.items():
+                stack.enter_context(_mask_site(sites[layer], ids))
         if heads:
             for layer, ids in heads.items():
                 stack.enter_context(_mask_heads(model, layer, ids))
         return logits(model, input_ids)
 
 
-# --------------------------------------------------------------------------- discovery
+# --------------------------------------------------------------------------- expert masking
 
 
-def _lookup(routers: dict[int, tuple[str, nn.Module]], layer: int, what: str) -> nn.Module:
-    """``routers[layer]``'s module, or a clear error naming the layers that do have one."""
-    if layer not in routers:
-        raise ValueError(
-            f"{what}: layer {layer} has no router; layers with one: {sorted(routers) or 'none'}"
-        )
-    return routers[layer][1]
-
-
-def _expert_mask(router: nn.Module, ids: Sequence[int]) -> torch.Tensor:
+def _expert_mask(num_experts: int, top_k: int, ids: Sequence[int]) -> torch.Tensor:
     """A float32 vector over the router's experts: 0 for kept, ``-inf`` for pruned."""
-    num_experts = int(router.num_experts)
     pruned = sorted({int(i) for i in ids})
     if len(pruned) != len(ids):
         raise ValueError(f"repeated expert ids: {list(ids)}")
     if pruned and not 0 <= pruned[0] <= pruned[-1] < num_experts:
         raise ValueError(f"expert ids {pruned} out of range for {num_experts} experts")
-    top_k = int(getattr(router, "top_k", 1))
     if num_experts - len(pruned) < top_k:
         raise ValueError(
             f"pruning {len(pruned)} of {num_experts} experts leaves fewer than top_k={top_k}"
@@ -125,23 +143,36 @@ def _expert_mask(router: nn.Module, ids: Sequence[int]) -> torch.Tensor:
     return mask
 
 
-# --------------------------------------------------------------------------- expert masking
-
-
 @contextmanager
-def _mask_router(router: nn.Module, ids: Sequence[int]) -> Iterator[None]:
-    """Mask the pruned ``ids`` out of ``router``'s selection for the duration of the context."""
-    mask = _expert_mask(router, ids)
+def _mask_site(site: RouterSite, ids: Sequence[int]) -> Iterator[None]:
+    """Mask the pruned ``ids`` out of one layer's selection for the duration of the context:
+    always on the router logits (so every softmax normaliser excludes them), and also on the
+    selection bias where the family has one (so ``score + bias`` never selects them)."""
+    mask = _expert_mask(site.num_experts, site.top_k, ids)
+    with ExitStack() as stack:
+        if type(site.module).forward is nn.Linear.forward:  # a plain linear: logits out
+            stack.enter_context(_mask_linear_output(site.module, mask))
+        else:
+            stack.enter_context(_mask_linear_call(site.module, mask))
+        if site.bias is not None:
+            stack.enter_context(_mask_correction_bias(site.bias, mask))
+        yield
+
+
+def _mask_router(router: nn.Module, ids: Sequence[int]) -> AbstractContextManager[None]:
+    """Mask ``ids`` out of a router module found by other means (its own attributes say how
+    many experts, top-k and any selection bias). Prefer ``masked_logits`` with an adapter."""
     bias = getattr(router, "e_score_correction_bias", None)
     layer = getattr(router, "layer", None)
-    if isinstance(bias, torch.Tensor):
-        ctx = _mask_correction_bias(bias, mask)
-    elif isinstance(layer, nn.Linear):
-        ctx = _mask_linear_output(layer, mask)
-    else:
-        ctx = _mask_linear_call(router, mask)
-    with ctx:
-        yield
+    site = RouterSite(
+        layer=-1,
+        name=type(router).__name__,
+        module=layer if isinstance(layer, nn.Linear) else router,
+        num_experts=int(router.num_experts),
+        top_k=int(getattr(router, "top_k", 1)),
+        bias=bias if isinstance(bias, torch.Tensor) else None,
+    )
+    return _mask_site(site, ids)
 
 
 @contextmanager

@@ -121,6 +121,46 @@ class PrunePlan:
         if problems:
             raise PlanError(problems)
 
+    def with_mtp(self, layout: ModelLayout) -> PrunePlan:
+        """This plan with every multi-token-prediction layer it does not name filled in.
+
+        An MTP layer runs on the last decoder layer's output and servers build it with the
+        config's one expert count, so it must keep as many experts as the decoder layers.
+        transformers never runs it, so ``mfprune profile`` has no statistics for its router;
+        the rule: an MTP layer keeps the same expert ids (and query heads) as the last MoE
+        decoder layer. Name the MTP layer in the plan to choose otherwise.
+        """
+        if not layout.mtp_layers:
+            return self
+        sections: dict[str, Kept] = {}
+        filled: list[int] = []
+        for kind in filter(None, (layout.experts, layout.attention_experts)):
+            kept = dict(self.experts if kind.kind == "experts" else self.attention_experts)
+            last = kind.layers[-1]
+            for layer in kind.mtp_layers:
+                if layer not in kept and last in kept:
+                    kept[layer] = kept[last]
+                    filled.append(layer)
+            sections[kind.kind] = kept
+        heads = dict(self.heads)
+        last_layer = layout.num_layers - 1
+        for layer in layout.mtp_layers:
+            if heads and layer not in heads and last_layer in heads:
+                heads[layer] = heads[last_layer]
+                filled.append(layer)
+        meta = dict(self.meta)
+        if filled:
+            meta["mtp"] = (
+                f"MTP layer(s) {sorted(set(filled))} keep the last decoder layer's experts "
+                "and heads (no statistics for MTP routers)"
+            )
+        return PrunePlan(
+            experts=sections.get("experts", self.experts),
+            attention_experts=sections.get("attention_experts", self.attention_experts),
+            heads=heads,
+            meta=meta,
+        )
+
     def kept_experts(self, layout: ExpertLayout, layer: int) -> tuple[int, ...]:
         kept = self.experts if layout.kind == "experts" else self.attention_experts
         return kept.get(layer, tuple(range(layout.num_experts)))
@@ -171,7 +211,7 @@ def _check_experts(
     kind, E, K = layout.kind, layout.num_experts, layout.top_k
     for layer, ids in sorted(kept.items()):
         where = f"{kind}[{layer}]"
-        if layer not in layout.layers:
+        if layer not in layout.all_layers:
             what = "does not exist" if layer >= model.num_layers else "is not an MoE layer"
             problems.append(f"{where}: layer {layer} {what} (MoE layers: {_ranges(layout.layers)})")
             continue
@@ -206,6 +246,14 @@ def _check_experts(
                     f"{-(-K // layout.topk_group)} per group"
                 )
     counts = {layer: len(kept.get(layer, range(E))) for layer in layout.layers}
+    for layer in layout.mtp_layers:
+        last = counts[layout.layers[-1]]
+        if layer in kept and len(kept[layer]) != last and not allow_uneven:
+            problems.append(
+                f"{kind}[{layer}]: the multi-token-prediction layer keeps {len(kept[layer])} but "
+                f"the decoder layers keep {last}: servers build it with the config's one "
+                f"'{layout.count_key}'"
+            )
     if len(set(counts.values())) > 1 and not allow_uneven:
         shown = ", ".join(f"layer {layer}: {n}" for layer, n in counts.items())
         problems.append(
@@ -235,7 +283,7 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
     shapes = set()
     for layer, ids in sorted(kept.items()):
         where = f"heads[{layer}]"
-        if not 0 <= layer < model.num_layers:
+        if not 0 <= layer < model.num_layers + len(model.mtp_layers):
             problems.append(f"{where}: layer {layer} does not exist (0..{model.num_layers - 1})")
             continue
         if heads.no_heads_reason(layer):
@@ -260,11 +308,8 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
             )
             continue
         shapes.add((len(ids), len(per_kv)))
-    full = (
-        {(H, heads.num_kv_heads)}
-        if len(set(kept) & set(heads.layers)) < len(heads.layers)
-        else set()
-    )
+    decoder = [layer for layer in heads.layers if layer < model.num_layers]  # not MTP layers
+    full = {(H, heads.num_kv_heads)} if len(set(kept) & set(decoder)) < len(decoder) else set()
     if len(shapes | full) > 1 and not any(p.startswith("heads[") for p in problems):
         problems.append(
             "heads: layers would keep different head counts "

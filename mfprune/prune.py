@@ -15,6 +15,7 @@ from mfprune.io.outputs import Input, claim_folder, staged_folder
 from mfprune.plan import PrunePlan
 from mfprune.planner import LayerReport, plan_from_profile
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
+from mfprune.rewrite.mtp import check_drop
 
 PLAN_ONLY_FILE = "plan.json"
 
@@ -89,6 +90,7 @@ def prune_model(
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
     verify: bool = False,
+    drop_mtp: bool = False,
 ) -> PruneOutcome:
     """Plan (from ``plan``, or ranked from ``profile`` with ``criterion``, default reap, under
     ``budget``) and rewrite ``model`` into ``out``. Every input and option is checked, and the
@@ -110,6 +112,8 @@ def prune_model(
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
     budget.check(layout)
+    if drop_mtp:
+        check_drop(PrunePlan(), layout)  # a model without MTP layers: refused up front
     inputs = [Input(ckpt.root, "the source model")]
     inputs += Input.of(profile, "the stats file")
     if not isinstance(plan, PrunePlan):
@@ -120,7 +124,7 @@ def prune_model(
             ckpt, spec, layout, target, plan=plan, profile=profile,
             criterion=criterion or "reap", criterion_options=criterion_options, budget=budget,
             plan_only=plan_only, allow_uneven=allow_uneven, max_shard_bytes=max_shard_bytes,
-            verify=verify,
+            verify=verify, drop_mtp=drop_mtp,
         )  # fmt: skip
 
 
@@ -139,6 +143,7 @@ def _prune(
     allow_uneven: bool,
     max_shard_bytes: int | None,
     verify: bool,
+    drop_mtp: bool,
 ) -> PruneOutcome:
     layers: list[LayerReport] = []
     if profile is not None:
@@ -170,6 +175,10 @@ def _prune(
         _check_plan_model(the_plan, ckpt, plan)
     if plan_only:
         the_plan.validate(layout, allow_uneven=allow_uneven)
+        if drop_mtp:
+            check_drop(the_plan, layout)
+        else:
+            the_plan = the_plan.with_mtp(layout)
         with staged_folder(target) as tmp:
             the_plan.save(tmp / PLAN_ONLY_FILE)
         return PruneOutcome(plan=the_plan, out=target.path, layers=layers)
@@ -180,12 +189,13 @@ def _prune(
         spec=spec,
         max_shard_bytes=max_shard_bytes,
         allow_uneven=allow_uneven,
+        drop_mtp=drop_mtp,
     )
     check = None
     if verify:
         from mfprune.verify import verify_rewrite
 
-        check = verify_rewrite(ckpt.root, result.out)
+        check = verify_rewrite(ckpt.root, result.out, spec=spec)
         if not check.exact:
             raise MfpruneError(
                 f"the pruned model's logits differ from the masked original by "

@@ -14,6 +14,7 @@ and pruning an expert changes the logits.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,57 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layer_types": ["linear_attention", "sliding_attention"],
     },
     "qwen3_next": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
+    # selection biases kept off the router module (block, statics module), routers not named
+    # *TopKRouter: found by the oracle from the adapter
+    # ERNIE: MoE in layers 1..2 of 4 (moe_layer_start_index .. moe_layer_end_index)
+    "ernie4_5_moe": {
+        **_BASE,
+        "num_hidden_layers": 4,
+        "moe_num_experts": 8,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+        "moe_layer_end_index": 2,
+    },
+    "exaone_moe": {
+        **_BASE,
+        **_GLM,
+        "n_routed_experts": None,
+        "num_experts": 8,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    "minimax_m2": {**_BASE, **_SOFTMAX, "num_local_experts": 8},
+    # short-convolution layer 1 between attention layers 0 and 2; layer 0 dense
+    "lfm2_moe": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_dense_layers": 1,
+        "layer_types": ["full_attention", "conv", "full_attention"],
+    },
+    "afmoe": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_dense_layers": 1,
+        "num_shared_experts": 1,
+    },
+    "hunyuan_v1_moe": {
+        **_BASE,
+        "num_experts": 8,
+        "moe_topk": 2,
+        "moe_intermediate_size": 32,
+        "head_dim": 16,
+    },
+    "kolibri1": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_local_experts": 8,
+        "shared_expert_intermediate_size": 32,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -252,6 +304,11 @@ def make_config(family: str, **overrides: Any) -> PretrainedConfig:
     return AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
 
 
+# routers whose class name the oracle's old rule did not know (HunYuanMoEV1Gate,
+# AfmoeTokenChoiceRouter): their logits come from an nn.Linear child
+_OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter)$")
+
+
 def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
     """Re-draw router weights and zero-initialised routing/expert biases, in place."""
 
@@ -262,9 +319,14 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         if is_router(module):  # jetmoe's gating takes its logits from an nn.Linear child
             layer = getattr(module, "layer", None)  # jetmoe gating wraps an nn.Linear
             draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
-        bias = getattr(module, "e_score_correction_bias", None)  # deepseek_v3
-        if isinstance(bias, torch.Tensor):
-            draw(bias, 0.5)
+        elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg, afmoe's router.gate
+            for child in ("wg", "gate"):
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    draw(getattr(module, child).weight, ROUTER_STD)
+        for name in ("e_score_correction_bias", "expert_bias"):  # deepseek_v3, lfm2_moe, afmoe
+            bias = getattr(module, name, None)
+            if isinstance(bias, torch.Tensor):
+                draw(bias, 0.5)
     for name, param in model.named_parameters():
         for suffix, std in _ZERO_INIT_STD.items():
             if name.endswith(suffix):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mfprune.arch import spec_for_config
+from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.loading import load_pretrained
@@ -33,17 +33,32 @@ class VerifyResult:
 
 
 def verify_rewrite(
-    source: str | Path, pruned: str | Path, *, seq_len: int = 32, batch: int = 2, seed: int = 0
+    source: str | Path,
+    pruned: str | Path,
+    *,
+    spec: ArchSpec | None = None,
+    seq_len: int = 32,
+    batch: int = 2,
+    seed: int = 0,
 ) -> VerifyResult:
-    """Compare ``pruned`` against ``source`` masked by the plan stored in ``pruned``."""
+    """Compare ``pruned`` against ``source`` masked by the plan stored in ``pruned``.
+
+    ``spec`` is the adapter the rewrite used (``--arch``); by default the built-in one.
+    Multi-token-prediction layers are not compared: transformers does not run them.
+    """
     from mfprune.oracle import logits, masked_logits, sample_ids
 
     ckpt = open_checkpoint(source)
-    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    spec = spec or spec_for_config(ckpt.config)
+    layout = resolve_layout(ckpt, spec)
     plan = PrunePlan.load(Path(pruned) / PLAN_FILE)
 
     def removed(kept: dict[int, tuple[int, ...]], total: int) -> dict[int, list[int]]:
-        return {layer: sorted(set(range(total)) - set(ids)) for layer, ids in kept.items()}
+        return {
+            layer: sorted(set(range(total)) - set(ids))
+            for layer, ids in kept.items()
+            if layer < layout.num_layers
+        }
 
     att = layout.attention_experts
     heads = layout.heads
@@ -58,6 +73,7 @@ def verify_rewrite(
         experts=removed(plan.experts, layout.experts.num_experts) or None,
         attention_experts=removed(plan.attention_experts, att.num_experts) if att else None,
         heads=removed(plan.heads, heads.num_heads) if heads and plan.heads else None,
+        spec=spec,
     )
     unmasked = logits(original, ids)
     got = logits(small, ids)

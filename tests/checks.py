@@ -92,3 +92,47 @@ def config_diff(source: Path, out: Path) -> dict[str, tuple]:
     a = json.loads((source / "config.json").read_text())
     b = json.loads((out / "config.json").read_text())
     return {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def _bytes(info) -> torch.Tensor:
+    with safe_open(info.file, "pt") as f:
+        return f.get_tensor(info.name).contiguous().view(torch.uint8)
+
+
+def assert_experts_follow(source: Path, out: Path, *, kept: dict[int, list[int]]) -> int:
+    """In every pruned layer, each tensor under ``experts.{e}.`` of a kept expert is in the
+    output under its new number with identical bytes (scales, zero points... included), and
+    nothing of a dropped expert is left. Returns how many tensors were compared."""
+    src, dst = open_checkpoint(source), open_checkpoint(out)
+    expected: dict[str, str] = {}  # output name -> source name
+    for name in src.tensors:
+        m = _PER_EXPERT.match(name)
+        if m and int(m.group(2)) in kept:
+            ids = kept[int(m.group(2))]
+            if int(m.group(3)) in ids:
+                expected[f"{m.group(1)}{ids.index(int(m.group(3)))}{m.group(4)}"] = name
+    actual = {n for n in dst.tensors if (m := _PER_EXPERT.match(n)) and int(m.group(2)) in kept}
+    assert actual == set(expected), sorted(actual ^ set(expected))[:5]
+    for name, origin in expected.items():
+        a, b = src.tensors[origin], dst.tensors[name]
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), name
+        assert torch.equal(_bytes(a), _bytes(b)), f"{name} != {origin}"
+    return len(expected)
+
+
+def assert_stacked_sliced(
+    source: Path, out: Path, *, kept: dict[int, list[int]], names: list[str]
+) -> None:
+    """Each ``names`` template (with ``{layer}``) of a pruned layer is the source tensor's
+    kept rows along axis 0, byte for byte."""
+    src, dst = open_checkpoint(source), open_checkpoint(out)
+    for layer, ids in kept.items():
+        for template in names:
+            name = template.format(layer=layer)
+            with safe_open(src.tensors[name].file, "pt") as f:
+                full = f.get_tensor(name)
+            with safe_open(dst.tensors[name].file, "pt") as f:
+                got = f.get_tensor(name)
+            want = full[list(ids)].contiguous()
+            assert got.shape == want.shape, (name, got.shape, want.shape)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name

@@ -98,10 +98,11 @@ def test_every_adapter_serves_a_transformers_family(moe_types):
 @pytest.mark.parametrize(
     ("model_type", "expected", "absent"),
     [
-        ("ernie4_5_moe", "off the router", "did you mean"),  # a known family: its reason
+        ("dbrx", "experts concatenated", "did you mean"),  # a known family: its reason
         ("doge", "product-key experts", "did you mean"),
         ("mixtrall", "did you mean 'mixtral'?", None),  # a typo: the close name
-        ("lfm2_moe_x", "supported: ", "did you mean"),  # nothing close: no suggestion
+        ("falcon_mamba", "supported: ", "did you mean"),  # nothing close: no suggestion
+        ("ernie_vl_x", "supported: ", "did you mean"),
         ("granite_moe_x", "did you mean 'granitemoe'?", None),
         ("mamba_moe", "supported: ", "did you mean"),
         ("llama", "supported: ", "did you mean"),

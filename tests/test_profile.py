@@ -7,6 +7,7 @@ checkpoint with a tiny BPE tokenizer (trained offline) saved into it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -31,7 +32,7 @@ from mfprune.checkpoint import open_checkpoint
 from mfprune.cli import app
 from mfprune.errors import DataError, ModelError, StatsError
 from mfprune.loading import auto_model_class
-from mfprune.modules import find_o_projs, find_routers, parent_of
+from mfprune.modules import find_o_projs, find_routers, parent_of, routing_modules
 from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
 from mfprune.profiling.hooks import Recorder
@@ -145,6 +146,8 @@ def test_counts_sum_to_tokens_times_top_k(family, model_dir, data):
     assert (stats.attention_experts is not None) == (family == "jetmoe")
     if family == "jetmoe":
         assert stats.heads is None  # its heads are attention experts
+    elif stats.heads is None:  # no self_attn.o_proj to read (LFM2's out_proj): no head rules
+        assert not spec_for_config({"model_type": family}).heads.tensors
     else:
         assert stats.heads is not None
         ckpt = open_checkpoint(model_dir(family))
@@ -200,7 +203,9 @@ def test_bfloat16_profile(model_dir, data):
 # ---------------------------------------------------------------------- by-hand reference sums
 
 
-def _route_by_hand(family: str, router: Any, x: torch.Tensor, config: Any) -> tuple[Any, Any]:
+def _route_by_hand(
+    family: str, router: Any, x: torch.Tensor, config: Any, *, block: Any = None
+) -> tuple[Any, Any]:
     """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights."""
     k = config.num_experts_per_tok
     x = x.float()
@@ -228,7 +233,17 @@ def _route_by_hand(family: str, router: Any, x: torch.Tensor, config: Any) -> tu
         if config.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return index, weight * config.routed_scaling_factor
-    _, weight, index = router(x)  # other families: the router's own output
+    # other families: the router's own output; a router that takes the selection bias kept on
+    # its MoE block (MiniMax-M2, LFM2-MoE, AFMoE) gets it as transformers passes it
+    if len(inspect.signature(router.forward).parameters) > 1:
+        bias = next(
+            getattr(block, n)
+            for n in ("expert_bias", "e_score_correction_bias")
+            if hasattr(block, n)
+        )
+        _, weight, index = router(x[None] if family == "afmoe" else x, bias)  # AFMoE: [B, S, D]
+    else:
+        _, weight, index = router(x)
     return index, weight
 
 
@@ -246,7 +261,8 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
     gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
-    return F.linear(ACT2FN[config.hidden_act](gate) * up, ex.down_proj[e])
+    act = ex.act_fn if hasattr(ex, "act_fn") else ACT2FN[config.hidden_act]  # LFM2: no key
+    return F.linear(act(gate) * up, ex.down_proj[e])
 
 
 class _Sums:
@@ -274,7 +290,9 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     config = model.config.get_text_config()
     chunks = load_token_data(data, tokenizer, seq_len=SEQ_LEN).chunks
     E = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
-    routers = find_routers(model, attention=False)
+    ckpt = open_checkpoint(path)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
     o_projs = find_o_projs(model)
     heads = config.num_attention_heads
     mlp = _Sums(len(routers), E)
@@ -315,7 +333,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 name, router = routers[layer]
                 block = parent_of(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                index, weight = _route_by_hand(family, router, x, config)
+                index, weight = _route_by_hand(family, router, x, config, block=block)
                 outs = torch.stack(
                     [
                         torch.stack(

@@ -53,6 +53,14 @@ EXPERT_CASES = {
     "granitemoe_swa": (_half(0, 1), "num_local_experts"),
     "lara_mini": (_half(0, 1), "num_experts"),
     "qwen3_next": (_half(0, 1), "num_experts"),
+    # selection bias off the router module: masked there by the oracle
+    "ernie4_5_moe": (_half(1, 2), "moe_num_experts"),  # bias in mlp.moe_statics, [1, E]
+    "exaone_moe": (_half(1, 2), "num_experts"),  # bias on the MoE block; groups
+    "minimax_m2": (_half(0, 1), "num_local_experts"),  # bias on the MoE block
+    "lfm2_moe": (_half(1, 2), "num_experts"),  # bias on the MoE block; conv layer 1
+    "afmoe": (_half(1, 2), "num_experts"),  # bias on the MoE block; router.gate child
+    "hunyuan_v1_moe": (_half(0, 1), "num_experts"),  # router gate.wg
+    "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
 }
 
 
@@ -100,6 +108,9 @@ HEAD_CASES = {
     "jamba": ({1: [0, 1], 3: [2, 3]}, _half(0, 2)),  # layers 0, 2: Mamba
     "granitemoehybrid": ({1: [1, 2]}, {}),  # layer 0: Mamba-2
     "lara_mini": ({1: [0, 3]}, {}),  # layer 0: linear attention
+    "ernie4_5_moe": ({0: [0, 1], 1: [0, 1], 2: [0, 1], 3: [2, 3]}, _half(1, 2)),
+    "afmoe": ({0: [0, 2], 1: [1, 3], 2: [0, 3]}, {}),  # per-head output gate (gate_proj)
+    "exaone_moe": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
 }
 
 

@@ -3,9 +3,17 @@ experts, top-k, groups, heads — with the config checked against the tensors on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from mfprune.arch.expert_tensors import (
+    LayerTensors,
+    group_by_layer,
+    layer_prefix,
+    rules_for,
+    sort_layer,
+)
 from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ArchError, ModelError
@@ -23,6 +31,16 @@ class ExpertLayout:
     count_key: str  # the config key that holds E
     n_group: int = 1  # group-limited routing (DeepSeek-V3): E splits into n_group equal groups
     topk_group: int = 1
+    # multi-token-prediction layers with these experts (indices >= num_layers; transformers
+    # does not build them, servers do): pruned with the same count
+    mtp_layers: tuple[int, ...] = ()
+    # each MoE layer's expert tensors sorted by rule (mfprune.arch.expert_tensors)
+    tensors: Mapping[int, LayerTensors] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def all_layers(self) -> tuple[int, ...]:
+        """Decoder MoE layers, then MTP MoE layers."""
+        return self.layers + self.mtp_layers
 
     @property
     def group_size(self) -> int:
@@ -78,6 +96,7 @@ class ModelLayout:
     experts: ExpertLayout
     attention_experts: ExpertLayout | None
     heads: HeadLayout | None  # None when the config does not say how many heads
+    mtp_layers: tuple[int, ...] = ()  # multi-token-prediction layers: num_layers, num_layers+1..
 
     @property
     def family(self) -> str:
@@ -117,9 +136,32 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
-    experts = _resolve_experts(ckpt, cfg, spec.experts, "experts", num_layers)
+    n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
+    # MTP layers as stored: save_pretrained writes the config key but never the layer
+    present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
+    mtp = tuple(L for L in range(num_layers, num_layers + n_mtp) if L in present)
+    others = (spec.attention_experts,) if spec.attention_experts else ()
+    experts = _resolve_experts(
+        ckpt,
+        cfg,
+        spec.experts,
+        "experts",
+        num_layers,
+        mtp=mtp,
+        others=others,
+        layers_key=spec.num_layers_key,
+    )
     attention = (
-        _resolve_experts(ckpt, cfg, spec.attention_experts, "attention_experts", num_layers)
+        _resolve_experts(
+            ckpt,
+            cfg,
+            spec.attention_experts,
+            "attention_experts",
+            num_layers,
+            mtp=mtp,
+            others=(spec.experts,),
+            layers_key=spec.num_layers_key,
+        )
         if spec.attention_experts
         else None
     )
@@ -128,7 +170,8 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         num_layers=num_layers,
         experts=experts,
         attention_experts=attention,
-        heads=_resolve_heads(cfg, spec.heads, ckpt, num_layers),
+        heads=_resolve_heads(cfg, spec.heads, ckpt, (*range(num_layers), *mtp)),
+        mtp_layers=mtp,
     )
     from mfprune.arch.consistency import check_config_against_weights
 
@@ -149,6 +192,8 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers
         return types[layer] in rules.moe_layer_types
     if layer < _int_key(cfg, rules.first_dense_key, 0):
         return False
+    if rules.last_moe_key and layer > _int_key(cfg, rules.last_moe_key, layer):
+        return False
     dense = cfg.get(rules.dense_layers_key) if rules.dense_layers_key else None
     if isinstance(dense, list) and layer in dense:
         return False
@@ -157,7 +202,15 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers
 
 
 def _resolve_experts(
-    ckpt: Checkpoint, cfg: dict[str, Any], spec: ExpertSpec, kind: str, num_layers: int
+    ckpt: Checkpoint,
+    cfg: dict[str, Any],
+    spec: ExpertSpec,
+    kind: str,
+    num_layers: int,
+    *,
+    mtp: tuple[int, ...] = (),
+    others: tuple[ExpertSpec, ...] = (),
+    layers_key: str = "num_hidden_layers",
 ) -> ExpertLayout:
     tensors = ckpt.tensors
     count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
@@ -185,7 +238,21 @@ def _resolve_experts(
             f"config.json '{spec.top_k_key}' = {cfg.get(spec.top_k_key)!r} is not a valid top-k",
             hint=f"top-k must be between 1 and {count_key} = {num_experts}; fix config.json",
         )
-    for L in with_router:
+    by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
+    beyond = sorted(
+        L for L in by_layer if num_layers <= L and spec.router.format(layer=L) in tensors
+    )
+    if [L for L in beyond if L not in mtp]:
+        what = f"{len(mtp)} multi-token-prediction layer(s)" if mtp else "no MTP layers"
+        raise ModelError(
+            f"layer {beyond[0]} has a router ({spec.router.format(layer=beyond[0])}) but "
+            f"config.json says {layers_key} = {num_layers} and {what} (the weights hold "
+            f"{max(by_layer) + 1} layers)",
+            hint="an MTP / extra layer that the adapter does not describe would keep its "
+            "experts while the config's count changes; fix config.json or the adapter's "
+            "mtp_layers_key",
+        )
+    for L in [*with_router, *beyond]:  # decoder MoE layers, then MTP layers
         rows = tensors[spec.router.format(layer=L)].shape[0]
         if rows != num_experts:
             raise ModelError(
@@ -208,26 +275,17 @@ def _resolve_experts(
                     f"along axis {st.axis}",
                     hint="the config does not match the weights",
                 )
-        for template in spec.per_expert:
-            for e in range(num_experts):
-                if template.format(layer=L, expert=e) not in tensors:
-                    raise ModelError(
-                        f"expert tensor {template.format(layer=L, expert=e)} is missing "
-                        f"({count_key} = {num_experts})",
-                        hint="the config does not match the weights",
-                    )
-            if template.format(layer=L, expert=num_experts) in tensors:
-                raise ModelError(
-                    f"config.json says {count_key} = {num_experts} but "
-                    f"{template.format(layer=L, expert=num_experts)} exists",
-                    hint="the config does not match the weights; fix config.json",
-                )
     n_group = max(1, _int_key(cfg, spec.groups_key, 1))
     if num_experts % n_group:
         raise ModelError(
             f"{num_experts} experts do not split into n_group = {n_group} groups",
             hint=f"n_group must divide {count_key}; fix config.json",
         )
+    sorted_layers = {}
+    for L in [*with_router, *beyond]:
+        rules = rules_for(spec, L, others=others)
+        sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
+        _check_per_expert(sorted_layers[L], spec, num_experts=num_experts, count_key=count_key)
     return ExpertLayout(
         kind=kind,
         spec=spec,
@@ -237,23 +295,51 @@ def _resolve_experts(
         count_key=count_key,
         n_group=n_group,
         topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
+        mtp_layers=tuple(beyond),
+        tensors=sorted_layers,
     )
 
 
+def _check_per_expert(
+    lt: LayerTensors, spec: ExpertSpec, *, num_experts: int, count_key: str
+) -> None:
+    """Every expert 0..E-1 has the adapter's tensors (plain, or a quantized form under the
+    same module) and no expert numbered E or above exists. Experts may differ otherwise (a
+    quantization config can leave some experts unquantized)."""
+    if not spec.per_expert:
+        return
+    beyond = [e for e in lt.per_expert if e >= num_experts]
+    if beyond:
+        first = lt.per_expert[beyond[0]][0].info.name
+        raise ModelError(
+            f"config.json says {count_key} = {num_experts} but {first} exists",
+            hint="the config does not match the weights; fix config.json",
+        )
+    for e in range(num_experts):
+        names = {t.info.name for t in lt.per_expert.get(e, ())}
+        for template in spec.per_expert:
+            name = template.format(layer=lt.layer, expert=e)
+            module = name.rsplit(".", 1)[0] + "."
+            if name not in names and not any(n.startswith(module) for n in names):
+                raise ModelError(
+                    f"expert tensor {name} is missing ({count_key} = {num_experts})",
+                    hint="the config does not match the weights",
+                )
+
+
 def _resolve_heads(
-    cfg: dict[str, Any], spec: HeadSpec, ckpt: Checkpoint, num_layers: int
+    cfg: dict[str, Any], spec: HeadSpec, ckpt: Checkpoint, layer_ids: tuple[int, ...]
 ) -> HeadLayout | None:
     heads = _int_key(cfg, spec.count_key, 0)
     if heads <= 0:
         return None
     kv = _int_key(cfg, spec.kv_count_key, heads)
     head_dim = _int_key(cfg, spec.head_dim_key, 0) or _int_key(cfg, "hidden_size", 0) // heads
-    required = [t.name for t in spec.tensors if not t.optional]
-    layers = tuple(  # hybrid models (Mamba, linear attention) have heads in some layers only
-        L
-        for L in range(num_layers)
-        if all(name.format(layer=L) in ckpt.tensors for name in required)
-    )
+    # hybrid models (Mamba, linear attention) have heads in some layers only: those holding
+    # every required head tensor, plain or in a quantized form under the same module
+    modules = {name.rsplit(".", 1)[0] for name in ckpt.tensors}
+    required = [t.name.rsplit(".", 1)[0] for t in spec.tensors if not t.optional]
+    layers = tuple(L for L in layer_ids if all(m.format(layer=L) in modules for m in required))
     return HeadLayout(
         spec=spec, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, config=cfg, layers=layers
     )

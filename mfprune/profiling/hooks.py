@@ -37,7 +37,7 @@ from torch import nn
 
 from mfprune.arch.layout import ExpertLayout, ModelLayout
 from mfprune.errors import ModelError
-from mfprune.modules import find_o_projs, find_routers, parent_of
+from mfprune.modules import find_o_projs, parent_of, routing_modules
 from mfprune.profiling.stats import ExpertStats, HeadStats
 
 
@@ -185,13 +185,13 @@ class Recorder:
     # ---------------------------------------------------------------------------- experts
 
     def _plan_experts(self, kind: str, layout: ExpertLayout) -> None:
-        routers = find_routers(self.model, attention=kind == "attention_experts")
-        if sorted(routers) != list(layout.layers):
+        try:  # from the adapter's router names, whatever the router class is called
+            routers = routing_modules(self.model, layout.spec, layout.layers)
+        except ValueError as exc:
             raise ModelError(
-                f"the loaded model has {kind} routers in layers {sorted(routers)}, but the "
-                f"checkpoint's tensors put them in layers {list(layout.layers)}",
+                f"the loaded model does not hold the {kind} routers the checkpoint has: {exc}",
                 hint="the adapter does not match how transformers builds this model",
-            )
+            ) from None
         sums = self.sums[kind]
         for row, layer in enumerate(layout.layers):
             name, router = routers[layer]

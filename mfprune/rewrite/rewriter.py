@@ -31,6 +31,9 @@ from mfprune.io.reader import TensorInfo
 from mfprune.io.writer import OutTensor, fsync_path, write_shard
 from mfprune.plan import PrunePlan, head_index
 from mfprune.rewrite.config_patch import config_changes, patch_config
+from mfprune.rewrite.mtp import check_drop, drop_actions, dropped_config
+from mfprune.rewrite.quant_config import patch_quantization_config
+from mfprune.rewrite.quantized import companion_slices, missing_head_tensor
 from mfprune.rewrite.slicing import blocks_for, copy_tensor, slice_tensor
 
 PLAN_FILE = "mfprune_plan.json"
@@ -66,6 +69,7 @@ def rewrite_checkpoint(
     inputs: tuple[Input, ...] = (),
     max_shard_bytes: int | None = None,
     allow_uneven: bool = False,
+    drop_mtp: bool = False,
 ) -> RewriteResult:
     """Write the pruned copy of ``model`` described by ``plan`` to ``out``.
 
@@ -74,11 +78,18 @@ def rewrite_checkpoint(
     ``mfprune.io.outputs.claim_folder`` (``inputs``: more paths the output may not touch, beside
     the source model). ``allow_uneven`` accepts plans whose layers keep different expert
     counts; the output then loads with ``mfprune.load_pretrained``, not stock transformers.
+    Multi-token-prediction layers are pruned like the last decoder layer unless the plan names
+    them (``PrunePlan.with_mtp``); ``drop_mtp`` removes them and sets the config's count to 0.
     """
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
     plan.validate(layout, allow_uneven=allow_uneven)
+    if drop_mtp:
+        check_drop(plan, layout)
+    else:
+        plan = plan.with_mtp(layout)
+        plan.validate(layout, allow_uneven=allow_uneven)
     target = (
         out
         if isinstance(out, OutputTarget)
@@ -88,8 +99,11 @@ def rewrite_checkpoint(
     )
     out_dir = target.path
     with target.held():  # the lock goes with any failure before the rename
-        tensors, stats = plan_tensors(ckpt, layout, plan)
+        tensors, stats = plan_tensors(ckpt, layout, plan, drop_mtp=drop_mtp)
         new_config = patch_config(ckpt.config, layout, plan)
+        new_config = patch_quantization_config(new_config, layout, plan)
+        if drop_mtp:
+            new_config = dropped_config(new_config, layout)
         limit = max_shard_bytes or max(s.file_size for s in ckpt.shards)
         shards = _assign_shards(tensors, limit)
         with staged_folder(target) as tmp:
@@ -143,12 +157,14 @@ def rewrite_checkpoint(
 
 
 def plan_tensors(
-    ckpt: Checkpoint, layout: ModelLayout, plan: PrunePlan
+    ckpt: Checkpoint, layout: ModelLayout, plan: PrunePlan, *, drop_mtp: bool = False
 ) -> tuple[list[OutTensor], dict[str, int]]:
     """Every output tensor, in source order, with where its bytes come from."""
     actions: dict[str, OutTensor | None] = {}  # None: dropped
+    if drop_mtp:
+        drop_actions(ckpt, layout, actions)
     for experts in filter(None, (layout.experts, layout.attention_experts)):
-        _expert_actions(ckpt.tensors, experts, plan, actions)
+        _expert_actions(experts, plan, actions, drop_mtp=drop_mtp)
     if plan.heads:
         _head_actions(ckpt.tensors, layout, plan, actions)
     out, stats = [], {"tensors_sliced": 0, "tensors_dropped": 0, "tensors_copied": 0}
@@ -165,32 +181,48 @@ def plan_tensors(
 
 
 def _expert_actions(
-    tensors: dict[str, TensorInfo],
     experts: ExpertLayout,
     plan: PrunePlan,
     actions: dict[str, OutTensor | None],
+    *,
+    drop_mtp: bool = False,
 ) -> None:
-    spec = experts.spec
-    for layer in experts.layers:
+    """Pruned layers: router rows and stacked tensors sliced; every tensor under a kept
+    expert's prefix renumbered, every tensor of a dropped expert dropped. Refuses a layer
+    holding a tensor that looks per-expert and that no rule covers."""
+    layers = experts.layers if drop_mtp else experts.all_layers
+    unknown = [
+        info
+        for layer in layers
+        if len(plan.kept_experts(experts, layer)) < experts.num_experts
+        for info in experts.tensors[layer].unknown
+    ]
+    if unknown:
+        names = ", ".join(f"{i.name} {list(i.shape)}" for i in unknown[:4])
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise ModelError(
+            f"{len(unknown)} tensor(s) of pruned layers look per-expert but no adapter rule "
+            f"covers them: {names}{more}; nothing was written",
+            hint="list such a tensor in the adapter's [experts] stacked (one slice per expert "
+            "along an axis), or keep every expert of that layer; see docs/checkpoint-formats.md",
+        )
+    for layer in layers:
         kept = plan.kept_experts(experts, layer)
         if len(kept) == experts.num_experts:
             continue
+        lt = experts.tensors[layer]
         blocks = blocks_for(kept, 1)
-        router = tensors[spec.router.format(layer=layer)]
-        actions[router.name] = slice_tensor(router, axis=0, blocks=blocks)
-        for st in spec.stacked:
-            info = tensors.get(st.name.format(layer=layer))
-            if info is not None:
-                actions[info.name] = slice_tensor(info, axis=st.axis, blocks=blocks)
+        actions[lt.router.name] = slice_tensor(lt.router, axis=0, blocks=blocks)
+        for info, axis in lt.stacked:
+            actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks)
         new_id = {old: new for new, old in enumerate(kept)}
-        for template in spec.per_expert:
-            for e in range(experts.num_experts):
-                info = tensors[template.format(layer=layer, expert=e)]
+        for e, members in lt.per_expert.items():
+            for t in members:
                 if e in new_id:
-                    renamed = template.format(layer=layer, expert=new_id[e])
-                    actions[info.name] = copy_tensor(info, name=renamed)
+                    renamed = t.renamed(old=e, new=new_id[e])
+                    actions[t.info.name] = copy_tensor(t.info, name=renamed)
                 else:
-                    actions[info.name] = None
+                    actions[t.info.name] = None
 
 
 def _head_actions(
@@ -201,16 +233,24 @@ def _head_actions(
 ) -> None:
     heads = layout.heads
     assert heads is not None  # plan.validate refuses head plans for models without heads
+    by_module: dict[str, list[TensorInfo]] = {}
+    for info in tensors.values():
+        by_module.setdefault(info.name.rsplit(".", 1)[0], []).append(info)
     for layer, kept_q in plan.heads.items():
         kept = {"query": kept_q, "kv": head_index(heads, kept_q)}
         total = {"query": heads.num_heads, "kv": heads.num_kv_heads}
         for t in heads.spec.tensors:
-            info = tensors.get(t.name.format(layer=layer))
+            name = t.name.format(layer=layer)
+            module_tensors = by_module.get(name.rsplit(".", 1)[0], [])
+            info = tensors.get(name)
             if info is None:
+                quantized = missing_head_tensor(name, module_tensors)
+                if quantized is not None:
+                    raise quantized
                 if t.optional:
                     continue
                 raise ModelError(
-                    f"head tensor {t.name.format(layer=layer)} is missing",
+                    f"head tensor {name} is missing",
                     hint="the adapter's heads.tensors do not match this checkpoint",
                 )
             width = heads.width(t)
@@ -222,6 +262,16 @@ def _head_actions(
                 )
             blocks = blocks_for(kept[t.owner], width)
             actions[info.name] = slice_tensor(info, axis=t.axis, blocks=blocks)
+            listed = {u.name.format(layer=layer): u for u in heads.spec.tensors}
+            for extra in companion_slices(
+                info,
+                t,
+                width=width,
+                kept=kept[t.owner],
+                module_tensors=module_tensors,
+                handled=listed,
+            ):
+                actions[extra.name] = extra
 
 
 def _assign_shards(tensors: list[OutTensor], limit: int) -> list[list[OutTensor]]:
