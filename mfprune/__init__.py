@@ -21,44 +21,36 @@ in ``mfprune/default_model`` (``mfprune.checkpoint.model_location``).
 
 __version__ = "0.1.0"
 
-from mfprune.inspect import ModelReport, inspect_model
-from mfprune.loading import load_pretrained
-from mfprune.plan import PrunePlan
-from mfprune.planner import make_plan
-from mfprune.rewrite import RewriteResult, rewrite_checkpoint
-
-_LAZY = ("ProfileStats", "merge_stats", "profile_model")
-_LAZY_MODULES = {"run_bench": "mfprune.bench", "BenchReport": "mfprune.bench"}
-_LAZY_MODULES |= {"run_shrink": "mfprune.shrink", "load_config": "mfprune.shrink"}
+# Every name is imported when first used: `import mfprune` (and so every CLI command) starts
+# without torch or transformers, which only the commands that run a model need.
+_WHERE = {
+    "BenchReport": "mfprune.bench",
+    "ModelReport": "mfprune.inspect",
+    "ProfileStats": "mfprune.profiling",
+    "PrunePlan": "mfprune.plan",
+    "RewriteResult": "mfprune.rewrite",
+    "inspect_model": "mfprune.inspect",
+    "load_config": "mfprune.shrink",
+    "load_pretrained": "mfprune.loading",
+    "make_plan": "mfprune.planner",
+    "merge_stats": "mfprune.profiling",
+    "profile_model": "mfprune.profiling",
+    "rewrite_checkpoint": "mfprune.rewrite",
+    "run_bench": "mfprune.bench",
+    "run_shrink": "mfprune.shrink",
+}
 
 
 def __getattr__(name: str) -> object:
-    """Profiling needs torch; import it only when asked for (the CLI starts faster)."""
-    if name in _LAZY:
-        from mfprune import profiling
-
-        return getattr(profiling, name)
-    if name in _LAZY_MODULES:
+    if name in _WHERE:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY_MODULES[name]), name)
+        return getattr(importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'mfprune' has no attribute '{name}'")
 
 
-__all__ = [
-    "BenchReport",
-    "ModelReport",
-    "ProfileStats",
-    "PrunePlan",
-    "RewriteResult",
-    "__version__",
-    "inspect_model",
-    "load_config",
-    "load_pretrained",
-    "make_plan",
-    "merge_stats",
-    "profile_model",
-    "rewrite_checkpoint",
-    "run_bench",
-    "run_shrink",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+__all__ = ["__version__", *_WHERE]

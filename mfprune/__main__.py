@@ -1,3 +1,3 @@
-from mfprune.cli import app
+from mfprune.entry import main
 
-app(prog_name="mfprune")
+main()

@@ -4,7 +4,6 @@ and prints the result. Domain errors become one `error: ... (hint: ...)` line an
 import functools
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -14,7 +13,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from mfprune.console import OutputFormat, Sink
+from mfprune.console import OutputFormat, Sink, library_output
+from mfprune.entry import INTERRUPT_HINT, Interrupted, received, stop_interrupts
 from mfprune.errors import MfpruneError
 
 app = typer.Typer(
@@ -24,7 +24,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from mfprune import __version__
+
+        sys.stdout.write(f"mfprune {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    """Shrink Mixture-of-Experts LLMs to the task they are used for."""
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,31 +69,45 @@ def model_argument(help: str) -> Any:
     return typer.Argument(help=help + _DEFAULT_HELP, parser=_model_location)
 
 
+VerboseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verbose",
+        "-v",
+        help="show what lm-eval, datasets and transformers print (progress, logs) on stderr",
+    ),
+]
+
 ArchOpt = Annotated[
     Path | None,
     typer.Option("--arch", help="your own adapter TOML for a family mfprune does not know"),
 ]
 
 
-def _sigterm(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def command(fn: F) -> F:
-    """Run a command body; turn MfpruneError / Ctrl-C into one line and a non-zero exit."""
+def command(fn: F | None = None, *, interrupted: str = INTERRUPT_HINT) -> Any:
+    """Run a command body; turn MfpruneError / Ctrl-C into one line and a non-zero exit.
+    ``interrupted``: the hint printed after Ctrl-C (what is true of this command's outputs)."""
+    if fn is None:
+        return functools.partial(command, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         sink = Sink(kwargs.get("fmt", OutputFormat.human))
-        signal.signal(signal.SIGTERM, _sigterm)
         try:
-            return fn(*args, sink=sink, **kwargs)
+            try:
+                return fn(*args, sink=sink, **kwargs)
+            except BaseException as exc:
+                code = _interrupt_code(exc)
+                if code is None:
+                    raise
+                stop_interrupts()
+                sink.error("interrupted", interrupted)
+                raise typer.Exit(code) from None
+        except typer.Exit:
+            raise
         except MfpruneError as exc:
             sink.error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            sink.error("interrupted; no output was left behind", "re-run the command to resume")
-            raise typer.Exit(130) from None
         except OSError as exc:
             where = f" ({exc.filename})" if exc.filename else ""
             sink.error(f"{exc.strerror or exc}{where}", "check disk space and permissions")
@@ -96,7 +132,46 @@ def command(fn: F) -> F:
     wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]
         parameters=[p for p in sig.parameters.values() if p.name != "sink"]
     )
-    return wrapper  # type: ignore[return-value]
+    return wrapper
+
+
+def _interrupt_code(exc: BaseException) -> int | None:
+    """The exit code when ``exc`` is an interrupt, or follows one (a library caught the
+    interrupt and then failed because of it); None otherwise."""
+    if isinstance(exc, Interrupted):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):  # in-process use: Python's own SIGINT handler
+        return 130
+    signum = received()
+    if signum is None or isinstance(exc, typer.Exit | SystemExit):
+        return None
+    return 128 + signum
+
+
+def run(argv: list[str]) -> int:
+    """Parse ``argv`` and run the command; every usage error is one ``error:`` line, exit 2.
+    Called by ``mfprune.entry.main`` (which handles Ctrl-C outside a command body)."""
+    cli = typer.main.get_command(app)
+    try:
+        code = cli.main(args=argv, prog_name="mfprune", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's usage errors: missing option, bad value, ...
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            sys.stderr.write(ctx.get_help() + "\n")
+            return 2
+        where = ctx.command_path if ctx is not None else "mfprune"
+        sys.stderr.write(f"error: {_sentence(exc.format_message())} (hint: see `{where} --help`)\n")
+        return 2 if getattr(exc, "exit_code", 1) in (1, 2) else int(exc.exit_code)
+    except MfpruneError as exc:  # raised while parsing an argument (e.g. MODEL)
+        Sink().error(exc.message, exc.hint)
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
+
+
+def _sentence(message: str) -> str:
+    """typer's 'Missing option '--out'.' -> 'missing option '--out'' (one line, our style)."""
+    text = " ".join(message.split()).rstrip(".")
+    return text[:1].lower() + text[1:]
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
@@ -182,7 +257,9 @@ def _layers(layers: list[int]) -> str:
 @command
 def prune(
     model: Annotated[Path, model_argument("source model folder (never modified)")],
-    out: Annotated[str, typer.Option("--out", "-o", help="output folder for the pruned model")],
+    out: Annotated[
+        str | None, typer.Option("--out", "-o", help="output folder for the pruned model")
+    ] = None,
     plan: Annotated[
         Path | None, typer.Option("--plan", help="plan JSON (docs/plan-format.md)")
     ] = None,
@@ -221,8 +298,13 @@ def prune(
         typer.Option("--attention-keep-ratio", help="share of attention experts kept (JetMoE)"),
     ] = None,
     plan_only: Annotated[
-        bool, typer.Option("--plan-only", help="write OUT/plan.json and stop (no checkpoint)")
+        bool,
+        typer.Option("--plan-only", help="write only the plan, to --plan-out (no checkpoint)"),
     ] = False,
+    plan_out: Annotated[
+        Path | None,
+        typer.Option("--plan-out", help="with --plan-only: the plan file to write (plan.json)"),
+    ] = None,
     allow_uneven: Annotated[
         bool,
         typer.Option("--allow-uneven", help="accept a plan whose layers keep different counts"),
@@ -278,13 +360,15 @@ def prune(
         ),
         spec=load_spec_file(arch) if arch else None,
         plan_only=plan_only,
+        plan_out=plan_out,
         allow_uneven=allow_uneven,
         overwrite=overwrite,
         max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
         verify=verify,
         drop_mtp=drop_mtp,
     )
-    data: dict[str, Any] = {"out": str(outcome.out), "plan": outcome.plan.to_dict()}
+    where = "out" if outcome.rewrite is not None else "plan_out"
+    data: dict[str, Any] = {where: str(outcome.out), "plan": outcome.plan.to_dict()}
     if outcome.layers:
         data["layers"] = [layer.__dict__ for layer in outcome.layers]
         table = Table(title=f"plan ({criterion or 'reap'})", title_justify="left")
@@ -302,7 +386,11 @@ def prune(
     if result is not None and result.replaced:
         sink.warn(f"--overwrite: replaced {result.replaced}")
     if result is None:
-        sink.result(data, f"wrote {outcome.out / 'plan.json'} (--plan-only: no checkpoint)")
+        sink.result(
+            data,
+            f"wrote {outcome.out} (--plan-only: no checkpoint; next: mfprune prune MODEL "
+            f"--plan {outcome.out} --out DIR)",
+        )
         return
     for name in result.skipped_files:
         sink.warn(f"not carried over: {name} (weights outside the safetensors index, or a folder)")
@@ -388,6 +476,7 @@ def profile(
         ),
     ] = False,
     arch: ArchOpt = None,
+    verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -416,7 +505,7 @@ def profile(
         ticker.set_total(tokens.tokens)
         forward_start[0] = time.perf_counter()
 
-    with sink.progress(unit="tokens") as ticker:
+    with sink.progress(unit="tokens") as ticker, library_output(verbose=verbose):
         stats = profile_model(
             model,
             data,
@@ -651,7 +740,10 @@ def bench(
     ] = 256,
     new_tokens: Annotated[int, typer.Option("--new-tokens", help="speed: decode steps")] = 64,
     speed_batch: Annotated[int, typer.Option("--speed-batch", help="speed: sequences")] = 1,
-    repeats: Annotated[int, typer.Option("--repeats", help="speed: timed runs (median)")] = 3,
+    repeats: Annotated[
+        int,
+        typer.Option("--repeats", help="speed: timed rounds after a warm-up (median and spread)"),
+    ] = 5,
     no_speed: Annotated[bool, typer.Option("--no-speed", help="skip the speed runs")] = False,
     max_drop: MaxDropOpt = None,
     json_out: Annotated[
@@ -660,6 +752,7 @@ def bench(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
     ] = False,
+    verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -682,28 +775,32 @@ def bench(
         inputs += [Input(p, "a --data file") for p in data or ()]
         inputs += [Input(p, "an --include-path folder") for p in include_path or ()]
         json_target = claim_file(json_out, inputs=inputs, flag="--json-out", example="bench.json")
-    report = run_bench(
-        model,
-        baseline=baseline,
-        quality=QualitySpec(
-            tasks=_split(tasks),
-            include_paths=tuple(include_path or ()),
-            data=tuple(data or ()),
-            limit=as_limit(limit),
-            batch_size=batch_size,
-            num_fewshot=num_fewshot,
-        ),
-        speed=None
-        if no_speed
-        else SpeedSpec(
-            prompt_len=prompt_len, new_tokens=new_tokens, batch_size=speed_batch, repeats=repeats
-        ),
-        device=device,
-        dtype=dtype.value,
-        kernel=kernel.value if kernel else None,
-        gate=gate,
-        on_stage=sink.info,
-    )
+    with library_output(verbose=verbose):
+        report = run_bench(
+            model,
+            baseline=baseline,
+            quality=QualitySpec(
+                tasks=_split(tasks),
+                include_paths=tuple(include_path or ()),
+                data=tuple(data or ()),
+                limit=as_limit(limit),
+                batch_size=batch_size,
+                num_fewshot=num_fewshot,
+            ),
+            speed=None
+            if no_speed
+            else SpeedSpec(
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                batch_size=speed_batch,
+                repeats=repeats,
+            ),
+            device=device,
+            dtype=dtype.value,
+            kernel=kernel.value if kernel else None,
+            gate=gate,
+            on_stage=sink.info,
+        )
     data_out = report.to_dict()
     if json_target is not None:
         _write_json(json_target, data_out)
@@ -727,7 +824,10 @@ def _raise_on_gate(gate: Any) -> None:
 
 
 @app.command()
-@command
+@command(
+    interrupted="nothing was written to the output folder; a profile that finished is in the "
+    "stats cache, so running the command again skips it"
+)
 def shrink(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="shrink.toml: profile, prune, bench, gate")
@@ -761,6 +861,7 @@ def shrink(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="replace a non-empty output folder (atomically)")
     ] = False,
+    verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -791,7 +892,8 @@ def shrink(
         "bench.limit": limit,
         "overwrite": overwrite or None,
     }
-    outcome = run_shrink(load_config(config, overrides), config_path=config, on_stage=sink.info)
+    with library_output(verbose=verbose):
+        outcome = run_shrink(load_config(config, overrides), config_path=config, on_stage=sink.info)
     if outcome.replaced:
         sink.warn(f"overwrite: replaced {outcome.replaced}")
     sink.show(outcome.bench.table())
@@ -807,5 +909,7 @@ def shrink(
     _raise_on_gate(outcome.bench.gate)
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+def main() -> None:  # pragma: no cover - the console entry point is mfprune.entry:main
+    from mfprune.entry import main as entry
+
+    entry()

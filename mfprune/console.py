@@ -5,10 +5,13 @@ Results go to stdout; diagnostics and errors go to stderr. NO_COLOR is respected
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from enum import StrEnum
 from typing import Any
 
@@ -24,8 +27,10 @@ class OutputFormat(StrEnum):
 class Sink:
     def __init__(self, fmt: OutputFormat = OutputFormat.human) -> None:
         self.format = fmt
-        self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        # bound to the streams of now: library output captured later never swallows ours
+        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+        self._stderr = sys.stderr
 
     def result(self, data: dict[str, Any], render: Any = None) -> None:
         """The command's result: JSON in json mode, ``render`` (a rich renderable) otherwise."""
@@ -49,7 +54,7 @@ class Sink:
 
     def error(self, message: str, hint: str = "") -> None:
         line = f"error: {message}" + (f" (hint: {hint})" if hint else "")
-        sys.stderr.write(line.replace("\n", " ") + "\n")
+        self._stderr.write(line.replace("\n", " ") + "\n")
 
     @contextmanager
     def progress(self, *, unit: str) -> Iterator[Ticker]:
@@ -84,6 +89,66 @@ class Sink:
         )
         with bar:
             yield _RichTicker(bar, bar.add_task(unit, total=None))
+
+
+#: environment switches of third-party progress bars and logs, set while they are silenced
+_QUIET_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+_LIBRARY_LOGGERS = ("transformers", "datasets", "lm-eval", "lm_eval", "evaluate", "accelerate")
+_LIBRARY_LOGGERS += ("huggingface_hub", "torch", "urllib3", "filelock", "fsspec")
+
+
+@contextmanager
+def library_output(*, verbose: bool) -> Iterator[None]:
+    """What third-party libraries print while they work for mfprune (lm-eval's per-request
+    progress, datasets' "Generating split", transformers' load reports, warnings): with
+    ``verbose``, shown on stderr; otherwise captured and dropped. Either way never on stdout,
+    which holds the command's result alone. mfprune's own lines go through a ``Sink``, bound to
+    the real streams when it was made, and are not affected."""
+    if verbose:
+        with redirect_stdout(sys.stderr):
+            yield
+        return
+    saved_env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    os.environ.update(_QUIET_ENV)
+    loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    hf = _transformers_logging()
+    hf_state = (hf.get_verbosity(), hf.is_progress_bar_enabled()) if hf else None
+    if hf:
+        hf.set_verbosity_error()
+        hf.disable_progress_bar()
+    sink = io.StringIO()
+    try:
+        with redirect_stdout(sink), redirect_stderr(sink):
+            yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if hf and hf_state:
+            hf.set_verbosity(hf_state[0])
+            if hf_state[1]:
+                hf.enable_progress_bar()
+
+
+def _transformers_logging() -> Any:
+    """transformers' logging module if transformers is already imported (never imports it)."""
+    if "transformers" not in sys.modules:
+        return None
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging
 
 
 class Ticker:

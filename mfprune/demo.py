@@ -229,10 +229,12 @@ def summarise(
         "params": (base["params"], model["params"]),
         "disk_bytes": (base["disk_bytes"], model["disk_bytes"]),
     }
+    verdicts = {row["name"]: row.get("verdict") for row in bench["comparison"]}
     if model["speed"] and base["speed"]:
         for kind in ("prefill", "decode"):
             name = f"{kind}_tokens_per_s"
-            result.speed[kind] = (base["speed"][name], model["speed"][name])
+            verdict = verdicts.get(f"{kind} tokens/s")
+            result.speed[kind] = (base["speed"][name], model["speed"][name], verdict)
     return result
 
 
@@ -256,8 +258,11 @@ def rows(result: DemoResult) -> list[tuple[str, str, str, str]]:
     (p0, p1), (b0, b1) = result.size["params"], result.size["disk_bytes"]
     lines.append(("parameters", f"{p0 / 1e6:.2f} M", f"{p1 / 1e6:.2f} M", f"×{p1 / p0:.2f}"))
     lines.append(("checkpoint on disk", _mb(b0), _mb(b1), f"×{b1 / b0:.2f}"))
-    for kind, (s0, s1) in result.speed.items():
-        lines.append((f"{kind} (tokens/s)", f"{s0:,.0f}", f"{s1:,.0f}", f"×{s1 / s0:.2f}"))
+    for kind, (s0, s1, verdict) in result.speed.items():
+        if verdict is None:  # a speed number without its noise verdict is not shown
+            continue
+        ratio = f"×{s1 / s0:.2f} {verdict}"
+        lines.append((f"{kind} (tokens/s)", f"{s0:,.0f}", f"{s1:,.0f}", ratio))
     return lines
 
 
@@ -271,6 +276,11 @@ def _legend(result: DemoResult) -> str:
     return (
         f"loss = lm-eval bits per byte on {texts} held-out texts per domain, lower is better; "
         f"ratio = after ÷ before; experts ranked by '{CRITERION}' on the {result.task} profile"
+        + (
+            "; speed: median of interleaved runs, 'within noise' when the runs' spreads overlap"
+            if result.speed
+            else ""
+        )
     )
 
 
@@ -314,9 +324,9 @@ def print_table(result: DemoResult) -> None:
     size = result.size["params"][1] / result.size["params"][0]
     speed = result.speed.get("prefill")
     faster = (
-        ""
-        if speed is None or speed[1] / speed[0] > 1.2
-        else " Every token still runs its top-2 experts, so it is smaller more than faster."
+        " Every token still runs its top-2 experts, so it is smaller more than faster."
+        if speed is not None and speed[2] != "faster"
+        else ""
     )
     console.print(f"{verdict} The pruned model has ×{size:.2f} the parameters.{faster}")
     console.print(

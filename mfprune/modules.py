@@ -167,7 +167,7 @@ def routing_modules(
     found = {}
     for layer, site in adapter_routers(model, spec, layers).items():
         name, module = site.name, site.module
-        if isinstance(module, nn.Linear):
+        if type(module) is nn.Linear:  # a bare linear (PhiMoE's router subclasses nn.Linear)
             name = name.rpartition(".")[0]
             module = model.get_submodule(name)
         found[layer] = (name, module)

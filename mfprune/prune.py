@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import ModelLayout, resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import MfpruneError, PlanError, StatsError
-from mfprune.io.outputs import Input, claim_folder, staged_folder
+from mfprune.io.outputs import Input, OutputTarget, claim_file, claim_folder, write_file
 from mfprune.plan import PrunePlan
-from mfprune.planner import LayerReport, plan_from_profile
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
 from mfprune.rewrite.mtp import check_drop
 
-PLAN_ONLY_FILE = "plan.json"
+if TYPE_CHECKING:  # the planner needs torch: a prune with a given plan never imports it
+    from mfprune.planner import LayerReport
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class PruneOutcome:
 
 def prune_model(
     model: str | Path,
-    out: str | Path,
+    out: str | Path | None,
     *,
     plan: str | Path | PrunePlan | None = None,
     profile: str | Path | None = None,
@@ -86,6 +86,7 @@ def prune_model(
     budget: Budget = Budget(),
     spec: ArchSpec | None = None,
     plan_only: bool = False,
+    plan_out: str | Path | None = None,
     allow_uneven: bool = False,
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
@@ -93,8 +94,11 @@ def prune_model(
     drop_mtp: bool = False,
 ) -> PruneOutcome:
     """Plan (from ``plan``, or ranked from ``profile`` with ``criterion``, default reap, under
-    ``budget``) and rewrite ``model`` into ``out``. Every input and option is checked, and the
-    output claimed, before the profile is read or a byte is written."""
+    ``budget``) and rewrite ``model`` into ``out``; with ``plan_only``, write only the plan, to
+    the file ``plan_out`` (``out`` is then not used: no folder is created, replaced or deleted).
+    Every input and option is checked, and the output claimed, before the profile is read or a
+    byte is written."""
+    _check_outputs(out, plan_only=plan_only, plan_out=plan_out, overwrite=overwrite)
     if (plan is None) == (profile is None):
         raise PlanError(
             "give either --plan PLAN or --profile STATS",
@@ -118,7 +122,13 @@ def prune_model(
     inputs += Input.of(profile, "the stats file")
     if not isinstance(plan, PrunePlan):
         inputs += Input.of(plan, "the plan file")
-    target = claim_folder(out, inputs=inputs, overwrite=overwrite)
+    if plan_only:
+        target = claim_file(
+            plan_out, inputs=inputs, flag="--plan-out", example="plan.json",
+            replaceable=_is_plan_file, kind_name="an mfprune plan",
+        )  # fmt: skip
+    else:
+        target = claim_folder(out, inputs=inputs, overwrite=overwrite)
     with target.held():
         return _prune(
             ckpt, spec, layout, target, plan=plan, profile=profile,
@@ -128,11 +138,51 @@ def prune_model(
         )  # fmt: skip
 
 
+def _check_outputs(
+    out: str | Path | None, *, plan_only: bool, plan_out: str | Path | None, overwrite: bool
+) -> None:
+    """--plan-only writes one file, --plan-out; a model is written to --out: never both."""
+    if plan_only:
+        if out is not None or overwrite:
+            used = "--out" if out is not None else "--overwrite"
+            raise PlanError(
+                f"--plan-only writes no model: {used} is not used with it",
+                hint="drop it; the plan goes to --plan-out, the model comes with "
+                "`mfprune prune MODEL --plan PLAN.json --out DIR`",
+            )
+        if plan_out is None:
+            raise PlanError(
+                "--plan-only needs --plan-out PLAN.json: the file to write the plan to",
+                hint="then prune with it: `mfprune prune MODEL --plan PLAN.json --out DIR`",
+            )
+        return
+    if plan_out is not None:
+        raise PlanError(
+            "--plan-out goes with --plan-only (a pruned model holds its plan: "
+            "OUT/mfprune_plan.json)",
+            hint="add --plan-only to write only the plan",
+        )
+    if out is None:
+        raise PlanError(
+            "missing option '--out' / '-o'",
+            hint="name the output folder; see `mfprune prune --help`",
+        )
+
+
+def _is_plan_file(path: Path) -> bool:
+    """A file ``--plan-only`` may replace: a plan mfprune wrote."""
+    try:
+        PrunePlan.load(path)
+    except MfpruneError:
+        return False
+    return True
+
+
 def _prune(
     ckpt: Any,
     spec: ArchSpec,
     layout: ModelLayout,
-    target: Any,
+    target: OutputTarget,
     *,
     plan: str | Path | PrunePlan | None,
     profile: str | Path | None,
@@ -147,6 +197,7 @@ def _prune(
 ) -> PruneOutcome:
     layers: list[LayerReport] = []
     if profile is not None:
+        from mfprune.planner import plan_from_profile
         from mfprune.profiling import ProfileStats
 
         stats = ProfileStats.load(profile)
@@ -179,8 +230,7 @@ def _prune(
             check_drop(the_plan, layout)
         else:
             the_plan = the_plan.with_mtp(layout)
-        with staged_folder(target) as tmp:
-            the_plan.save(tmp / PLAN_ONLY_FILE)
+        write_file(target, the_plan.to_json() + "\n")
         return PruneOutcome(plan=the_plan, out=target.path, layers=layers)
     result = rewrite_checkpoint(
         ckpt.root,

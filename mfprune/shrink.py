@@ -84,7 +84,7 @@ class BenchConfig:
     prompt_len: int = 256
     new_tokens: int = 64
     speed_batch: int = 1
-    repeats: int = 3
+    repeats: int = 5
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ def test_report_has_speed_memory_and_sizes(exact_bench):
         speed = report[role]["speed"]
         assert speed["prompt_len"] == 12 and speed["new_tokens"] == 3
         assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
-        assert speed["memory_method"] == "cpu_rss_rise_sampled"
+        assert speed["memory_method"] == "cpu_weights_plus_kv_cache" and speed["interleaved"]
+        assert len(speed["decode"]["samples"]) == 1
         assert report[role]["params"] > 0 and report[role]["disk_bytes"] > 0
     rows = {r["name"]: r for r in report["comparison"]}
     assert rows["parameters"]["ratio"] == 1.0

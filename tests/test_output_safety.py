@@ -225,13 +225,43 @@ def test_overwrite_only_replaces_mfprune_outputs_and_says_what(work, tmp_path):
     assert leftovers(out) == []
 
 
-def test_plan_only_folder_can_be_replaced_by_the_prune(work, tmp_path):
-    plan = write_plan(tmp_path / "plan.json", MIXTRAL_HALF)
-    out = tmp_path / "out"
-    assert run("prune", "model", "--plan", plan, "--out", out, "--plan-only").exit_code == 0
-    result = run("prune", "model", "--plan", plan, "--out", out, "--overwrite")
+def test_plan_only_writes_only_the_plan_file_and_the_prune_continues_from_it(work, tmp_path):
+    """--plan-only writes --plan-out alone: --out is refused with it (so it never creates,
+    replaces or deletes a folder), and `prune --plan PLAN --out OUT` then runs as usual."""
+    source = write_plan(tmp_path / "source-plan.json", MIXTRAL_HALF)
+    plan, out = tmp_path / "plans" / "half.json", tmp_path / "out"
+    result = run("prune", "model", "--plan", source, "--plan-only", "--plan-out", plan)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in plan.parent.iterdir()) == ["half.json"]
+    assert json.loads(plan.read_text())["experts"] == json.loads(source.read_text())["experts"]
+    assert not out.exists()
+    result = run("prune", "model", "--plan", plan, "--out", out)
     assert result.exit_code == 0, result.stderr
     assert (out / "model.safetensors").is_file()
+    digest_before = sorted((p.name, p.stat().st_size) for p in out.iterdir())
+    for args, message in (
+        (["--out", out], "--plan-only writes no model: --out is not used with it"),
+        (["--overwrite"], "--plan-only writes no model: --overwrite is not used with it"),
+        ([], "--plan-only needs --plan-out PLAN.json"),
+    ):
+        result = run("prune", "model", "--plan", plan, "--plan-only", *args)
+        assert_clean_error(result, message)
+    assert sorted((p.name, p.stat().st_size) for p in out.iterdir()) == digest_before
+    assert_clean_error(
+        run("prune", "model", "--plan", plan, "--plan-out", plan), "--plan-out goes with"
+    )
+    assert_clean_error(run("prune", "model", "--plan", plan), "missing option '--out'")
+
+
+def test_plan_only_replaces_a_plan_but_no_other_file(work, tmp_path):
+    source = write_plan(tmp_path / "source-plan.json", MIXTRAL_HALF)
+    plan = write_plan(tmp_path / "old-plan.json", MIXTRAL_HALF)
+    assert run("prune", "model", "--plan", source, "--plan-only", "--plan-out", plan).exit_code == 0
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    result = run("prune", "model", "--plan", source, "--plan-only", "--plan-out", notes)
+    assert_clean_error(result, "is not an mfprune plan")
+    assert notes.read_text() == '{"mine": true}'
 
 
 # ------------------------------------------------------------------ exclusive outputs
@@ -466,16 +496,17 @@ def test_the_documented_shrink_config_gates_on_metrics_its_data_gives(tmp_path):
 
 def test_a_plan_made_for_another_model_is_refused(work, tmp_path):
     stats = _profile(work / "model", work / "task.jsonl", tmp_path / "s.safetensors")
-    planned = tmp_path / "planned"
-    result = run("prune", "model", "--profile", stats, "--keep", 4, "--out", planned, "--plan-only")
+    planned = tmp_path / "planned.json"
+    args = ["--keep", 4, "--plan-only", "--plan-out", planned]
+    result = run("prune", "model", "--profile", stats, *args)
     assert result.exit_code == 0, result.stderr
-    plan = json.loads((planned / "plan.json").read_text())
+    plan = json.loads(planned.read_text())
     assert plan["meta"]["stats"]["model_fingerprint"]
     plan["meta"]["stats"]["model_fingerprint"] = "0" * 64
     (tmp_path / "foreign.json").write_text(json.dumps(plan))
     result = run("prune", "model", "--plan", tmp_path / "foreign.json", "--out", tmp_path / "o")
     assert_clean_error(result, "profile of another model", "delete meta.stats")
-    assert run("prune", "model", "--plan", planned / "plan.json", "--out", "o2").exit_code == 0
+    assert run("prune", "model", "--plan", planned, "--out", "o2").exit_code == 0
 
 
 def test_the_shrink_stats_cache_may_not_lie_in_an_input(work):

@@ -89,14 +89,15 @@ def test_profile_then_prune_is_exact(family, criterion, extra, model_dir, stats_
 
 
 def test_plan_only_writes_a_plan_and_reports_mass(model_dir, stats_of, tmp_path):
-    out = tmp_path / "plan-only"
-    args = ["--keep-ratio", "0.5", "--plan-only", "--out", out, "--format", "json"]
+    out = tmp_path / "plan-only" / "plan.json"
+    args = ["--keep-ratio", "0.5", "--plan-only", "--plan-out", out, "--format", "json"]
     result = run("prune", model_dir("mixtral"), "--profile", stats_of("mixtral"), *args)
-    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["plan.json"]
     data = json.loads(result.stdout)
+    assert data["plan_out"] == str(out)
     assert [len(layer["kept"]) for layer in data["layers"]] == [4, 4]
     assert all(0.5 <= layer["mass_kept"] <= 1.0 for layer in data["layers"])
-    plan = json.loads((out / "plan.json").read_text())
+    plan = json.loads(out.read_text())
     assert plan["meta"]["budget"] == {"keep_ratio": 0.5}
 
 

@@ -115,8 +115,8 @@ def test_interrupted_rewrite_leaves_nothing_and_rerun_succeeds(sig, big_source, 
     assert proc.returncode != 0
     if sig is not signal.SIGKILL:
         lines = err.decode().strip().splitlines()
-        assert lines == ["error: interrupted; no output was left behind "
-                         "(hint: re-run the command to resume)"]  # fmt: skip
+        assert lines == ["error: interrupted (hint: nothing was written; "
+                         "run the command again to start over)"]  # fmt: skip
         assert not list(tmp_path.glob(".pruned.mfprune-*"))  # cleaned up on the way out
     _no_model_at(out)
     assert digest(big_source) == before

@@ -15,18 +15,15 @@ from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ArchError, ModelError
 
 _FIX = "the config does not match the weights; fix config.json (or restore the one saved with them)"
-# extra decoder layers stored past num_hidden_layers (multi-token prediction, DeepSeek-V3)
-EXTRA_LAYER_KEYS = ("num_nextn_predict_layers",)
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
 def check_config_against_weights(ckpt: Checkpoint, layout: Any) -> None:
-    """Raise ModelError when config.json disagrees with the tensors (``layout``: ModelLayout)."""
+    """Raise ModelError when config.json disagrees with the tensors (``layout``: ModelLayout;
+    the layer count is checked before it is built, by ``check_layer_count``)."""
     from mfprune.arch.layout import lm_config
 
-    spec = layout.spec
-    cfg = lm_config(ckpt.config, spec)  # a composite model's language model: its text_config
-    _check_layer_count(ckpt, spec.experts.router, spec.num_layers_key, layout.num_layers)
+    cfg = lm_config(ckpt.config, layout.spec)  # a composite model's language model: text_config
     embedding = _embedding(ckpt)
     if embedding is not None and len(embedding.shape) == 2:
         rows, width = embedding.shape
@@ -36,22 +33,32 @@ def check_config_against_weights(ckpt: Checkpoint, layout: Any) -> None:
         _check_heads(ckpt, layout)
 
 
-def _check_layer_count(ckpt: Checkpoint, router: str, key: str, num_layers: int) -> None:
-    """The highest layer index in the tensor names must be the config's count (plus the extra
-    MTP layers the config declares)."""
-    prefix = router.split("{layer}")[0]
+def check_layer_count(ckpt: Checkpoint, spec: Any, num_layers: int) -> None:
+    """The highest layer index in the tensor names must be the config's count (plus the MTP
+    layers the config declares, ``spec.mtp_layers_key``); ``spec``: ArchSpec."""
+    key = spec.num_layers_key
+    prefix = spec.experts.router.split("{layer}")[0]
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for name in ckpt.tensors if (m := pattern.match(name))}
     if not indices:
         return
-    extra = sum(v for k in EXTRA_LAYER_KEYS if isinstance(v := ckpt.config.get(k), int) and v > 0)
+    mtp = ckpt.config.get(spec.mtp_layers_key) if spec.mtp_layers_key else None
+    extra = mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and mtp > 0 else 0
     found = max(indices) + 1
     if found != num_layers and not (extra and found == num_layers + extra):
-        mtp = f" (+ {extra} MTP)" if extra else ""
+        mtp = (
+            f" (+ {extra} MTP)" if extra else (" and no MTP layers" if spec.mtp_layers_key else "")
+        )
+        hint = _FIX
+        if found > num_layers + extra:
+            hint += (
+                "; an MTP / extra layer the adapter does not describe would keep its experts "
+                "while the config's count changes (the adapter's mtp_layers_key names its count)"
+            )
         raise ModelError(
             f"config.json says {key} = {num_layers}{mtp} but the weights hold {found} layers "
             f"({prefix}0 … {prefix}{found - 1})",
-            hint=_FIX,
+            hint=hint,
         )
     missing = sorted(set(range(found)) - indices)
     if missing:

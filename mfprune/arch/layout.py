@@ -136,6 +136,9 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             f"only {len(ckpt.tensors):,} tensors",
             hint="the config does not match the weights; fix config.json",
         )
+    from mfprune.arch.consistency import check_config_against_weights, check_layer_count
+
+    check_layer_count(ckpt, spec, num_layers)
     n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
     # MTP layers as stored: save_pretrained writes the config key but never the layer
     present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
@@ -149,7 +152,6 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         num_layers,
         mtp=mtp,
         others=others,
-        layers_key=spec.num_layers_key,
     )
     attention = (
         _resolve_experts(
@@ -160,7 +162,6 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             num_layers,
             mtp=mtp,
             others=(spec.experts,),
-            layers_key=spec.num_layers_key,
         )
         if spec.attention_experts
         else None
@@ -173,8 +174,6 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         heads=_resolve_heads(cfg, spec.heads, ckpt, (*range(num_layers), *mtp)),
         mtp_layers=mtp,
     )
-    from mfprune.arch.consistency import check_config_against_weights
-
     check_config_against_weights(ckpt, layout)
     return layout
 
@@ -210,7 +209,6 @@ def _resolve_experts(
     *,
     mtp: tuple[int, ...] = (),
     others: tuple[ExpertSpec, ...] = (),
-    layers_key: str = "num_hidden_layers",
 ) -> ExpertLayout:
     tensors = ckpt.tensors
     count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
@@ -246,8 +244,7 @@ def _resolve_experts(
         what = f"{len(mtp)} multi-token-prediction layer(s)" if mtp else "no MTP layers"
         raise ModelError(
             f"layer {beyond[0]} has a router ({spec.router.format(layer=beyond[0])}) but "
-            f"config.json says {layers_key} = {num_layers} and {what} (the weights hold "
-            f"{max(by_layer) + 1} layers)",
+            f"config.json says {num_layers} decoder layers and {what}",
             hint="an MTP / extra layer that the adapter does not describe would keep its "
             "experts while the config's count changes; fix config.json or the adapter's "
             "mtp_layers_key",

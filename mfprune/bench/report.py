@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mfprune.bench.quality import Metric
-from mfprune.bench.speed import CUDA_METHOD, SpeedResult
+from mfprune.bench.speed import MEMORY_LABELS, NOISE_FLOOR, Comparison, SpeedResult, Timing, compare
 from mfprune.errors import MfpruneError, did_you_mean
+from mfprune.memory import human_bytes as _human_bytes
 
 BENCH_FORMAT = "mfprune.bench/1"
 _TOLERANCE = 1e-9  # float noise: a drop this small (relative to the baseline) is no drop
@@ -246,6 +247,7 @@ class Row:
     baseline: float | None
     higher_is_better: bool | None
     unit: str = ""  # "bytes", "tok/s", ""
+    timing: tuple[Timing, Timing | None] | None = None  # speed rows: (model, baseline) samples
 
     @property
     def ratio(self) -> float | None:
@@ -253,8 +255,15 @@ class Row:
             return None
         return self.model / self.baseline  # type: ignore[operator]
 
+    @property
+    def comparison(self) -> Comparison | None:
+        """Speed rows with a baseline: the ratio of the medians and the noise verdict."""
+        if self.timing is None or self.timing[1] is None:
+            return None
+        return compare(self.timing[0], self.timing[1])
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "kind": self.kind,
             "name": self.name,
             "model": self.model,
@@ -263,6 +272,13 @@ class Row:
             "higher_is_better": self.higher_is_better,
             "unit": self.unit,
         }
+        if self.timing is not None:
+            model, base = self.timing
+            out["model_spread"] = model.spread
+            out["baseline_spread"] = base.spread if base else None
+            comparison = self.comparison
+            out["verdict"] = comparison.verdict if comparison else None
+        return out
 
 
 @dataclass
@@ -288,36 +304,24 @@ class BenchReport:
         b, m = self.baseline, self.model
         if m.speed is not None:
             bs = b.speed if b else None
-            rows.append(
-                Row(
-                    "speed",
-                    "prefill tokens/s",
-                    m.speed.prefill_tokens_per_s,
-                    bs.prefill_tokens_per_s if bs else None,
-                    True,
-                    "tok/s",
-                )
-            )
-            rows.append(
-                Row(
-                    "speed",
-                    "decode tokens/s",
-                    m.speed.decode_tokens_per_s,
-                    bs.decode_tokens_per_s if bs else None,
-                    True,
-                    "tok/s",
-                )
-            )
-            if m.speed.peak_memory_bytes is not None:
-                label = (
-                    "peak memory (CUDA, allocated)"
-                    if m.speed.memory_method == CUDA_METHOD
-                    else "run memory (RSS rise, sampled)"
-                )
+            for stage in ("prefill", "decode"):
+                mine, theirs = getattr(m.speed, stage), getattr(bs, stage) if bs else None
                 rows.append(
                     Row(
                         "speed",
-                        label,
+                        f"{stage} tokens/s",
+                        mine.median,
+                        theirs.median if theirs else None,
+                        True,
+                        "tok/s",
+                        timing=(mine, theirs),
+                    )
+                )
+            if m.speed.peak_memory_bytes is not None:
+                rows.append(
+                    Row(
+                        "speed",
+                        MEMORY_LABELS[m.speed.memory_method],
                         m.speed.peak_memory_bytes,
                         bs.peak_memory_bytes if bs else None,
                         False,
@@ -373,9 +377,10 @@ class BenchReport:
         return head
 
     def _cells(self, row: Row, gate: dict[str, tuple[bool, str]]) -> list[str]:
-        cells = [row.name, _fmt(row.model, row.unit)]
+        model, base = row.timing if row.timing else (None, None)
+        cells = [row.name, _fmt(row.model, row.unit) + _spread(model)]
         if self.baseline:
-            cells += [_fmt(row.baseline, row.unit), _ratio(row)]
+            cells += [_fmt(row.baseline, row.unit) + _spread(base), _ratio(row)]
         if self.gate:
             cells.append(gate.get(row.name, (True, ""))[1] if row.kind == "quality" else "")
         return cells
@@ -422,8 +427,11 @@ class BenchReport:
             s = m.speed
             parts.append(
                 f"speed: {s.batch_size} × {s.prompt_len} prompt tokens, {s.new_tokens} decode "
-                f"steps, median of {s.repeats} on {m.device} ({m.dtype}, experts "
-                f"{m.experts_implementation or 'default'})"
+                f"steps, median of {s.repeats} runs ±half their spread"
+                f"{_order(s, self.baseline is not None)} on {m.device} "
+                f"({m.dtype}, experts {m.experts_implementation or 'default'}); a speed ratio "
+                f"is 'within noise' when the runs' spreads overlap or it is within "
+                f"{NOISE_FLOOR:.0%} of 1; speed is never gated"
             )
         if self.gate is not None:
             parts.append(self.gate.summary())
@@ -448,12 +456,20 @@ def _fmt(value: float | None, unit: str) -> str:
 
 def _ratio(row: Row) -> str:
     r = row.ratio
-    return "—" if r is None else f"{r:.3f}×"
+    if r is None:
+        return "—"
+    comparison = row.comparison
+    return f"{r:.3f}×" + (f" {comparison.verdict}" if comparison else "")
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
+def _order(speed: SpeedResult, with_baseline: bool) -> str:
+    if speed.interleaved:
+        return ", interleaved with the baseline's"
+    return (
+        ", one model after the other (they did not fit in memory together)" if with_baseline else ""
+    )
+
+
+def _spread(timing: Timing | None) -> str:
+    """' ±2.1%': half the min..max spread of the timed runs."""
+    return "" if timing is None else f" ±{timing.spread / 2:.1%}"

@@ -4,7 +4,9 @@ Order of work, cheapest first, so bad input fails before a model is loaded: the 
 the options and the gate, the kernel, the tokenizer, the tasks (data read, task YAML generated,
 every task name resolved); then each model in turn (baseline first), loaded with
 ``mfprune.load_pretrained`` (per-layer expert counts included), evaluated, timed and freed, so
-only one model is in memory at a time.
+only one model is in memory at a time - except for speed: the models stay loaded for the
+interleaved timing rounds (speed.py) when they fit in memory together, and are timed one after
+the other (and say so) when they do not.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ def run_bench(
     implementation = resolve_kernel(kernel, torch_device)
     tokenizer = _tokenizer(ckpt, base)
     report_models: dict[str, ModelBench] = {}
+    timed: dict[str, Any] = {}  # role -> loaded model, kept for the interleaved speed rounds
     with tempfile.TemporaryDirectory(prefix="mfprune-bench-") as work:
         tasks = None
         if not quality.empty:
@@ -85,9 +88,11 @@ def run_bench(
             if gate and set(tasks.names) <= set(tasks.data_tasks):  # metrics known up front
                 check_gate_names(gate, data_metric_keys(quality.data), where="--max-drop")
             say(f"lm-eval tasks: {', '.join(tasks.names)}")
-        for role, target in (("baseline", base), ("model", ckpt)):
-            if target is None:
-                continue
+        targets = [(role, t) for role, t in (("baseline", base), ("model", ckpt)) if t]
+        together = speed is not None and _fit_together(
+            [t for _, t in targets], torch_device, torch_dtype
+        )
+        for role, target in targets:
             seconds: dict[str, float] = {}
             start = time.perf_counter()
             say(f"{role}: loading {target.root}")
@@ -102,14 +107,25 @@ def run_bench(
                     start = time.perf_counter()
                     bench.quality = evaluate(loaded, tokenizer, tasks, quality)
                     seconds["quality"] = time.perf_counter() - start
-                if speed is not None:
-                    say(f"{role}: timing prefill and decode")
+                if speed is not None and not together:
+                    say(f"{role}: timing prefill and decode ({speed.repeats} runs)")
                     start = time.perf_counter()
-                    bench.speed = measure_speed(loaded, speed)
+                    bench.speed = measure_speed({role: loaded}, speed)[role]
                     seconds["speed"] = time.perf_counter() - start
             bench.seconds = {k: round(v, 3) for k, v in seconds.items()}
             report_models[role] = bench
+            if together:
+                timed[role] = loaded
             del loaded
+            _free(torch_device)
+        if timed and speed is not None:
+            say(f"timing prefill and decode: {speed.repeats} rounds of {' and '.join(timed)}")
+            start = time.perf_counter()
+            with _kernel_errors(implementation):
+                for role, result in measure_speed(timed, speed).items():
+                    report_models[role].speed = result
+                    report_models[role].seconds["speed"] = round(time.perf_counter() - start, 3)
+            timed.clear()
             _free(torch_device)
     result = BenchReport(
         model=report_models["model"],
@@ -120,6 +136,28 @@ def run_bench(
     if gate and result.baseline is not None:
         result.gate = check_gate(gate, result.model.quality, result.baseline.quality)
     return result
+
+
+def _fit_together(targets: Sequence[Checkpoint], device: Any, dtype: Any) -> bool:
+    """Whether all models fit in memory at once, for interleaved timing (else one at a time)."""
+    from mfprune.memory import USABLE_SHARE, available_bytes
+
+    if len(targets) < 2:
+        return True
+    free = available_bytes(device)
+    need = sum(_loaded_bytes(t, dtype) for t in targets)  # weights; activations are small
+    return free is None or need <= USABLE_SHARE * free
+
+
+def _loaded_bytes(ckpt: Checkpoint, dtype: Any) -> int:
+    """Bytes of ``ckpt``'s tensors once loaded in ``dtype`` ("auto": as stored)."""
+    size = getattr(dtype, "itemsize", None)
+    if size is None:
+        return ckpt.nbytes
+    return sum(
+        t.numel * (size if t.dtype.startswith(("F", "BF")) else t.itemsize)
+        for t in ckpt.tensors.values()
+    )
 
 
 def _check_options(
