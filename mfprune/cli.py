@@ -213,17 +213,26 @@ def inspect(
     table = Table(title=f"{report.path}", show_header=False, title_justify="left")
     e = report.experts
     table.add_row("family", f"{report.family} (model_type {report.model_type})")
+    if report.description:
+        table.add_row("about", report.description)
     mtp = f", MTP: {_layers(report.mtp_layers)}" if report.mtp_layers else ""
     table.add_row("layers", f"{report.num_layers}, MoE: {_layers(e.layers)}{mtp}")
     groups = f", {e.n_group} groups (top-{e.topk_group} groups)" if e.n_group > 1 else ""
     table.add_row("experts", f"{e.experts_per_layer} per layer, top-{e.top_k}{groups}")
+    table.add_row("routing", e.routing)
     if report.attention_experts:
         a = report.attention_experts
         table.add_row("attention experts", f"{a.experts_per_layer} per layer, top-{a.top_k}")
+        table.add_row("attention routing", a.routing)
     if report.heads:
+        where = (
+            f" in layers {_layers(report.head_layers)}"
+            if report.head_layers and len(report.head_layers) < report.num_layers
+            else ""
+        )
         table.add_row(
             "heads",
-            f"{report.heads} query, {report.kv_heads} KV, head_dim {report.head_dim}; "
+            f"{report.heads} query, {report.kv_heads} KV, head_dim {report.head_dim}{where}; "
             f"pruning: {report.head_pruning}",
         )
     total = sum(report.params.values())

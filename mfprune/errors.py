@@ -65,9 +65,12 @@ class StatsError(MfpruneError):
     default_hint = "re-create it with `mfprune profile` (docs/stats-format.md)"
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """' — did you mean 'x'?' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+def did_you_mean(name: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str:
+    """' — did you mean 'x'?' for the closest choice, or '' when nothing is close.
+
+    ``cutoff`` is difflib's similarity ratio a choice must reach (0..1); model families share
+    suffixes such as ``_moe``, so their lookups ask for a higher one."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
     return f" — did you mean '{close[0]}'?" if close else ""
 
 

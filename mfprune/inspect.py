@@ -20,6 +20,7 @@ class ExpertSummary:
     n_group: int
     topk_group: int
     count_key: str
+    routing: str  # the routing rule in words
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,14 @@ class ModelReport:
     path: str
     family: str
     model_type: str
+    description: str  # the adapter's one line about the family
     num_layers: int
     experts: ExpertSummary
     attention_experts: ExpertSummary | None
     heads: int | None
     kv_heads: int | None
     head_dim: int | None
+    head_layers: list[int]  # layers that hold attention heads (a hybrid's attention layers)
     head_pruning: str  # "supported" or why not
     params: dict[
         str, int
@@ -65,12 +68,14 @@ def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelRe
         path=str(ckpt.root),
         family=spec.family,
         model_type=str(ckpt.config.get("model_type")),
+        description=spec.description,
         num_layers=layout.num_layers,
         experts=_summary(layout.experts),
         attention_experts=_summary(layout.attention_experts) if layout.attention_experts else None,
         heads=heads.num_heads if heads else None,
         kv_heads=heads.num_kv_heads if heads else None,
         head_dim=heads.head_dim if heads else None,
+        head_layers=list(heads.layers) if heads else [],
         head_pruning=head_pruning,
         params=param_split(ckpt, layout),
         dtypes=dtypes,
@@ -106,7 +111,36 @@ def _summary(e: ExpertLayout) -> ExpertSummary:
         n_group=e.n_group,
         topk_group=e.topk_group,
         count_key=e.count_key,
+        routing=routing_rule(e),
     )
+
+
+def routing_rule(e: ExpertLayout) -> str:
+    """How a token is routed over these experts, and what that means for pruning, in words."""
+    spec = e.spec
+    short = spec.router.rpartition(".")[0].replace("{layer}", "L")
+    parts = [f"each token picks top-{e.top_k} of {e.num_experts} experts scored by {short}"]
+    if spec.selection == "biased_score" and spec.selection_bias:
+        bias = spec.selection_bias.replace("{layer}", "L")
+        parts.append(
+            f"selection on the scores plus the bias {bias} (the weights use the unbiased "
+            "scores); a pruned expert's bias entry goes with it"
+        )
+    if e.n_group > 1:
+        top = (
+            f"the sum of its top-{spec.group_score_topk} scores"
+            if spec.group_score_topk > 1
+            else "its best score"
+        )
+        parts.append(
+            f"group-limited: {e.n_group} groups of {e.group_size}, a token uses its "
+            f"top-{e.topk_group} groups ranked by {top}, so every group keeps the same count"
+        )
+    if spec.shared:
+        shared = ", ".join(p.replace("{layer}", "L") for p in spec.shared)
+        parts.append(f"shared experts ({shared}) run on every token and are never pruned")
+    parts.append(f"MoE layers: {spec.layers.describe()}")
+    return "; ".join(parts)
 
 
 def param_split(ckpt: Checkpoint, layout: ModelLayout) -> dict[str, int]:

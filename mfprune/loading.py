@@ -76,10 +76,14 @@ def quantization_support(model_dir: str | Path) -> Iterator[None]:
 
 
 def model_class_for(config: dict[str, Any]) -> Any:
-    """The class a checkpoint was saved from (``architectures[0]``) when it is not a causal
-    LM that ``AutoModelForCausalLM`` builds (a token classifier, an image-text model...)."""
+    """The class that loads a checkpoint whole: a composite model's ``auto_model_class``; the
+    class it was saved from (``architectures[0]``) when that is not a causal LM (a token
+    classifier...); else ``AutoModelForCausalLM``."""
     import transformers
 
+    composite = auto_model_class(str(config.get("model_type")))
+    if composite is not transformers.AutoModelForCausalLM:
+        return composite
     names = config.get("architectures")
     name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
     own = getattr(transformers, name, None) if name.isidentifier() else None
@@ -87,6 +91,18 @@ def model_class_for(config: dict[str, Any]) -> Any:
     if is_model and not name.endswith("ForCausalLM"):
         return own
     return transformers.AutoModelForCausalLM
+
+
+def auto_model_class(model_type: str) -> type:
+    """The transformers auto class that builds a ``model_type`` whole: for a composite (vision +
+    text) model ``AutoModelForImageTextToText``, so its towers load too (a causal-LM class
+    would drop them); else ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _checked(loaded: tuple[Any, dict], path: str | Path, with_info: bool):

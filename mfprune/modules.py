@@ -3,7 +3,8 @@
 Shared by the exactness oracle (which masks routers and heads) and the profiler (which hooks
 them). ``adapter_routers`` finds routers from the adapter's tensor names (through
 transformers' key renamings), wherever the family keeps them and its selection bias; the
-oracle uses it. ``find_routers`` finds them by class name and module path (the profiler).
+oracle uses it; ``routing_modules`` gives the profiler the routing module around each.
+``find_routers`` finds them by class name and module path.
 
 * Routers: every family's top-k router class (``*TopKRouter`` / ``*TopkRouter``), and JetMoE's
   ``JetMoeTopKGating``. A router under ``self_attention`` / ``self_attn`` routes attention
@@ -150,3 +151,24 @@ def adapter_routers(
             bias=bias,
         )
     return sites
+
+
+def routing_modules(
+    model: nn.Module, spec: ExpertSpec, layers: Iterable[int]
+) -> dict[int, tuple[str, nn.Module]]:
+    """Map layer -> ``(name, module)`` of the module that routes each of ``layers``, found from
+    the adapter: the module owning the router weight, or, when that is a bare ``nn.Linear``
+    (JetMoE's ``router.layer``, Granite's, Hunyuan's ``gate.wg``, AFMoE's ``router.gate``), the
+    router module around it. Its parent is the MoE block. (The profiler.)
+
+    Raises:
+        ValueError: as ``adapter_routers``.
+    """
+    found = {}
+    for layer, site in adapter_routers(model, spec, layers).items():
+        name, module = site.name, site.module
+        if type(module) is nn.Linear:  # a bare linear (PhiMoE's router subclasses nn.Linear)
+            name = name.rpartition(".")[0]
+            module = model.get_submodule(name)
+        found[layer] = (name, module)
+    return found

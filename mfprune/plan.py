@@ -262,6 +262,12 @@ def _check_experts(
             "(a layer absent from the plan keeps all); --allow-uneven writes per-layer counts "
             "that mfprune.load_pretrained loads"
         )
+    elif len(set(counts.values())) > 1 and model.spec.config_path:
+        problems.append(
+            f"{kind}: kept counts differ across MoE layers, and per-layer counts are not "
+            f"supported for composite models ({model.family}): keep the same number in every "
+            "MoE layer"
+        )
 
 
 def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
@@ -279,6 +285,9 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
         where = f"heads[{layer}]"
         if not 0 <= layer < model.num_layers + len(model.mtp_layers):
             problems.append(f"{where}: layer {layer} does not exist (0..{model.num_layers - 1})")
+            continue
+        if heads.no_heads_reason(layer):
+            problems.append(f"{where}: {heads.no_heads_reason(layer)}")
             continue
         bad = [i for i in ids if not 0 <= i < H]
         if bad:
@@ -299,8 +308,8 @@ def _check_heads(kept: Kept, model: ModelLayout, problems: list[str]) -> None:
             )
             continue
         shapes.add((len(ids), len(per_kv)))
-    decoder = [layer for layer in kept if layer < model.num_layers]
-    full = {(H, heads.num_kv_heads)} if len(decoder) < model.num_layers else set()
+    decoder = [layer for layer in heads.layers if layer < model.num_layers]  # not MTP layers
+    full = {(H, heads.num_kv_heads)} if len(set(kept) & set(decoder)) < len(decoder) else set()
     if len(shapes | full) > 1 and not any(p.startswith("heads[") for p in problems):
         problems.append(
             "heads: layers would keep different head counts "

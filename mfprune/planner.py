@@ -249,10 +249,13 @@ def plan_heads(heads: HeadLayout, scores: torch.Tensor, *, keep_ratio: float) ->
     H, G = heads.num_heads, heads.group_size
     if not 0 < keep_ratio <= 1:
         raise PlanError(f"--heads-keep-ratio must be in (0, 1], got {keep_ratio}")
-    if scores.ndim != 2 or scores.shape[1] != H:
-        raise PlanError(f"head scores have shape {list(scores.shape)}; the model has {H} heads")
+    if scores.ndim != 2 or tuple(scores.shape) != (len(heads.layers), H):
+        raise PlanError(
+            f"head scores have shape {list(scores.shape)}; the model has {H} heads in "
+            f"{len(heads.layers)} attention layers"
+        )
     plan: Kept = {}
-    for layer, row in enumerate(scores):
+    for layer, row in zip(heads.layers, scores, strict=True):  # row: [H]
         if G == 1:
             n = max(1, round(keep_ratio * H))
             ranked = sorted(range(H), key=lambda h: (-float(row[h]), h))
@@ -307,10 +310,10 @@ def plan_from_profile(
     att = stats.attention_experts
     heads = stats.heads
     if heads_keep_ratio and (
-        heads is None or tuple(heads.layers) != tuple(range(layout.num_layers))
+        heads is None or layout.heads is None or tuple(heads.layers) != layout.heads.layers
     ):
         raise PlanError(
-            "the profile has no head usage for every layer of this model",
+            "the profile has no head usage for every attention layer of this model",
             hint="re-profile it with `mfprune profile`",
         )
     meta = {

@@ -14,13 +14,15 @@ and pruning an expert changes the logits.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from mfprune.loading import auto_model_class
 from mfprune.modules import is_router
 
 _BASE: dict[str, Any] = {
@@ -48,8 +50,48 @@ _DEEPSEEK: dict[str, Any] = {
     "v_head_dim": 16,
 }
 
-#: Config kwargs per family (keyed by our family name, which is also the transformers
-#: ``model_type``). Each dict is complete: pass it to ``AutoConfig.for_model(family, **kw)``.
+#: DeepSeek-V3 routing (sigmoid + correction bias, 2 groups of 4, one group per token) on a
+#: GQA model whose first layer is dense: GLM-4.5 and the families built on its code.
+_GLM: dict[str, Any] = {
+    "num_hidden_layers": 3,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "n_group": 2,
+    "topk_group": 1,
+    "head_dim": 16,
+}
+
+#: A per-expert softmax-router family: 8 experts of width 32, top-2.
+_SOFTMAX: dict[str, Any] = {"num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16}
+
+#: Qwen3-Next's language model: Gated DeltaNet in layer 0, gated softmax attention in layer 1.
+_QWEN_NEXT: dict[str, Any] = {
+    "shared_expert_intermediate_size": 32,
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "layer_types": ["linear_attention", "full_attention"],
+}
+
+#: A one-block vision tower of the Qwen-VL families.
+_QWEN_VISION: dict[str, Any] = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "patch_size": 4,
+    "temporal_patch_size": 1,
+    "spatial_merge_size": 1,
+}
+
+#: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
+#: serves it is found from that). Each dict is complete: pass it to
+#: ``AutoConfig.for_model(model_type, **kw)``.
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen2_moe": {
@@ -86,6 +128,153 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 2,
         "num_attention_heads": 4,
     },
+    "glm4_moe": {**_BASE, **_GLM},
+    "dots1": {**_BASE, **_GLM},
+    "solar_open": {**_BASE, **_GLM, "first_k_dense_replace": 0},
+    "sarvam_moe": {**_BASE, **_GLM},
+    "sarvam_mla": {**_BASE, **_DEEPSEEK, "n_group": 2, "topk_group": 1, "q_lora_rank": 16},
+    # DeepSeek-V3.2 / GLM-5 DSA: MLA plus a token indexer; MoE layers from mlp_layer_types
+    **{
+        family: {
+            **_BASE,
+            **_DEEPSEEK,
+            "n_group": 2,
+            "topk_group": 1,
+            "q_lora_rank": 16,
+            "index_n_heads": 2,
+            "index_head_dim": 16,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+        }
+        for family in ("deepseek_v32", "glm_moe_dsa")
+    },
+    # lightning attention in layer 1: heads only in layer 0
+    "minimax": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "head_dim": 16,
+        "layer_types": ["full_attention", "linear_attention"],
+    },
+    # FlexOlmo's default pad_token_id lies outside the tiny vocabulary
+    "flex_olmo": {
+        **_BASE,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "pad_token_id": 1,
+        "bos_token_id": None,
+        "eos_token_id": 2,
+    },
+    "mellum": {**_BASE, **_SOFTMAX, "num_local_experts": 8},
+    "cohere2_moe": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "layer_types": ["sliding_attention"] * 3,
+    },
+    # Mamba in layers 0 and 2, attention in 1 and 3; MoE in layers 0 and 2 (offset 0, so the
+    # default every-step-th rule would be wrong)
+    "jamba": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 4,
+        "num_experts": 8,
+        "attn_layer_period": 2,
+        "attn_layer_offset": 1,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 0,
+        "mamba_d_state": 8,
+        "mamba_d_conv": 4,
+        "mamba_expand": 2,
+        "mamba_dt_rank": 8,
+    },
+    "granitemoeshared": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 32,
+    },
+    "granitemoehybrid": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 32,
+        "layer_types": ["mamba", "attention"],
+        "mamba_n_heads": 4,
+        "mamba_d_head": 32,
+        "mamba_d_state": 8,
+        "mamba_n_groups": 1,
+    },
+    "granitemoe_swa": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
+    "lara_mini": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_experts": 8,
+        "shared_expert_intermediate_size": 32,
+        "layer_types": ["linear_attention", "sliding_attention"],
+    },
+    "qwen3_next": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
+    # selection biases kept off the router module (block, statics module), routers not named
+    # *TopKRouter: found by the oracle from the adapter
+    # ERNIE: MoE in layers 1..2 of 4 (moe_layer_start_index .. moe_layer_end_index)
+    "ernie4_5_moe": {
+        **_BASE,
+        "num_hidden_layers": 4,
+        "moe_num_experts": 8,
+        "moe_k": 2,
+        "moe_intermediate_size": 32,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+        "moe_layer_end_index": 2,
+    },
+    "exaone_moe": {
+        **_BASE,
+        **_GLM,
+        "n_routed_experts": None,
+        "num_experts": 8,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    "minimax_m2": {**_BASE, **_SOFTMAX, "num_local_experts": 8},
+    # short-convolution layer 1 between attention layers 0 and 2; layer 0 dense
+    "lfm2_moe": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_dense_layers": 1,
+        "layer_types": ["full_attention", "conv", "full_attention"],
+    },
+    "afmoe": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_dense_layers": 1,
+        "num_shared_experts": 1,
+    },
+    "hunyuan_v1_moe": {
+        **_BASE,
+        "num_experts": 8,
+        "moe_topk": 2,
+        "moe_intermediate_size": 32,
+        "head_dim": 16,
+    },
+    "kolibri1": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_local_experts": 8,
+        "shared_expert_intermediate_size": 32,
+    },
+    # composite: a one-block vision tower and the MoE language model under text_config
+    "qwen3_vl_moe": {
+        "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
+        "vision_config": {**_QWEN_VISION, "deepstack_visual_indexes": [0]},
+    },
+    "qwen3_5_moe": {
+        "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
+        "vision_config": _QWEN_VISION,
+    },
 }
 
 #: Standard deviation given to router weights so routing is far from uniform.
@@ -115,6 +304,11 @@ def make_config(family: str, **overrides: Any) -> PretrainedConfig:
     return AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
 
 
+# routers whose class name the oracle's old rule did not know (HunYuanMoEV1Gate,
+# AfmoeTokenChoiceRouter): their logits come from an nn.Linear child
+_OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter)$")
+
+
 def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
     """Re-draw router weights and zero-initialised routing/expert biases, in place."""
 
@@ -125,9 +319,14 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         if is_router(module):  # jetmoe's gating takes its logits from an nn.Linear child
             layer = getattr(module, "layer", None)  # jetmoe gating wraps an nn.Linear
             draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
-        bias = getattr(module, "e_score_correction_bias", None)  # deepseek_v3
-        if isinstance(bias, torch.Tensor):
-            draw(bias, 0.5)
+        elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg, afmoe's router.gate
+            for child in ("wg", "gate"):
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    draw(getattr(module, child).weight, ROUTER_STD)
+        for name in ("e_score_correction_bias", "expert_bias"):  # deepseek_v3, lfm2_moe, afmoe
+            bias = getattr(module, name, None)
+            if isinstance(bias, torch.Tensor):
+                draw(bias, 0.5)
     for name, param in model.named_parameters():
         for suffix, std in _ZERO_INIT_STD.items():
             if name.endswith(suffix):
@@ -149,7 +348,7 @@ def build_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedMo
     """
     config = make_config(family, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_model_class(config.model_type).from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         _randomise(model, generator)

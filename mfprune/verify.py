@@ -64,7 +64,9 @@ def verify_rewrite(
     heads = layout.heads
     original = load_pretrained(source, dtype=torch.float32).eval()
     small = load_pretrained(pruned, dtype=torch.float32).eval()  # also per-layer counts
-    ids = sample_ids(original.config.vocab_size, batch=batch, seq=seq_len, seed=seed)
+    ids = sample_ids(
+        original.config.get_text_config().vocab_size, batch=batch, seq=seq_len, seed=seed
+    )
     reference = masked_logits(
         original,
         ids,

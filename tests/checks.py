@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +19,11 @@ TOL = 1e-5
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict]:
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    """Load with the class the checkpoint names (``architectures``): composite models (vision +
+    text) load whole, towers included."""
+    names = json.loads((path / "config.json").read_text()).get("architectures") or []
+    cls = getattr(transformers, names[0], AutoModelForCausalLM) if names else AutoModelForCausalLM
+    model, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True)
     return model.eval(), info
 
 
@@ -43,7 +48,7 @@ def assert_exact(
     if not allow_unexpected:
         assert not info["unexpected_keys"], info["unexpected_keys"]
     assert not info["mismatched_keys"], info["mismatched_keys"]
-    cfg = original.config
+    cfg = original.config.get_text_config()
     ids = sample_ids(cfg.vocab_size, batch=2, seq=24)
     reference = masked_logits(
         original, ids, experts=experts, attention_experts=attention_experts, heads=heads

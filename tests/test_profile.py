@@ -7,6 +7,7 @@ checkpoint with a tiny BPE tokenizer (trained offline) saved into it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.activations import ACT2FN
 from typer.testing import CliRunner
 
@@ -30,7 +31,8 @@ from mfprune.arch.layout import resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.cli import app
 from mfprune.errors import DataError, ModelError, StatsError
-from mfprune.modules import find_o_projs, find_routers, parent_of
+from mfprune.loading import auto_model_class
+from mfprune.modules import find_o_projs, find_routers, parent_of, routing_modules
 from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
 from mfprune.profiling.hooks import Recorder
@@ -95,7 +97,8 @@ def assert_same_stats(a: ProfileStats, b: ProfileStats, *, rtol: float = 1e-6) -
 
 
 def load_model(path: Path) -> Any:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model_type = open_checkpoint(path).config["model_type"]
+    return auto_model_class(model_type).from_pretrained(path, dtype=torch.float32).eval()
 
 
 # ------------------------------------------------------------------------- what stats promise
@@ -124,12 +127,13 @@ def test_hooks_never_change_logits(family, model_dir, data, tokenizer):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_counts_sum_to_tokens_times_top_k(family, model_dir, data, tokenizer):
+def test_counts_sum_to_tokens_times_top_k(family, model_dir, data):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(family))  # its own class (Qwen3.5's)
     stats = profile(model_dir(family), data)
     real = sum(len(tokenizer(d)["input_ids"]) for d in DOCS)
     assert stats.meta.tokens == real
     assert stats.meta.documents == len(DOCS)
-    assert stats.meta.family == family
+    assert stats.meta.family == spec_for_config({"model_type": family}).family
     assert stats.meta.model_fingerprint == open_checkpoint(model_dir(family)).fingerprint()
     for kind in expert_kinds(stats):
         s = getattr(stats, kind)
@@ -142,9 +146,14 @@ def test_counts_sum_to_tokens_times_top_k(family, model_dir, data, tokenizer):
     assert (stats.attention_experts is not None) == (family == "jetmoe")
     if family == "jetmoe":
         assert stats.heads is None  # its heads are attention experts
+    elif stats.heads is None:  # no self_attn.o_proj to read (LFM2's out_proj): no head rules
+        assert not spec_for_config({"model_type": family}).heads.tensors
     else:
         assert stats.heads is not None
-        assert stats.heads.layers == tuple(range(len(stats.heads.layers)))
+        ckpt = open_checkpoint(model_dir(family))
+        layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+        if layout.spec.heads.tensors:  # all layers, or a hybrid's attention layers
+            assert stats.heads.layers == layout.heads.layers
         assert (stats.heads.tokens == real).all() and (stats.heads.usage > 0).all()
 
 
@@ -194,7 +203,9 @@ def test_bfloat16_profile(model_dir, data):
 # ---------------------------------------------------------------------- by-hand reference sums
 
 
-def _route_by_hand(family: str, router: Any, x: torch.Tensor, config: Any) -> tuple[Any, Any]:
+def _route_by_hand(
+    family: str, router: Any, x: torch.Tensor, config: Any, *, block: Any = None
+) -> tuple[Any, Any]:
     """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights."""
     k = config.num_experts_per_tok
     x = x.float()
@@ -222,7 +233,17 @@ def _route_by_hand(family: str, router: Any, x: torch.Tensor, config: Any) -> tu
         if config.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return index, weight * config.routed_scaling_factor
-    _, weight, index = router(x)  # other families: the router's own output
+    # other families: the router's own output; a router that takes the selection bias kept on
+    # its MoE block (MiniMax-M2, LFM2-MoE, AFMoE) gets it as transformers passes it
+    if len(inspect.signature(router.forward).parameters) > 1:
+        bias = next(
+            getattr(block, n)
+            for n in ("expert_bias", "e_score_correction_bias")
+            if hasattr(block, n)
+        )
+        _, weight, index = router(x[None] if family == "afmoe" else x, bias)  # AFMoE: [B, S, D]
+    else:
+        _, weight, index = router(x)
     return index, weight
 
 
@@ -240,7 +261,8 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
     gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
-    return F.linear(ACT2FN[config.hidden_act](gate) * up, ex.down_proj[e])
+    act = ex.act_fn if hasattr(ex, "act_fn") else ACT2FN[config.hidden_act]  # LFM2: no key
+    return F.linear(act(gate) * up, ex.down_proj[e])
 
 
 class _Sums:
@@ -265,10 +287,12 @@ class _Sums:
 def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
     """Run each chunk alone (no padding) and sum routing and expert norms by hand."""
     model = load_model(path)
-    config = model.config
+    config = model.config.get_text_config()
     chunks = load_token_data(data, tokenizer, seq_len=SEQ_LEN).chunks
     E = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
-    routers = find_routers(model, attention=False)
+    ckpt = open_checkpoint(path)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
     o_projs = find_o_projs(model)
     heads = config.num_attention_heads
     mlp = _Sums(len(routers), E)
@@ -309,7 +333,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 name, router = routers[layer]
                 block = parent_of(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                index, weight = _route_by_hand(family, router, x, config)
+                index, weight = _route_by_hand(family, router, x, config, block=block)
                 outs = torch.stack(
                     [
                         torch.stack(
@@ -328,25 +352,26 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 w_out = block.output_linear.weight  # [E, D, hd]
                 outs = torch.einsum("tkh,tkdh->tkd", slots, w_out[index])  # [T, K, D]
                 moa.add(row, index, weight, outs)
-            for layer, o_proj in o_projs.items():
+            for att_row, (layer, o_proj) in enumerate(sorted(o_projs.items())):
                 x = inputs["o", layer].reshape(-1, o_proj.in_features)
                 width = o_proj.in_features // heads
                 for h in range(heads):
                     cols = slice(h * width, (h + 1) * width)
                     part = F.linear(x[:, cols], o_proj.weight[:, cols])  # [T, D]
-                    usage[layer, h] += part.double().norm(dim=-1).sum()
+                    usage[att_row, h] += part.double().norm(dim=-1).sum()
     for handle in handles:
         handle.remove()
     return {"experts": mlp, "attention_experts": moa if attention else None, "heads": usage}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sums_match_a_by_hand_reference(family, model_dir, data, tokenizer):
+def test_sums_match_a_by_hand_reference(family, model_dir, data):
     """Routing (the five families named in BRIEF §2 by hand: softmax+renorm, softmax, top-k then
     softmax with bias, sigmoid+bias+groups+scaling, JetMoE's two routers) and every expert's
     output computed from the weights; profiled in padded batches, referenced one chunk at a
     time."""
     path = model_dir(family)
+    tokenizer = AutoTokenizer.from_pretrained(path)  # the class the profiler loads
     stats = profile(path, data, batch_size=3)
     ref = reference_stats(family, path, data, tokenizer)
     for kind in expert_kinds(stats):

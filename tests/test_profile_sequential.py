@@ -28,7 +28,18 @@ from mfprune.profiling.sequential import LayerByLayer
 # per-expert on-disk names (mixtral w1/w2/w3, qwen2_moe gate/up/down + shared expert), a dense
 # first layer and groups (deepseek_v3), fused experts with biases and sliding-window layers
 # (gpt_oss), attention experts (jetmoe)
-FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "jetmoe"]
+FAMILIES = [
+    "mixtral",
+    "qwen2_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "jetmoe",
+    "glm4_moe",
+    "qwen3_next",
+    "jamba",
+    "granitemoehybrid",
+    "deepseek_v32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +164,16 @@ def test_slot_outputs_under_other_experts_implementations(impl, model_dir, data)
     torch.testing.assert_close(hooked, plain, rtol=1e-6, atol=1e-6)
     stats = recorder.expert_stats("experts")
     assert stats is not None and (stats.tokens == 9).all() and (stats.ean > 0).any()
+
+
+def test_composite_model_is_refused_with_one_line(model_dir, data, tmp_path):
+    from typer.testing import CliRunner
+
+    from mfprune.cli import app
+
+    out = tmp_path / "s.safetensors"
+    args = ["profile", str(model_dir("qwen3_vl_moe")), "--data", str(data), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--sequential"])
+    assert result.exit_code != 0
+    assert "--sequential cannot profile it yet" in result.stderr
+    assert "Traceback" not in result.output + result.stderr and not out.exists()

@@ -59,6 +59,13 @@ def stats_of(model_dir, task, tmp_path_factory):
         ("deepseek_v3", "ean", ["--keep-ratio", "0.5"]),
         ("jetmoe", "frequency", ["--keep", "3", "--attention-keep-ratio", "0.75"]),
         ("olmoe", "random", ["--coverage", "0.6", "--seed", "3"]),
+        # newer families: group-limited sigmoid + bias with shared experts; a hybrid whose heads
+        # live in its attention layers only; Mamba layers with a period-offset MoE rule
+        ("glm4_moe", "reap", ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.5"]),
+        ("qwen3_next", "reap", ["--keep", "4", "--heads-keep-ratio", "0.5"]),
+        ("jamba", "soft", ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.5"]),
+        # composite: vision tower + MoE language model under text_config; --verify loads both
+        ("qwen3_vl_moe", "reap", ["--keep-ratio", "0.5", "--heads-keep-ratio", "0.5", "--verify"]),
     ],
 )
 def test_profile_then_prune_is_exact(family, criterion, extra, model_dir, stats_of, tmp_path):

@@ -20,6 +20,10 @@ from mfprune.arch.spec import (
 )
 from mfprune.errors import ArchError, did_you_mean
 
+#: How similar an unknown ``model_type`` must be to a family's to be suggested: family names
+#: share parts (``_moe``, ``deepseek_``), so a loose match points at an unrelated family.
+FAMILY_CUTOFF = 0.8
+
 __all__ = [
     "ArchSpec",
     "ExpertSpec",
@@ -30,6 +34,7 @@ __all__ = [
     "builtin_specs",
     "load_spec_file",
     "spec_for_config",
+    "unsupported_families",
 ]
 
 
@@ -44,6 +49,14 @@ def builtin_specs() -> dict[str, ArchSpec]:
     return specs
 
 
+@functools.cache
+def unsupported_families() -> dict[str, str]:
+    """``model_type`` -> why mfprune has no adapter for it, for every MoE family in transformers
+    without one (``mfprune/arch/unsupported.toml``; a test keeps it complete)."""
+    text = resources.files("mfprune.arch").joinpath("unsupported.toml").read_text("utf-8")
+    return dict(tomllib.loads(text)["unsupported"])
+
+
 def spec_for_config(config: dict[str, Any], *, arch_file: str | Path | None = None) -> ArchSpec:
     """The adapter for a model: the user's file when given, else found from ``model_type``."""
     if arch_file is not None:
@@ -52,10 +65,11 @@ def spec_for_config(config: dict[str, Any], *, arch_file: str | Path | None = No
     by_type = {mt: spec for spec in builtin_specs().values() for mt in spec.model_types}
     if model_type in by_type:
         return by_type[model_type]
+    hint = "pass your own adapter with --arch FILE (docs/adding-an-architecture.md)"
+    reason = unsupported_families().get(str(model_type))
+    if reason:
+        raise ArchError(f"unsupported model_type '{model_type}': {reason}", hint=hint)
     families = ", ".join(sorted(by_type))
     shown = f"'{model_type}'" if model_type else "missing"
-    raise ArchError(
-        f"unsupported model_type {shown}{did_you_mean(str(model_type), by_type)}; "
-        f"supported: {families}",
-        hint="pass your own adapter with --arch FILE (docs/adding-an-architecture.md)",
-    )
+    close = did_you_mean(str(model_type), by_type, cutoff=FAMILY_CUTOFF)
+    raise ArchError(f"unsupported model_type {shown}{close}; supported: {families}", hint=hint)

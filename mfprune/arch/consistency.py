@@ -21,7 +21,9 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 def check_config_against_weights(ckpt: Checkpoint, layout: Any) -> None:
     """Raise ModelError when config.json disagrees with the tensors (``layout``: ModelLayout;
     the layer count is checked before it is built, by ``check_layer_count``)."""
-    cfg = ckpt.config
+    from mfprune.arch.layout import lm_config
+
+    cfg = lm_config(ckpt.config, layout.spec)  # a composite model's language model: text_config
     embedding = _embedding(ckpt)
     if embedding is not None and len(embedding.shape) == 2:
         rows, width = embedding.shape
@@ -95,7 +97,7 @@ def _check_heads(ckpt: Checkpoint, layout: Any) -> None:
             if info.shape[t.axis] != count * width:
                 key = spec.count_key if query else (spec.kv_count_key or spec.count_key)
                 derived = t.width == "head_dim" and not isinstance(
-                    ckpt.config.get(spec.head_dim_key or ""), int
+                    heads.config.get(spec.head_dim_key or ""), int
                 )
                 per = f"head_dim {width}" + (
                     f" = hidden_size / {spec.count_key}" if derived else ""

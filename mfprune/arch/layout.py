@@ -54,6 +54,19 @@ class HeadLayout:
     num_kv_heads: int  # KV
     head_dim: int
     config: dict[str, Any]
+    layers: tuple[int, ...] = ()  # decoder layers holding the head tensors (hybrids: not all)
+
+    def no_heads_reason(self, layer: int) -> str:
+        """Why ``layer`` has no prunable heads ('' when it has): linear-attention, Mamba..."""
+        if layer in self.layers:
+            return ""
+        types = self.config.get("layer_types")
+        kind = (
+            f" (a '{types[layer]}' layer)" if isinstance(types, list) and layer < len(types) else ""
+        )
+        return (
+            f"layer {layer} has no attention heads{kind}; heads live in layers {list(self.layers)}"
+        )
 
     @property
     def group_size(self) -> int:
@@ -90,13 +103,31 @@ class ModelLayout:
         return self.spec.family
 
 
+def lm_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
+    """The part of ``config.json`` that holds the language model's keys: the whole config, or
+    for a composite model (vision + text) the sub-config at ``spec.config_path``
+    (``text_config``; dotted for deeper ones). The dict returned is ``config``'s own, so a
+    caller that patches it patches ``config``."""
+    cfg = config
+    for part in spec.config_path.split(".") if spec.config_path else ():
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        if not isinstance(cfg, dict):
+            raise ModelError(
+                f"config.json has no '{spec.config_path}' table ({spec.family} keeps its "
+                "language model's settings there)",
+                hint="the config does not match the adapter; check config.json",
+            )
+    return cfg
+
+
 def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     """Check the adapter against the config and the tensors; raise ModelError on a mismatch."""
-    cfg = ckpt.config
+    cfg = lm_config(ckpt.config, spec)
+    where = f"{spec.config_path}." if spec.config_path else ""
     num_layers = cfg.get(spec.num_layers_key)
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
         raise ModelError(
-            f"config.json has no valid '{spec.num_layers_key}' (got {num_layers!r})",
+            f"config.json has no valid '{where}{spec.num_layers_key}' (got {num_layers!r})",
             hint="the adapter's num_layers_key must name the decoder-layer count",
         )
     if num_layers > len(ckpt.tensors):  # every layer has tensors: a huge count is a broken config
@@ -113,10 +144,19 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
     mtp = tuple(L for L in range(num_layers, num_layers + n_mtp) if L in present)
     others = (spec.attention_experts,) if spec.attention_experts else ()
-    experts = _resolve_experts(ckpt, spec.experts, "experts", num_layers, mtp=mtp, others=others)
+    experts = _resolve_experts(
+        ckpt,
+        cfg,
+        spec.experts,
+        "experts",
+        num_layers,
+        mtp=mtp,
+        others=others,
+    )
     attention = (
         _resolve_experts(
             ckpt,
+            cfg,
             spec.attention_experts,
             "attention_experts",
             num_layers,
@@ -131,7 +171,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         num_layers=num_layers,
         experts=experts,
         attention_experts=attention,
-        heads=_resolve_heads(cfg, spec.heads),
+        heads=_resolve_heads(cfg, spec.heads, ckpt, (*range(num_layers), *mtp)),
         mtp_layers=mtp,
     )
     check_config_against_weights(ckpt, layout)
@@ -143,18 +183,26 @@ def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int) -> bool:
+def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers: int) -> bool:
+    """The adapter's MoE-layer rule (``MoeLayers``) applied to ``config.json``."""
     rules = spec.layers
+    types = cfg.get(rules.layer_types_key) if rules.layer_types_key else None
+    if isinstance(types, list) and len(types) == num_layers:
+        return types[layer] in rules.moe_layer_types
     if layer < _int_key(cfg, rules.first_dense_key, 0):
+        return False
+    if rules.last_moe_key and layer > _int_key(cfg, rules.last_moe_key, layer):
         return False
     dense = cfg.get(rules.dense_layers_key) if rules.dense_layers_key else None
     if isinstance(dense, list) and layer in dense:
         return False
-    return (layer + 1) % max(1, _int_key(cfg, rules.sparse_step_key, 1)) == 0
+    step = max(1, _int_key(cfg, rules.sparse_step_key, 1))
+    return layer % step == _int_key(cfg, rules.sparse_offset_key, step - 1)
 
 
 def _resolve_experts(
     ckpt: Checkpoint,
+    cfg: dict[str, Any],
     spec: ExpertSpec,
     kind: str,
     num_layers: int,
@@ -162,7 +210,7 @@ def _resolve_experts(
     mtp: tuple[int, ...] = (),
     others: tuple[ExpertSpec, ...] = (),
 ) -> ExpertLayout:
-    cfg, tensors = ckpt.config, ckpt.tensors
+    tensors = ckpt.tensors
     count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
     if count_key is None:
         raise ModelError(
@@ -176,12 +224,12 @@ def _resolve_experts(
             f"no MoE layer found: no tensor named like '{spec.router.format(layer=0)}'",
             hint="a dense model has no experts to prune; for another layout pass --arch FILE",
         )
-    by_config = [L for L in range(num_layers) if _moe_by_config(cfg, spec, L)]
+    by_config = [L for L in range(num_layers) if _moe_by_config(cfg, spec, L, num_layers)]
     if by_config != with_router:
         raise ModelError(
             f"config.json makes layers {by_config} MoE but router tensors exist for {with_router}",
-            hint="the config does not match the weights; check first_k_dense_replace / "
-            "decoder_sparse_step / mlp_only_layers",
+            hint=f"the config does not match the weights; the adapter's rule: MoE in "
+            f"{spec.layers.describe()}",
         )
     if top_k <= 0 or top_k > num_experts:
         raise ModelError(
@@ -276,10 +324,19 @@ def _check_per_expert(
                 )
 
 
-def _resolve_heads(cfg: dict[str, Any], spec: HeadSpec) -> HeadLayout | None:
+def _resolve_heads(
+    cfg: dict[str, Any], spec: HeadSpec, ckpt: Checkpoint, layer_ids: tuple[int, ...]
+) -> HeadLayout | None:
     heads = _int_key(cfg, spec.count_key, 0)
     if heads <= 0:
         return None
     kv = _int_key(cfg, spec.kv_count_key, heads)
     head_dim = _int_key(cfg, spec.head_dim_key, 0) or _int_key(cfg, "hidden_size", 0) // heads
-    return HeadLayout(spec=spec, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, config=cfg)
+    # hybrid models (Mamba, linear attention) have heads in some layers only: those holding
+    # every required head tensor, plain or in a quantized form under the same module
+    modules = {name.rsplit(".", 1)[0] for name in ckpt.tensors}
+    required = [t.name.rsplit(".", 1)[0] for t in spec.tensors if not t.optional]
+    layers = tuple(L for L in layer_ids if all(m.format(layer=L) in modules for m in required))
+    return HeadLayout(
+        spec=spec, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, config=cfg, layers=layers
+    )

@@ -31,13 +31,39 @@ class StackedTensor:
 class MoeLayers:
     """Which decoder layers are MoE, from config keys (each optional).
 
-    A layer L is MoE unless ``L < config[first_dense_key]``, or ``L in config[dense_layers_key]``,
-    or ``(L + 1) % config[sparse_step_key] != 0`` — the rules of DeepSeek and Qwen-MoE.
+    When ``config[layer_types_key]`` is a list with one entry per layer (``mlp_layer_types:
+    ["dense", "sparse", ...]``), layer L is MoE exactly when its entry is one of
+    ``moe_layer_types``. Otherwise a layer L is MoE unless ``L < config[first_dense_key]``, or
+    ``L > config[last_moe_key]``, or
+    ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
+    config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
+    the rules of DeepSeek, Qwen-MoE and Jamba.
     """
 
     first_dense_key: str | None = None
+    last_moe_key: str | None = None  # layers above config[last_moe_key] are dense (ERNIE)
     sparse_step_key: str | None = None
+    sparse_offset_key: str | None = None
     dense_layers_key: str | None = None
+    layer_types_key: str | None = None
+    moe_layer_types: tuple[str, ...] = ("sparse",)
+
+    def describe(self) -> str:
+        """The rule in words, with the config keys it reads."""
+        parts = []
+        if self.layer_types_key:
+            kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
+            parts.append(f"layers whose {self.layer_types_key} entry is {kinds}")
+        if self.first_dense_key:
+            parts.append(f"layers from {self.first_dense_key} on")
+        if self.last_moe_key:
+            parts.append(f"up to {self.last_moe_key}")
+        if self.sparse_step_key:
+            offset = self.sparse_offset_key or f"{self.sparse_step_key} - 1"
+            parts.append(f"every {self.sparse_step_key}-th layer (starting at {offset})")
+        if self.dense_layers_key:
+            parts.append(f"except those listed in {self.dense_layers_key}")
+        return ", ".join(parts) if parts else "every layer"
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,7 @@ class ArchSpec:
     heads: HeadSpec = field(default_factory=HeadSpec)
     attention_experts: ExpertSpec | None = None  # JetMoE / ModuleFormer mixture of attention
     num_layers_key: str = "num_hidden_layers"
+    config_path: str | None = None  # composite models: the LM's keys sit under config[path]
     # multi-token-prediction layers (DeepSeek-V3 num_nextn_predict_layers): whole decoder
     # layers stored after the last one, at indices num_layers.., that transformers ignores
     mtp_layers_key: str | None = None
@@ -153,6 +180,10 @@ _EXPERT_KEYS = {
     "first_dense_key",
     "sparse_step_key",
     "dense_layers_key",
+    "last_moe_key",
+    "sparse_offset_key",
+    "layer_types_key",
+    "moe_layer_types",
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
@@ -173,6 +204,7 @@ _TOP_KEYS = {
     "model_types",
     "description",
     "num_layers_key",
+    "config_path",
     "mtp_layers_key",
     "experts",
     "attention_experts",
@@ -214,8 +246,12 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         shared=r.names(t, "shared", where),
         layers=MoeLayers(
             first_dense_key=r.get(t, "first_dense_key", where, str, None),
+            last_moe_key=r.get(t, "last_moe_key", where, str, None),
             sparse_step_key=r.get(t, "sparse_step_key", where, str, None),
+            sparse_offset_key=r.get(t, "sparse_offset_key", where, str, None),
             dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
+            layer_types_key=r.get(t, "layer_types_key", where, str, None),
+            moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
@@ -306,6 +342,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         heads=heads,
         attention_experts=attention,
         num_layers_key=r.get(t, "num_layers_key", "adapter", str, "num_hidden_layers"),
+        config_path=r.get(t, "config_path", "adapter", str, None),
         mtp_layers_key=r.get(t, "mtp_layers_key", "adapter", str, None),
         description=r.get(t, "description", "adapter", str, ""),
         source=source,

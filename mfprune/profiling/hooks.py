@@ -37,7 +37,7 @@ from torch import nn
 
 from mfprune.arch.layout import ExpertLayout, ModelLayout
 from mfprune.errors import ModelError
-from mfprune.modules import find_o_projs, find_routers, parent_of
+from mfprune.modules import find_o_projs, parent_of, routing_modules
 from mfprune.profiling.stats import ExpertStats, HeadStats
 
 
@@ -185,13 +185,13 @@ class Recorder:
     # ---------------------------------------------------------------------------- experts
 
     def _plan_experts(self, kind: str, layout: ExpertLayout) -> None:
-        routers = find_routers(self.model, attention=kind == "attention_experts")
-        if sorted(routers) != list(layout.layers):
+        try:  # from the adapter's router names, whatever the router class is called
+            routers = routing_modules(self.model, layout.spec, layout.layers)
+        except ValueError as exc:
             raise ModelError(
-                f"the loaded model has {kind} routers in layers {sorted(routers)}, but the "
-                f"checkpoint's tensors put them in layers {list(layout.layers)}",
+                f"the loaded model does not hold the {kind} routers the checkpoint has: {exc}",
                 hint="the adapter does not match how transformers builds this model",
-            )
+            ) from None
         sums = self.sums[kind]
         for row, layer in enumerate(layout.layers):
             name, router = routers[layer]
@@ -261,25 +261,28 @@ class Recorder:
     # ------------------------------------------------------------------------------ heads
 
     def _plan_heads(self, num_layers: int, acc: torch.dtype) -> None:
+        """Hook every layer's ``self_attn.o_proj``: all layers, or the attention layers of a
+        hybrid (Mamba / linear-attention layers have none); JetMoE has attention experts."""
         o_projs = find_o_projs(self.model)
-        if sorted(o_projs) != list(range(num_layers)):
-            return  # JetMoE: attention experts instead of heads
+        if not o_projs:
+            return
         config = self.model.config.get_text_config()
         heads = int(config.num_attention_heads)
-        self.head_layers = tuple(range(num_layers))
-        self._head_usage = torch.zeros(num_layers, heads, dtype=acc, device=self.device)
-        self._head_tokens = torch.zeros(num_layers, dtype=torch.int64, device=self.device)
-        for layer, o_proj in o_projs.items():
+        self.head_layers = tuple(sorted(o_projs))
+        self._head_usage = torch.zeros(len(o_projs), heads, dtype=acc, device=self.device)
+        self._head_tokens = torch.zeros(len(o_projs), dtype=torch.int64, device=self.device)
+        for row, layer in enumerate(self.head_layers):
+            o_proj = o_projs[layer]
             width, rest = divmod(o_proj.in_features, heads)
             if rest:
                 raise ModelError(
                     f"layer {layer}: o_proj takes {o_proj.in_features} inputs, not a multiple "
                     f"of {heads} heads"
                 )
-            self._plan.append((o_proj, "pre", self._head_hook(layer, o_proj, heads, width)))
+            self._plan.append((o_proj, "pre", self._head_hook(row, o_proj, heads, width)))
 
-    def _head_hook(self, layer: int, o_proj: nn.Linear, heads: int, width: int) -> Any:
-        usage, tokens = self._head_usage, self._head_tokens  # [L_all, H], [L_all]
+    def _head_hook(self, row: int, o_proj: nn.Linear, heads: int, width: int) -> Any:
+        usage, tokens = self._head_usage, self._head_tokens  # [L_att, H], [L_att]
         assert usage is not None and tokens is not None  # set by _plan_heads
         gram: list[torch.Tensor] = []  # [H, w, w], computed on first use (weights are fixed)
 
@@ -290,8 +293,8 @@ class Recorder:
                 gram.append(torch.einsum("dhw,dhv->hwv", w, w))
             projected = torch.einsum("thw,hwv->thv", x, gram[0])  # [T, H, w]
             squared = (projected * x).sum(dim=-1)  # [T, H]: ‖W_h x_h‖²
-            usage[layer] += squared.clamp_min(0).sqrt().sum(dim=0).to(usage.dtype)
-            tokens[layer] += x.shape[0]
+            usage[row] += squared.clamp_min(0).sqrt().sum(dim=0).to(usage.dtype)
+            tokens[row] += x.shape[0]
 
         return hook
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mfprune.arch import ArchSpec, spec_for_config
-from mfprune.arch.layout import ModelLayout, resolve_layout
+from mfprune.arch.layout import ModelLayout, lm_config, resolve_layout
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
 from mfprune.profiling import distributed
@@ -96,7 +96,7 @@ def profile_model(
         shard=shard,
         min_tokens=MIN_TOKENS,
     )
-    _check_vocab(tokens, ckpt.config)
+    _check_vocab(tokens, lm_config(ckpt.config, spec))
     run = _Run(
         batch_size=batch_size,
         dtype=torch_dtype,
@@ -275,12 +275,11 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: Path, *, dtype: torch.dtype | str, device: torch.device) -> Any:
-    from transformers import AutoModelForCausalLM
+    from mfprune.loading import model_class_for, quantization_support
 
-    from mfprune.loading import quantization_support
-
+    cls = model_class_for(open_checkpoint(model_dir).config)
     with quiet_transformers(), quantization_support(model_dir):
-        model = AutoModelForCausalLM.from_pretrained(
+        model = cls.from_pretrained(
             model_dir, dtype=dtype, local_files_only=True, use_safetensors=True
         )
     return model.to(device).eval()

@@ -96,6 +96,15 @@ def build_skeleton(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device
             "(FP8 block checkpoints it dequantizes layer by layer)",
             hint="profile it without --sequential, or a dequantized copy with it",
         )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = ckpt.config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # a composite (vision + text) model
+        raise ModelError(
+            f"{ckpt.root} is a '{model_type}' model, which has no causal-LM class to run layer "
+            "by layer: --sequential cannot profile it yet",
+            hint="profile it without --sequential",
+        )
     with quiet_transformers():
         config = AutoConfig.from_pretrained(ckpt.root, local_files_only=True)
         with torch.device("meta"):

@@ -61,12 +61,13 @@ class ExpertStats:
 
 @dataclass(frozen=True)
 class HeadStats:
-    """Per decoder layer and query head: Σ_t ‖o_proj[:, head h's columns] · (head h's output)‖₂,
-    the size of what the head writes into the residual stream."""
+    """Per attention layer and query head: Σ_t ‖o_proj[:, head h's columns] · (head h's
+    output)‖₂, the size of what the head writes into the residual stream. ``layers`` are all
+    decoder layers, or a hybrid's attention layers (L_att of them)."""
 
-    layers: tuple[int, ...]  # [L_all]
-    usage: torch.Tensor  # [L_all, H] float64
-    tokens: torch.Tensor  # [L_all] int64
+    layers: tuple[int, ...]  # [L_att]
+    usage: torch.Tensor  # [L_att, H] float64
+    tokens: torch.Tensor  # [L_att] int64
 
     def add(self, other: HeadStats) -> HeadStats:
         return replace(self, usage=self.usage + other.usage, tokens=self.tokens + other.tokens)

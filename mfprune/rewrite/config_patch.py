@@ -5,15 +5,18 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mfprune.arch.layout import ModelLayout
+from mfprune.arch.layout import ModelLayout, lm_config
 from mfprune.plan import PrunePlan, head_index
 
 UNEVEN_KEY = "mfprune_expert_counts"  # {layer: experts kept} when layers keep different counts
 
 
 def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan) -> dict[str, Any]:
-    """Return ``config`` with expert/head counts set to what ``plan`` keeps (plan validated)."""
-    out = copy.deepcopy(config)
+    """Return ``config`` with expert/head counts set to what ``plan`` keeps (plan validated).
+
+    A composite model's counts are written where they were read: under its ``config_path``."""
+    root = copy.deepcopy(config)
+    out = lm_config(root, layout.spec)
     for experts in filter(None, (layout.experts, layout.attention_experts)):
         counts = plan.expert_counts(experts)
         for key in experts.spec.count_keys:
@@ -35,10 +38,17 @@ def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan) -
             and not isinstance(out.get(spec.head_dim_key), int)
         ):
             out[spec.head_dim_key] = heads.head_dim  # was derived from hidden_size / heads
-    return out
+    return root
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[Any]]:
-    """{key: [old, new]} for every top-level key that differs."""
-    keys = sorted(set(before) | set(after))
-    return {k: [before.get(k), after.get(k)] for k in keys if before.get(k) != after.get(k)}
+    """{key: [old, new]} for every key that differs; keys of sub-configs that both sides hold
+    as tables are dotted (``text_config.num_experts``)."""
+    changes: dict[str, list[Any]] = {}
+    for k in sorted(set(before) | set(after)):
+        a, b = before.get(k), after.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes.update({f"{k}.{sub}": v for sub, v in config_changes(a, b).items()})
+        elif a != b:
+            changes[k] = [a, b]
+    return changes

@@ -1,0 +1,175 @@
+"""Every MoE family in the installed transformers has an adapter or a stated reason why not, so
+a transformers upgrade that adds one fails here until someone decides; unknown families get a
+suggestion only when one is close."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import warnings
+from typing import Any
+
+import pytest
+from transformers import CONFIG_MAPPING, PretrainedConfig
+
+from mfprune.arch import builtin_specs, spec_for_config, unsupported_families
+from mfprune.errors import ArchError
+
+#: Config fields that hold a routed-expert count in some family.
+EXPERT_COUNT_KEYS = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
+
+
+def _fields(cls: type, seen: frozenset = frozenset()) -> set[str]:
+    """Every field a config class (and its sub-config classes) declares."""
+    if cls in seen or not isinstance(cls, type) or not issubclass(cls, PretrainedConfig):
+        return set()
+    names = set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
+    if dataclasses.is_dataclass(cls):
+        names |= {f.name for f in dataclasses.fields(cls)}
+    for sub in getattr(cls, "sub_configs", {}).values():
+        names |= _fields(sub, seen | {cls})
+    return names
+
+
+def _dict_keys(data: Any) -> set[str]:
+    """Keys of a nested config dict (sub-configs that the class declares only as AutoConfig)."""
+    if not isinstance(data, dict):
+        return set()
+    keys = {k for k in data if isinstance(k, str)}
+    for value in data.values():
+        keys |= _dict_keys(value)
+    return keys
+
+
+def moe_model_types() -> set[str]:
+    """``model_type``s whose config (or a sub-config) declares an expert count."""
+    found = set()
+    for model_type, cls in CONFIG_MAPPING.items():
+        names = _fields(cls)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                names |= _dict_keys(cls().to_dict())
+        except Exception:  # some configs cannot be built from defaults; their fields still count
+            pass
+        if names & EXPERT_COUNT_KEYS:
+            found.add(model_type)
+    return found
+
+
+@pytest.fixture(scope="module")
+def moe_types() -> set[str]:
+    return moe_model_types()
+
+
+def _supported() -> dict[str, str]:
+    return {mt: spec.family for spec in builtin_specs().values() for mt in spec.model_types}
+
+
+def test_the_walk_finds_known_families(moe_types):
+    # the walk itself must work, or the completeness check below would pass on nothing
+    assert {"mixtral", "deepseek_v3", "jetmoe", "qwen3_vl_moe", "dbrx", "kimi_k25"} <= moe_types
+    assert not {"llama", "gpt2", "qwen3", "bert"} & moe_types
+
+
+def test_every_moe_family_has_an_adapter_or_a_reason(moe_types):
+    supported, unsupported = _supported(), unsupported_families()
+    missing = sorted(moe_types - set(supported) - set(unsupported))
+    assert not missing, (
+        f"transformers has MoE families mfprune does not know: {missing}; add an adapter in "
+        "mfprune/arch/families/ or an entry with its reason in mfprune/arch/unsupported.toml"
+    )
+
+
+def test_the_unsupported_list_is_current(moe_types):
+    supported, unsupported = _supported(), unsupported_families()
+    assert not set(supported) & set(unsupported), "a family is both supported and unsupported"
+    stale = sorted(set(unsupported) - moe_types)
+    assert not stale, f"unsupported.toml names families transformers no longer has: {stale}"
+    assert all(len(reason) > 20 for reason in unsupported.values())
+
+
+def test_every_adapter_serves_a_transformers_family(moe_types):
+    for model_type, family in _supported().items():
+        assert model_type in moe_types, f"adapter {family} serves unknown {model_type!r}"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "expected", "absent"),
+    [
+        ("dbrx", "experts concatenated", "did you mean"),  # a known family: its reason
+        ("doge", "product-key experts", "did you mean"),
+        ("mixtrall", "did you mean 'mixtral'?", None),  # a typo: the close name
+        ("falcon_mamba", "supported: ", "did you mean"),  # nothing close: no suggestion
+        ("ernie_vl_x", "supported: ", "did you mean"),
+        ("granite_moe_x", "did you mean 'granitemoe'?", None),
+        ("mamba_moe", "supported: ", "did you mean"),
+        ("llama", "supported: ", "did you mean"),
+    ],
+)
+def test_unknown_family_message(model_type, expected, absent):
+    with pytest.raises(ArchError) as err:
+        spec_for_config({"model_type": model_type})
+    message = str(err.value)
+    assert f"unsupported model_type '{model_type}'" in message
+    assert expected in message
+    if absent:
+        assert absent not in message
+
+
+@pytest.mark.parametrize(
+    ("family", "phrases"),
+    [
+        (
+            "glm4_moe",
+            [
+                "top-2 of 8 experts",
+                "plus the bias model.layers.L.mlp.gate.e_score_correction_bias",
+                "2 groups of 4",
+                "top-1 groups ranked by the sum of its top-2 scores",
+                "shared experts (model.layers.L.mlp.shared_experts.)",
+                "MoE layers: layers from first_k_dense_replace on",
+            ],
+        ),
+        ("deepseek_v32", ["layers whose mlp_layer_types entry is 'sparse'"]),
+        ("jamba", ["every expert_layer_period-th layer (starting at expert_layer_offset)"]),
+        ("mixtral", ["top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate"]),
+    ],
+)
+def test_inspect_states_the_routing_rule(family, phrases, tiny_checkpoint):
+    from mfprune.inspect import inspect_model
+
+    report = inspect_model(tiny_checkpoint(family))
+    for phrase in phrases:
+        assert phrase in report.experts.routing
+    if family in ("jamba", "mixtral"):
+        assert "group-limited" not in report.experts.routing
+        assert "bias" not in report.experts.routing
+
+
+def test_inspect_names_a_hybrids_attention_layers(tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from mfprune.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(tiny_checkpoint("jamba")), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["head_layers"] == [1, 3]
+    assert report["experts"]["layers"] == [0, 2]
+    assert "Jamba" in report["description"]
+
+
+def test_readme_and_families_page_list_the_adapters():
+    from pathlib import Path
+
+    from mfprune.arch.catalog import families_page, with_readme_block
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text("utf-8")
+    hint = "run `python -m mfprune.arch.catalog` to regenerate"
+    assert with_readme_block(readme) == readme, f"README.md's family list is stale; {hint}"
+    assert (root / "docs" / "families.md").read_text("utf-8") == families_page(), hint
+    for family in builtin_specs():
+        assert f"`{family}`" in readme
