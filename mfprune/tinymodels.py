@@ -147,6 +147,23 @@ FAMILIES: dict[str, dict[str, Any]] = {
         }
         for family in ("deepseek_v32", "glm_moe_dsa")
     },
+    "glm4_moe_lite": {
+        **_BASE,
+        **_DEEPSEEK,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": 16,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    # values wider than keys (v_head_dim), per-head sinks; MoE layers from mlp_layer_types
+    "mimo_v2_flash": {
+        **_BASE,
+        **_GLM,
+        "first_k_dense_replace": None,
+        "n_shared_experts": None,
+        "v_head_dim": 32,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
     # lightning attention in layer 1: heads only in layer 0
     "minimax": {
         **_BASE,

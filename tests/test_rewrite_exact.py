@@ -42,6 +42,8 @@ EXPERT_CASES = {
     "sarvam_mla": (_half(1, 2), "n_routed_experts"),  # the deepseek_v3 adapter
     "deepseek_v32": (_half(1, 2), "n_routed_experts"),  # MoE layers from mlp_layer_types
     "glm_moe_dsa": (_half(1, 2), "n_routed_experts"),
+    "glm4_moe_lite": (_half(1, 2), "n_routed_experts"),  # MLA; mlp_layer_types
+    "mimo_v2_flash": (_half(1, 2), "n_routed_experts"),
     # softmax / top-k routers
     "minimax": (_half(0, 1), "num_local_experts"),
     "flex_olmo": (_half(0, 1), "num_experts"),
@@ -103,6 +105,7 @@ HEAD_CASES = {
     "dots1": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, {}),  # per-head-dim q/k norms
     "deepseek_v32": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA + indexer
     "granitemoe_swa": ({0: [0, 2], 1: [1, 3]}, {}),  # sinks
+    "glm4_moe_lite": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA
     # hybrids: heads only in the softmax-attention layers
     "qwen3_next": ({1: [1, 3]}, {}),  # layer 0: Gated DeltaNet; q_proj rows = query + gate
     "jamba": ({1: [0, 1], 3: [2, 3]}, _half(0, 2)),  # layers 0, 2: Mamba
