@@ -288,6 +288,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
         "vision_config": {**_QWEN_VISION, "deepstack_visual_indexes": [0]},
     },
+    "glm4v_moe": {
+        "text_config": {
+            **_BASE,
+            **_GLM,
+            "attention_bias": True,
+            # multimodal RoPE sections must add up to half the rotary width (16 x 0.5 / 2)
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+                "mrope_section": [2, 1, 1],
+            },
+        },
+        "vision_config": _QWEN_VISION,
+    },
     "qwen3_5_moe": {
         "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
         "vision_config": _QWEN_VISION,

@@ -185,6 +185,8 @@ COMPOSITE_CASES = {
     "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}),
     # layer 0 is Gated DeltaNet: heads only in layer 1
     "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}),
+    # GLM-4.5V: V3 routing with groups, first layer dense, q/k/v biases
+    "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}),
 }
 
 
@@ -192,7 +194,7 @@ COMPOSITE_CASES = {
 def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoint, tmp_path):
     count_key, tower, heads = COMPOSITE_CASES[family]
     source = tiny_checkpoint(family)
-    experts = _half(0, 1)
+    experts = _half(1, 2) if family == "glm4v_moe" else _half(0, 1)  # its layer 0 is dense
     out = tmp_path / "pruned"
     result = rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
     assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))
