@@ -35,13 +35,19 @@ _BASE: dict[str, Any] = {
     "max_position_embeddings": 128,
 }
 
-_DEEPSEEK: dict[str, Any] = {
+#: Three layers, the first dense, then 8 routed experts (top-2) and a shared expert: the
+#: DeepSeek layout that many families reuse.
+_ROUTED_AFTER_DENSE: dict[str, Any] = {
     "num_hidden_layers": 3,
     "n_routed_experts": 8,
     "num_experts_per_tok": 2,
     "moe_intermediate_size": 32,
     "n_shared_experts": 1,
     "first_k_dense_replace": 1,
+}
+
+_DEEPSEEK: dict[str, Any] = {
+    **_ROUTED_AFTER_DENSE,
     "num_key_value_heads": 4,
     "kv_lora_rank": 16,
     "q_lora_rank": None,
@@ -53,12 +59,7 @@ _DEEPSEEK: dict[str, Any] = {
 #: DeepSeek-V3 routing (sigmoid + correction bias, 2 groups of 4, one group per token) on a
 #: GQA model whose first layer is dense: GLM-4.5 and the families built on its code.
 _GLM: dict[str, Any] = {
-    "num_hidden_layers": 3,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "n_shared_experts": 1,
-    "first_k_dense_replace": 1,
+    **_ROUTED_AFTER_DENSE,
     "n_group": 2,
     "topk_group": 1,
     "head_dim": 16,
