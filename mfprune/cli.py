@@ -902,6 +902,9 @@ def shrink(
     max_drop: Annotated[
         str | None, typer.Option("--max-drop", help="overrides `gate.max_drop` (0.02 or 2%)")
     ] = None,
+    repair: Annotated[
+        str | None, typer.Option("--repair", help="overrides `prune.repair` (none or refit)")
+    ] = None,
     limit: Annotated[float | None, typer.Option("--limit", help="overrides `bench.limit`")] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="overrides profile.device and bench.device")
@@ -939,6 +942,7 @@ def shrink(
         "prune.criterion": criterion,
         "prune.keep": keep,
         "prune.keep_ratio": keep_ratio,
+        "prune.repair": repair,
         "gate.max_drop": max_drop,
         "bench.limit": limit,
         "overwrite": overwrite or None,
