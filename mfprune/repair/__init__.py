@@ -101,7 +101,13 @@ def repaired_tensors(
     folder until the context ends. ``on_start`` gets the number of token passes (tokens ×
     repaired layers), ``on_batch`` each batch's tokens."""
     from mfprune.profiling.data import load_token_data
-    from mfprune.profiling.run import _pad_id, load_model, load_tokenizer, resolve_device
+    from mfprune.profiling.run import (
+        _pad_id,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_seq_len,
+    )
     from mfprune.repair.refit import refit_model
     from mfprune.repair.tensors import find_down_tensors, write_repaired
 
@@ -118,8 +124,7 @@ def repaired_tensors(
         )
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(ckpt.root)
-    limit = ckpt.config.get("max_position_embeddings")
-    seq_len = seq_len or min(2048, limit if isinstance(limit, int) else 2048)
+    seq_len = resolve_seq_len(ckpt.config, seq_len)  # as profile: min(2048, positions)
     tokens = load_token_data(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     model = load_model(ckpt.root, dtype="auto", device=torch_device)
     kept = {
