@@ -293,3 +293,33 @@ def test_refit_beats_drop_held_out_on_the_default_model(tmp_path):
     assert loss["original"] < loss["refit"] < loss["none"], loss
     # the gain is not noise: refit removes at least a third of the loss that dropping adds
     assert loss["refit"] - loss["original"] < (2 / 3) * (loss["none"] - loss["original"]), loss
+
+
+def test_refit_on_a_sharded_bf16_checkpoint(model_dir, task, tmp_path):
+    """bf16 stays bf16, shards and index are those of the plain prune, the output loads in
+    stock transformers, and the refit blocks are still closer to the original than dropping."""
+    source = model_dir("mixtral", dtype=torch.bfloat16, max_shard_size="20KB")
+    stats = tmp_path / "stats.safetensors"
+    run("profile", source, "--data", task, "--out", stats, "--format", "quiet")
+    outs = {}
+    for repair in ("none", "refit"):
+        outs[repair] = tmp_path / repair
+        extra = ["--data", task] if repair == "refit" else []
+        run("prune", source, "--profile", stats, "--keep", 4, "--out", outs[repair],
+            "--repair", repair, *extra)  # fmt: skip
+    index = "model.safetensors.index.json"
+    plain = json.loads((outs["none"] / index).read_text())
+    assert len(set(plain["weight_map"].values())) > 1  # really sharded
+    assert json.loads((outs["refit"] / index).read_text()) == plain
+    for shard in sorted(set(plain["weight_map"].values())):
+        with safe_open(outs["refit"] / shard, "pt") as f:
+            assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}  # noqa: SIM118
+    original, _ = load(source)
+    dropped_model, _ = load(outs["none"])
+    repaired, info = load(outs["refit"])
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask = _calibration_batch(source, task)
+    for layer, (dropped, refitted) in _block_errors(
+        original, dropped_model, repaired, ids, mask
+    ).items():
+        assert refitted < 0.9 * dropped, (layer, dropped, refitted)
