@@ -363,6 +363,19 @@ def refit_kept(bench: Bench, task: str, the_plan: Any) -> tuple[Any, dict[str, A
     return model, {"seconds": round(time.perf_counter() - start, 2), "tokens": tokens.tokens}
 
 
+_PEAK_SNIPPET = """
+import sys
+from mfprune.cli import app
+try:
+    app(sys.argv[1:], prog_name="mfprune", standalone_mode=False)
+finally:  # the peak RSS of this process alone (VmHWM starts afresh at exec)
+    with open("/proc/self/status") as f:
+        peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(PEAK, "w") as f:
+        f.write(peak)
+"""
+
+
 def cli_costs(stats: Any, task: str, keep: float, folder: Path) -> dict[str, Any]:
     """Wall time and peak RSS of ``mfprune prune default --profile ... --criterion soft`` as a
     process of its own, without and with ``--repair refit --data {task}.profile.jsonl``."""
@@ -375,24 +388,36 @@ def cli_costs(stats: Any, task: str, keep: float, folder: Path) -> dict[str, Any
     out: dict[str, Any] = {"task": task, "keep": keep}
     for repair in ("none", "refit"):
         extra = ["--data", str(DEFAULT_DATA_DIR / f"{task}.profile.jsonl")]
+        peak = folder / f"{task}-{keep}-{repair}.peak"
         argv = [
-            sys.executable, "-m", "mfprune", "prune", "default", "--profile", str(stats_path),
+            sys.executable, "-c", _PEAK_SNIPPET.replace("PEAK", repr(str(peak))),
+            "prune", "default", "--profile", str(stats_path),
             "--criterion", "soft", "--keep-ratio", str(keep), "--format", "quiet",
             "--out", str(folder / f"{task}-{keep}-{repair}"), "--repair", repair,
             *(extra if repair == "refit" else []),
         ]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(REPO))
         start = time.perf_counter()
-        child = subprocess.Popen(argv, env=env, cwd=REPO)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode:
-            sys.exit(f"{' '.join(argv)} failed with exit {child.returncode}")
+        done = subprocess.run(argv, env=env, cwd=REPO, check=False)
+        if done.returncode:
+            sys.exit(f"mfprune prune --repair {repair} failed with exit {done.returncode}")
         out[repair] = {
             "seconds": round(time.perf_counter() - start, 2),
-            "max_rss": usage.ru_maxrss * 1024,  # Linux: KiB
+            "max_rss": int(peak.read_text()) * 1024,  # VmHWM is in kB
         }
     return out
+
+
+def time_processes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Only the prune processes (``--time-processes``): the code profile, then both runs."""
+    from mfprune.default_model import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
+    from mfprune.profiling import profile_model
+
+    stats = profile_model(
+        DEFAULT_MODEL_DIR, DEFAULT_DATA_DIR / "code.profile.jsonl", seq_len=512, batch_size=16
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        return [cli_costs(stats, "code", keep, Path(tmp)) for keep in (0.5, 0.25)]
 
 
 # --------------------------------------------------------------------------------- report
@@ -640,6 +665,11 @@ def main() -> None:
         action="store_true",
         help="only soft, random, and --merge/--refit, at 50%% and 25%% (its own docs section)",
     )
+    parser.add_argument(
+        "--time-processes",
+        action="store_true",
+        help="with --from-json: time the `mfprune prune` processes again",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     parser.add_argument("--from-json", type=Path, default=None, help="report saved results")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
@@ -652,6 +682,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
+        if args.time_processes:  # time the prune processes again, keep the rest
+            result["prune_processes"] = time_processes(args)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
     else:
         result = run(args)
         if args.json:
