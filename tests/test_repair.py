@@ -323,3 +323,24 @@ def test_refit_on_a_sharded_bf16_checkpoint(model_dir, task, tmp_path):
         original, dropped_model, repaired, ids, mask
     ).items():
         assert refitted < 0.9 * dropped, (layer, dropped, refitted)
+
+
+def test_refit_refuses_a_quantized_checkpoint(tiny_checkpoint, task, tmp_path):
+    """FP8 experts: the refit would have to write FP8 weights and scales; it stops instead."""
+    from formats import experts_only, write_fp8
+
+    from mfprune import tinymodels
+    from mfprune.plan import PrunePlan
+
+    source = write_fp8(
+        tiny_checkpoint("deepseek_v3"), tmp_path / "fp8", block=8, select=experts_only
+    )
+    tinymodels.save_tokenizer(source)
+    plan = tmp_path / "plan.json"
+    PrunePlan(experts={1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}).save(plan)
+    out = tmp_path / "out"
+    result = run("prune", source, "--plan", plan, "--out", out, "--repair", "refit",
+                 "--data", task, ok=False)  # fmt: skip
+    assert result.exit_code == 2, result.output + result.stderr
+    assert "stored as F8_E4M3: --repair writes float tensors only" in result.stderr, result.stderr
+    assert not out.exists()

@@ -50,6 +50,18 @@ def find_down_tensors(
         info = ckpt.tensors.get(st.name.format(layer=layer))
         if info is not None and st.axis == 0 and _same(info, down):
             matches.append(DownTensors(layer=layer, per_expert={}, stacked=info))
+    if not matches:
+        candidates = [
+            ckpt.tensors.get(t.format(layer=layer, expert=probe)) for t in spec.per_expert
+        ]
+        candidates += [ckpt.tensors.get(st.name.format(layer=layer)) for st in spec.stacked]
+        quantized = sorted({c.dtype for c in candidates if c and c.dtype not in _FLOATS})
+        if quantized:
+            raise ModelError(
+                f"layer {layer}: the experts are stored as {', '.join(quantized)}: --repair "
+                "writes float tensors only",
+                hint="repair a float (F32 / BF16 / F16) checkpoint, or use --repair none",
+            )
     if len(matches) != 1:
         raise ModelError(
             f"layer {layer}: {len(matches)} on-disk tensors match the experts' down "
