@@ -23,11 +23,13 @@ expert is merged into the kept expert whose router row is closest (cosine), its 
 aligned to the kept expert's (Hungarian matching on the gate/up weights), the weights averaged
 by the task's routed mass (``soft``); the checkpoint still shrinks to the kept experts.
 
-Optional (``--refit``, another separate row): the kept experts stay as they are except their
-down projections, refit layer by layer (least squares, ridge towards the original weights) so
-that the pruned MoE block reproduces the unpruned block's output on the task's profile texts;
-the inputs are those of the pruned model, earlier layers already refit. Same shapes, same
-shrinking; the eval texts are never seen.
+Optional (``--refit``, another separate row): what ``mfprune prune --repair refit --data
+{domain}.profile.jsonl`` does (``mfprune.repair.refit.refit_model``, called on an in-memory
+copy whose dropped experts stay masked: the same weights the repaired checkpoint holds): the
+kept experts' down projections are refit layer by layer (ridge least squares towards the
+original weights) so that each pruned MoE block reproduces the unpruned block on the task's
+profile texts. Same shapes, same shrinking; the eval texts are never seen. The wall time and
+the peak memory (RSS rise) of every refit are recorded.
 
 Run: ``.venv/bin/python benchmarks/specialize.py [--threads 2] [--merge] [--refit]
 [--write-docs]``.
@@ -114,7 +116,6 @@ class Bench:
             for d in DOMAINS
         }
         self.cache: dict[Any, dict[str, float]] = {}
-        self.profile_sets: dict[str, Any] = {}
         self.evaluations = 0
         self.eval_seconds = 0.0
         self.base = self.losses({})
@@ -136,15 +137,6 @@ class Bench:
         if model is None:
             self.cache[key] = out
         return out
-
-    def profile_set(self, domain: str) -> Any:
-        """The domain's profile texts, tokenized as the eval texts are (for --refit)."""
-        from mfprune.heldout import HeldOut, read_texts
-
-        if domain not in self.profile_sets:
-            texts = read_texts(self.data_dir / f"{domain}.profile.jsonl", self.args.profile_texts)
-            self.profile_sets[domain] = HeldOut.load(self.tokenizer, texts)
-        return self.profile_sets[domain]
 
     def ratios(self, losses: dict[str, float]) -> dict[str, float]:
         return {d: losses[d] / self.base[d] for d in self.domains}
@@ -212,7 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
 
-    for keep in KEEP:
+    keeps = (0.5, 0.25) if args.repair_only else KEEP
+    for keep in keeps:
         for seed in range(args.seeds):  # random: the same plans for every task
             p = plan(bench, stats[bench.domains[0]], "random", {"keep_ratio": keep}, seed)
             r = bench.ratios(bench.losses(bench.dropped_of(p)))
@@ -221,6 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"keep {keep:.0%}: random done ({bench.evaluations} evaluations so far)")
     budgets = [("uniform", k, {"keep_ratio": k}, CRITERIA[:-1]) for k in KEEP]
     budgets += [("global", g, {"global_budget": g}, GLOBAL_CRITERIA) for g in GLOBAL]
+    if args.repair_only:  # the side-by-side of the repair methods only
+        budgets = [("uniform", k, {"keep_ratio": k}, ("soft",)) for k in keeps]
     for kind, keep, budget, criteria in budgets:
         for criterion in criteria:
             for source in bench.domains:  # the plan from each profile, measured on every domain
@@ -232,15 +227,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{kind} {keep:.0%} {criterion}: done ({bench.evaluations} evaluations, "
                 f"{time.perf_counter() - start:.0f}s)"
             )
+    costs: list[dict[str, Any]] = []  # the refit's wall time and memory, per task and budget
     if args.refit:
         for keep in (0.5, 0.25):
             for task in bench.domains:
                 p = plan(bench, stats[task], "soft", {"keep_ratio": keep})
-                refit = refit_kept(bench, bench.profile_set(task), p)
+                refit, cost = refit_kept(bench, task, p)
                 r = bench.ratios(bench.losses(bench.dropped_of(p), model=refit))
                 record(task, "uniform", keep, "soft + refit", task, r)
+                costs.append({"task": task, "keep": keep, **cost})
                 del refit
             log(f"refit {keep:.0%}: done ({time.perf_counter() - start:.0f}s)")
+        with tempfile.TemporaryDirectory() as tmp:  # as a user runs it: `mfprune prune` twice
+            processes = [cli_costs(stats["code"], "code", keep, Path(tmp)) for keep in (0.5, 0.25)]
+        log(f"prune processes timed ({time.perf_counter() - start:.0f}s)")
     if args.merge:
         for keep in (0.5, 0.25):
             for task in bench.domains:
@@ -261,6 +261,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "model_sha256_head": _weights_id(bench.model_dir),
         "rows": rows,
+        "refit_costs": costs,
+        "prune_processes": processes if args.refit else [],
         "evaluations": bench.evaluations,
         "eval_seconds": round(bench.eval_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
@@ -269,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seeds": args.seeds,
             "merge": args.merge,
             "refit": args.refit,
+            "repair_only": args.repair_only,
             "threads": torch.get_num_threads(),
         },
     }
@@ -333,65 +336,88 @@ def merge_into_kept(bench: Bench, stats: Any, the_plan: Any) -> Any:
     return model
 
 
-def refit_kept(bench: Bench, calib: Any, the_plan: Any, ridge: float = 1e-3) -> Any:
-    """A copy of the model whose kept experts' down projections are refit (module docstring).
-    Qwen3-MoE's fused experts (gate_up_proj [E, 2I, H], down_proj [E, H, I]) and softmax top-k
-    router with normalised top-k weights."""
+def refit_kept(bench: Bench, task: str, the_plan: Any) -> tuple[Any, dict[str, Any]]:
+    """A copy of the model whose kept experts are refit by ``mfprune.repair`` on the task's
+    profile texts, batched as ``mfprune prune --repair refit`` batches them; and what the refit
+    cost (wall time, peak RSS rise, tokens)."""
     import copy
 
-    from mfprune.modules import find_routers, parent_of
-    from mfprune.oracle import _mask_router, masked_logits
+    from mfprune.profiling.data import load_token_data
+    from mfprune.profiling.run import _pad_id
+    from mfprune.repair.refit import refit_model
 
     model = copy.deepcopy(bench.model)
-    original = find_routers(bench.model, attention=False)
     e = bench.layout.experts
-    drop = bench.dropped_of(the_plan)
-    for layer, (name, router) in sorted(find_routers(model, attention=False).items()):
-        block, reference = parent_of(model, name), parent_of(bench.model, original[layer][0])
-        kept = list(the_plan.kept_experts(e, layer))
-        gate_up, down = block.experts.gate_up_proj, block.experts.down_proj
-        inter = down.shape[2]
-        w0 = torch.cat([down[k].T for k in kept]).double()  # [K*I, H]
-        gram = torch.zeros(w0.shape[0], w0.shape[0], dtype=torch.float64)
-        cross = torch.zeros_like(w0)
-        seen: list[torch.Tensor] = []
-        handle = block.register_forward_pre_hook(
-            lambda _m, a, seen=seen: seen.append(a[0].detach())
-        )
-        try:
-            with torch.no_grad():
-                for ids, mask in calib.batches:
-                    seen.clear()
-                    masked_logits(model, ids, experts=drop)  # inputs of the pruned path
-                    x = seen[0][mask]  # [n, H], real tokens only
-                    logits = x @ router.weight.T
-                    logits[:, drop[layer]] = float("-inf")
-                    probs = torch.softmax(logits.float(), dim=-1)
-                    top, index = torch.topk(probs, router.top_k, dim=-1)
-                    if router.norm_topk_prob:
-                        top = top / top.sum(dim=-1, keepdim=True)
-                    parts = []
-                    for k in kept:
-                        weight = (top * (index == k)).sum(dim=-1, keepdim=True)
-                        g, u = (x @ gate_up[k].T).chunk(2, dim=-1)
-                        parts.append(weight * block.experts.act_fn(g) * u)
-                    phi = torch.cat(parts, dim=1).double()  # [n, K*I]
-                    target = reference(x.unsqueeze(0)).squeeze(0).double()  # unpruned block
-                    if not gram.any():  # check: the features reproduce the masked block
-                        with _mask_router(router, drop[layer]):
-                            pruned = block(x.unsqueeze(0)).squeeze(0).double()
-                        assert torch.allclose(phi @ w0, pruned, atol=1e-4), "feature mismatch"
-                    gram += phi.T @ phi
-                    cross += phi.T @ target
-        finally:
-            handle.remove()
-        lam = ridge * float(gram.diagonal().mean())
-        eye = torch.eye(gram.shape[0], dtype=torch.float64)
-        w = torch.linalg.solve(gram + lam * eye, cross + lam * w0)
-        with torch.no_grad():
-            for i, k in enumerate(kept):
-                down[k] = w[i * inter : (i + 1) * inter].T.to(down.dtype)
-    return model
+    kept = {layer: list(the_plan.kept_experts(e, layer)) for layer in e.layers}
+    from mfprune.heldout import read_texts
+
+    with tempfile.TemporaryDirectory() as tmp:  # the profile texts (the first N with -p N)
+        data = Path(tmp) / "profile.jsonl"
+        texts = read_texts(bench.data_dir / f"{task}.profile.jsonl", bench.args.profile_texts)
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), "utf-8")
+        # seq_len: what prune picks, min(2048, max_position_embeddings)
+        tokens = load_token_data(data, bench.tokenizer, seq_len=512)
+    batches = list(tokens.batches(batch_size=8, pad_id=_pad_id(bench.tokenizer)))
+    start = time.perf_counter()
+    refit_model(model, kept=kept, batches=batches)
+    return model, {"seconds": round(time.perf_counter() - start, 2), "tokens": tokens.tokens}
+
+
+_PEAK_SNIPPET = """
+import sys
+from mfprune.cli import app
+try:
+    app(sys.argv[1:], prog_name="mfprune", standalone_mode=False)
+finally:  # the peak RSS of this process alone (VmHWM starts afresh at exec)
+    with open("/proc/self/status") as f:
+        peak = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(PEAK, "w") as f:
+        f.write(peak)
+"""
+
+
+def cli_costs(stats: Any, task: str, keep: float, folder: Path) -> dict[str, Any]:
+    """Wall time and peak RSS of ``mfprune prune default --profile ... --criterion soft`` as a
+    process of its own, without and with ``--repair refit --data {task}.profile.jsonl``."""
+    import subprocess
+
+    from mfprune.default_model import DEFAULT_DATA_DIR
+
+    stats_path = folder / f"{task}.stats.safetensors"
+    stats.save(stats_path)
+    out: dict[str, Any] = {"task": task, "keep": keep}
+    for repair in ("none", "refit"):
+        extra = ["--data", str(DEFAULT_DATA_DIR / f"{task}.profile.jsonl")]
+        peak = folder / f"{task}-{keep}-{repair}.peak"
+        argv = [
+            sys.executable, "-c", _PEAK_SNIPPET.replace("PEAK", repr(str(peak))),
+            "prune", "default", "--profile", str(stats_path),
+            "--criterion", "soft", "--keep-ratio", str(keep), "--format", "quiet",
+            "--out", str(folder / f"{task}-{keep}-{repair}"), "--repair", repair,
+            *(extra if repair == "refit" else []),
+        ]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        start = time.perf_counter()
+        done = subprocess.run(argv, env=env, cwd=REPO, check=False)
+        if done.returncode:
+            sys.exit(f"mfprune prune --repair {repair} failed with exit {done.returncode}")
+        out[repair] = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "max_rss": int(peak.read_text()) * 1024,  # VmHWM is in kB
+        }
+    return out
+
+
+def time_processes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Only the prune processes (``--time-processes``): the code profile, then both runs."""
+    from mfprune.default_model import DEFAULT_DATA_DIR, DEFAULT_MODEL_DIR
+    from mfprune.profiling import profile_model
+
+    stats = profile_model(
+        DEFAULT_MODEL_DIR, DEFAULT_DATA_DIR / "code.profile.jsonl", seq_len=512, batch_size=16
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        return [cli_costs(stats, "code", keep, Path(tmp)) for keep in (0.5, 0.25)]
 
 
 # --------------------------------------------------------------------------------- report
@@ -528,8 +554,71 @@ def report(result: dict[str, Any]) -> str:
                 for d in domains
             ]
             lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    lines += repair_text(result, summary, domains)
     lines += ["", goals_text(summary, domains)]
     return "\n".join(lines)
+
+
+def repair_text(result: dict[str, Any], summary: dict[tuple, Any], domains: list[str]) -> list:
+    """Drop vs refit vs merge vs random side by side, and what the refit costs."""
+    lines = [
+        "",
+        "**Repair side by side** (uniform budget, the task's own profile; the task's loss "
+        "ratio): dropping (soft), dropping + `--repair refit`, merging, random experts.",
+        "",
+        "| keep | method | " + " | ".join(domains) + " | worst |",
+        "|---|---|" + "---:|" * (len(domains) + 1),
+    ]
+    names = {
+        "random": "random (mean of seeds)",
+        "soft": "drop (soft)",
+        "soft + merge": "merge (soft)",
+        "soft + refit": "drop + refit (soft)",
+    }
+    for keep in (0.5, 0.25):
+        for criterion, label in names.items():
+            key = ("uniform", keep, criterion)
+            if key in summary:
+                lines.append(f"| {keep:.0%} | {label} | " + _cells(summary[key]["own"], domains))
+    costs = result.get("refit_costs") or []
+    if costs:
+        lines += [
+            "",
+            "Wall time of the refit (`mfprune.repair.refit.refit_model`, in the benchmark's "
+            "process) on each task's profile tokens:",
+            "",
+            "| keep | " + " | ".join(domains) + " |",
+            "|---|" + "---:|" * len(domains),
+        ]
+        for keep in sorted({c["keep"] for c in costs}, reverse=True):
+            by_task = {c["task"]: c for c in costs if c["keep"] == keep}
+            cells = [
+                f"{by_task[d]['seconds']:.1f} s ({by_task[d]['tokens']:,} tokens)"
+                if d in by_task
+                else "—"
+                for d in domains
+            ]
+            lines.append(f"| {keep:.0%} | " + " | ".join(cells) + " |")
+    processes = result.get("prune_processes") or []
+    if processes:
+        lines += [
+            "",
+            "What `--repair refit` adds to `mfprune prune default --profile code.stats "
+            "--criterion soft --keep-ratio R` (each run a process of its own: wall time "
+            "including Python start-up and imports, and the process's peak RSS):",
+            "",
+            "| keep | `--repair none` | `--repair refit --data code.profile.jsonl` | added |",
+            "|---|---:|---:|---:|",
+        ]
+        for c in processes:
+            a, b = c["none"], c["refit"]
+            lines.append(
+                f"| {c['keep']:.0%} | {a['seconds']:.1f} s, {a['max_rss'] / 2**20:.0f} MiB | "
+                f"{b['seconds']:.1f} s, {b['max_rss'] / 2**20:.0f} MiB | "
+                f"+{b['seconds'] - a['seconds']:.1f} s, "
+                f"+{(b['max_rss'] - a['max_rss']) / 2**20:.0f} MiB |"
+            )
+    return lines
 
 
 def _crit_order(name: str) -> int:
@@ -556,8 +645,11 @@ def goals_text(summary: dict[tuple, dict[str, Any]], domains: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    replace_section(DOCS, BEGIN, END, text)
+def write_docs(text: str, *, repair: bool = False) -> None:
+    if repair:
+        replace_section(DOCS, "<!-- bench:repair:begin -->", "<!-- bench:repair:end -->", text)
+    else:
+        replace_section(DOCS, BEGIN, END, text)
 
 
 def main() -> None:
@@ -568,6 +660,16 @@ def main() -> None:
     parser.add_argument("--profile-texts", type=int, default=None, help="profile texts")
     parser.add_argument("--merge", action="store_true", help="also try merging (25%%, 50%%)")
     parser.add_argument("--refit", action="store_true", help="also try refitting (25%%, 50%%)")
+    parser.add_argument(
+        "--repair-only",
+        action="store_true",
+        help="only soft, random, and --merge/--refit, at 50%% and 25%% (its own docs section)",
+    )
+    parser.add_argument(
+        "--time-processes",
+        action="store_true",
+        help="with --from-json: time the `mfprune prune` processes again",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the raw results here")
     parser.add_argument("--from-json", type=Path, default=None, help="report saved results")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
@@ -580,6 +682,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
+        if args.time_processes:  # time the prune processes again, keep the rest
+            result["prune_processes"] = time_processes(args)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=1))
     else:
         result = run(args)
         if args.json:
@@ -587,7 +693,7 @@ def main() -> None:
     text = report(result)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_docs(text, repair=result["settings"].get("repair_only", False))
 
 
 if __name__ == "__main__":

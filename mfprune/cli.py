@@ -339,40 +339,65 @@ def prune(
             "pruning them like the last decoder layer",
         ),
     ] = False,
+    repair: Annotated[
+        str,
+        typer.Option(
+            "--repair",
+            help="none (exact rewrite) or refit (kept experts' down projections refit on --data "
+            "so each pruned block reproduces the original's output)",
+        ),
+    ] = "none",
+    repair_data: Annotated[
+        Path | None,
+        typer.Option("--data", help="the task's data for --repair (as `mfprune profile` reads)"),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="calibrate --repair on at most N tokens")
+    ] = None,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
 ) -> None:
     """Rewrite MODEL into a smaller checkpoint: keep what --plan says, or rank a --profile
     with --criterion under a budget (--keep / --keep-ratio / --coverage / --global-budget)."""
+    import contextlib
+
     from mfprune.arch import load_spec_file
+    from mfprune.console import Ticker
     from mfprune.prune import Budget, prune_model
 
-    outcome = prune_model(
-        model,
-        out,
-        plan=plan,
-        profile=profile,
-        criterion=criterion,
-        criterion_options={"seed": seed} if criterion == "random" else {},
-        budget=Budget(
-            keep=keep,
-            keep_ratio=keep_ratio,
-            coverage=coverage,
-            global_budget=global_budget,
-            min_keep=min_keep,
-            attention_keep_ratio=attention_keep_ratio,
-            heads_keep_ratio=heads_keep_ratio,
-        ),
-        spec=load_spec_file(arch) if arch else None,
-        plan_only=plan_only,
-        plan_out=plan_out,
-        allow_uneven=allow_uneven,
-        overwrite=overwrite,
-        max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
-        verify=verify,
-        drop_mtp=drop_mtp,
-    )
+    bar = sink.progress(unit="tokens") if repair != "none" else contextlib.nullcontext(Ticker())
+    with bar as ticker:  # the repair's passes over its data
+        outcome = prune_model(
+            model,
+            out,
+            plan=plan,
+            profile=profile,
+            criterion=criterion,
+            criterion_options={"seed": seed} if criterion == "random" else {},
+            budget=Budget(
+                keep=keep,
+                keep_ratio=keep_ratio,
+                coverage=coverage,
+                global_budget=global_budget,
+                min_keep=min_keep,
+                attention_keep_ratio=attention_keep_ratio,
+                heads_keep_ratio=heads_keep_ratio,
+            ),
+            spec=load_spec_file(arch) if arch else None,
+            plan_only=plan_only,
+            plan_out=plan_out,
+            allow_uneven=allow_uneven,
+            overwrite=overwrite,
+            max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
+            verify=verify,
+            drop_mtp=drop_mtp,
+            repair=repair,
+            data=repair_data,
+            max_tokens=max_tokens,
+            on_repair_start=ticker.set_total,
+            on_repair_batch=ticker.advance,
+        )
     where = "out" if outcome.rewrite is not None else "plan_out"
     data: dict[str, Any] = {where: str(outcome.out), "plan": outcome.plan.to_dict()}
     if outcome.layers:
@@ -409,6 +434,9 @@ def prune(
             f"\nverified on {check.tokens} tokens: max |pruned - masked original| = "
             f"{check.max_abs_diff:.2g} (pruning moves logits by up to {check.masking_effect:.2g})"
         )
+    if outcome.repair is not None:
+        data["repair"] = outcome.repair.to_dict()
+        sink.show(_repair_table(outcome.repair))
     ratio = result.out_bytes / max(result.source_bytes, 1)
     changes = ", ".join(f"{k} {a}→{b}" for k, (a, b) in result.config_changes.items())
     uneven = (
@@ -423,6 +451,23 @@ def prune(
         f"{result.tensors_sliced} tensors sliced, {result.tensors_dropped} dropped; "
         f"config: {changes or 'unchanged'}{verdict}{uneven}",
     )
+
+
+def _repair_table(repair: Any) -> Table:
+    """Per layer: the pruned block's error vs the original block on the calibration tokens."""
+    table = Table(
+        title=f"repair: {repair.method} on {repair.tokens:,} tokens ({repair.seconds:.1f}s); "
+        "error = Σ‖pruned block − original block‖² / Σ‖original block‖²",
+        title_justify="left",
+    )
+    for column in ("layer", "tokens", "error dropped", "error refit"):
+        table.add_column(column)
+    for fit in repair.layers:
+        after = "—" if fit.error_refit is None else f"{fit.error_refit / fit.target:.4f}"
+        table.add_row(
+            str(fit.layer), f"{fit.tokens:,}", f"{fit.error_dropped / fit.target:.4f}", after
+        )
+    return table
 
 
 def _ids(ids: tuple[int, ...]) -> str:
@@ -857,6 +902,9 @@ def shrink(
     max_drop: Annotated[
         str | None, typer.Option("--max-drop", help="overrides `gate.max_drop` (0.02 or 2%)")
     ] = None,
+    repair: Annotated[
+        str | None, typer.Option("--repair", help="overrides `prune.repair` (none or refit)")
+    ] = None,
     limit: Annotated[float | None, typer.Option("--limit", help="overrides `bench.limit`")] = None,
     device: Annotated[
         str | None, typer.Option("--device", help="overrides profile.device and bench.device")
@@ -894,6 +942,7 @@ def shrink(
         "prune.criterion": criterion,
         "prune.keep": keep,
         "prune.keep_ratio": keep_ratio,
+        "prune.repair": repair,
         "gate.max_drop": max_drop,
         "bench.limit": limit,
         "overwrite": overwrite or None,

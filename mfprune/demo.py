@@ -8,15 +8,19 @@ the real commands, in this process:
 2. heads: measures, with the pruned heads masked (``mfprune.heldout``), what keeping half the
    query heads as well would cost the task on its own profile texts, and prunes them only when
    that costs at most ``HEADS_TOLERANCE`` more loss;
-3. ``mfprune prune default --profile ... --criterion soft --keep-ratio 0.5``: half the experts
-   of every layer;
+3. ``mfprune prune default --profile ... --criterion soft --keep-ratio 0.5 --repair refit
+   --data <task>.profile.jsonl``: half the experts of every layer, the kept experts' down
+   projections refit on the task's profile texts (``mfprune.repair``; the best method in
+   ``benchmarks/specialize.py``), and, for comparison, the same plan with plain dropping
+   (``--repair none``, the exact rewrite) into ``dropped/``;
 4. ``mfprune bench <pruned> --baseline default --data <every domain>.eval.jsonl --limit N``:
-   lm-eval perplexity on held-out texts of every domain, speed and size, both models;
+   lm-eval perplexity on held-out texts of every domain, speed and size, both models; then
+   ``mfprune bench dropped/`` (quality only);
 5. ``mfprune show --html``: the expert-usage heatmap;
 
-then prints one table: per domain, the loss (bits per byte) before → after and its ratio, the
-task marked, plus size and speed. Everything lands in the output folder (default
-``demo-out``), with ``summary.json`` / ``summary.md``.
+then prints one table: per domain, the loss (bits per byte) before, after dropping and after
+dropping + refit, with their ratios, the task marked, plus size and speed. Everything lands
+in the output folder (default ``demo-out``), with ``summary.json`` / ``summary.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ HEADS_TOLERANCE = 0.02
 #: frequency; REAP loses more on this model)
 CRITERION = "soft"
 METRIC = "bits_per_byte"
+#: the repair the demo prunes with, and the calibration tokens it takes from the task's
+#: profile texts (benchmarks/specialize.py: refit beats plain dropping on every domain)
+REPAIR = "refit"
+REPAIR_TOKENS = 16000
 
 
 @dataclass
@@ -44,7 +52,9 @@ class DemoResult:
     keep_ratio: float
     heads_pruned: bool
     heads_note: str
-    domains: list[dict[str, Any]] = field(default_factory=list)  # per domain: before/after/ratio
+    repair: str = REPAIR
+    # per domain: before / after (repaired) / ratio, and dropped / dropped_ratio (plain drop)
+    domains: list[dict[str, Any]] = field(default_factory=list)
     size: dict[str, Any] = field(default_factory=dict)
     speed: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -54,6 +64,7 @@ class DemoResult:
             "task": self.task,
             "keep_ratio": self.keep_ratio,
             "criterion": CRITERION,
+            "repair": self.repair,
             "heads_pruned": self.heads_pruned,
             "heads_note": self.heads_note,
             "metric": METRIC,
@@ -94,6 +105,8 @@ def run_demo(
     max_tokens: int | None = None,
     heads_texts: int = 50,
     speed: bool = True,
+    repair: str = REPAIR,
+    repair_tokens: int | None = REPAIR_TOKENS,
 ) -> DemoResult:
     """The demo's pipeline (module docstring); small budgets make it a quick test.
 
@@ -102,6 +115,9 @@ def run_demo(
         max_tokens: profile at most this many tokens of the task's profile texts.
         heads_texts: profile texts the heads check is measured on.
         speed: also time prefill and decode.
+        repair: how the pruned model is made ("refit" or "none"); with "refit" the plain drop
+            is made and benched too, for the comparison.
+        repair_tokens: calibrate the repair on at most this many profile tokens.
     """
     from mfprune.default_model import DEFAULT_DATA_DIR, DOMAINS
 
@@ -111,7 +127,7 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stats = out / f"{task}.stats.safetensors"
-    pruned = out / "pruned"
+    pruned, plain = out / "pruned", out / "dropped"
     steps = 5
     step(1, steps, f"profile the default model on its '{task}' texts")
     budget = ["--max-tokens", max_tokens] if max_tokens else []
@@ -122,12 +138,22 @@ def run_demo(
     step(2, steps, "heads: would pruning half of them too keep the task's quality?")
     heads_pruned, heads_note = check_heads(stats, task, keep_ratio, heads_texts)
     print(heads_note, flush=True)
-    step(3, steps, f"prune: keep {keep_ratio:.0%} of the experts of every layer ({CRITERION})")
+    how = f"{CRITERION}, repair: {repair}"
+    step(3, steps, f"prune: keep {keep_ratio:.0%} of the experts of every layer ({how})")
+    if repair != "none" and heads_pruned:  # the repair handles MLP experts only
+        heads_pruned = False
+        heads_note += "; the heads stay anyway: --repair handles experts only"
     heads = ["--heads-keep-ratio", 0.5] if heads_pruned else []
+    plan = ["default", "--profile", stats, "--criterion", CRITERION, "--keep-ratio", keep_ratio]
+    calibration = ["--data", DEFAULT_DATA_DIR / f"{task}.profile.jsonl"]
+    calibration += ["--max-tokens", repair_tokens] if repair_tokens else []
     mfprune(
-        "prune", "default", "--profile", stats, "--criterion", CRITERION,
-        "--keep-ratio", keep_ratio, *heads, "--out", pruned, "--overwrite",
+        "prune", *plan, *heads, "--out", pruned, "--overwrite",
+        *(["--repair", repair, *calibration] if repair != "none" else []),
     )  # fmt: skip
+    if repair != "none":
+        print("\nthe same plan with plain dropping (the exact rewrite), for the comparison:")
+        mfprune("prune", *plan, "--out", plain, "--overwrite", "--format", "quiet")
     print("(data/, the default model's held-out texts, is not part of a model: not copied)")
     texts = f"{limit} held-out texts" if limit else "the held-out texts"
     step(4, steps, f"bench: the original, then the pruned model, on {texts} of every domain")
@@ -137,9 +163,14 @@ def run_demo(
         *(["--limit", limit] if limit else []), *([] if speed else ["--no-speed"]),
         "--json-out", out / "bench.json", "--format", "quiet",
     )  # fmt: skip
+    if repair != "none":
+        mfprune(
+            "bench", plain, *data, *(["--limit", limit] if limit else []), "--no-speed",
+            "--json-out", out / "bench-dropped.json", "--format", "quiet",
+        )  # fmt: skip
     step(5, steps, "heatmap: which experts the task uses")
     mfprune("show", stats, "--html", out / "heatmap.html", "--format", "quiet")
-    result = summarise(out, task, keep_ratio, heads_pruned, heads_note)
+    result = summarise(out, task, keep_ratio, heads_pruned, heads_note, repair)
     result.seconds = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", "utf-8")
     (out / "summary.md").write_text(markdown(result), "utf-8")
@@ -204,27 +235,32 @@ def check_heads(stats: Path, task: str, keep_ratio: float, texts: int) -> tuple[
 
 
 def summarise(
-    out: Path, task: str, keep_ratio: float, heads_pruned: bool, heads_note: str
+    out: Path, task: str, keep_ratio: float, heads_pruned: bool, heads_note: str, repair: str
 ) -> DemoResult:
     from mfprune.bench.quality import data_task_name
     from mfprune.default_model import DOMAINS
 
     bench = json.loads((out / "bench.json").read_text(encoding="utf-8"))
     base, model = bench["baseline"], bench["model"]
-    result = DemoResult(out, task, keep_ratio, heads_pruned, heads_note)
+    plain = None
+    if repair != "none":
+        plain = json.loads((out / "bench-dropped.json").read_text(encoding="utf-8"))["model"]
+    result = DemoResult(out, task, keep_ratio, heads_pruned, heads_note, repair)
     for domain in DOMAINS:
         key = f"{data_task_name(Path(f'{domain}.eval.jsonl'))}/{METRIC}"
         before, after = base["quality"][key]["value"], model["quality"][key]["value"]
-        result.domains.append(
-            {
-                "domain": domain,
-                "task": domain == task,
-                "before": before,
-                "after": after,
-                "ratio": after / before,
-                "texts": model["quality"][key]["samples"],
-            }
-        )
+        row = {
+            "domain": domain,
+            "task": domain == task,
+            "before": before,
+            "after": after,
+            "ratio": after / before,
+            "texts": model["quality"][key]["samples"],
+        }
+        if plain is not None:
+            row["dropped"] = plain["quality"][key]["value"]
+            row["dropped_ratio"] = row["dropped"] / before
+        result.domains.append(row)
     result.size = {
         "params": (base["params"], model["params"]),
         "disk_bytes": (base["disk_bytes"], model["disk_bytes"]),
@@ -249,20 +285,43 @@ def _verdict(row: dict[str, Any]) -> str:
     return f"{change:+.0%} loss"
 
 
-def rows(result: DemoResult) -> list[tuple[str, str, str, str]]:
-    """(what, before, after, ratio) lines of the summary table."""
-    lines = []
+def _repaired(result: DemoResult) -> bool:
+    return bool(result.domains) and "dropped" in result.domains[0]
+
+
+def columns(result: DemoResult) -> list[str]:
+    if not _repaired(result):
+        return ["before", "after", "ratio"]
+    return ["before", "dropped", f"+ {result.repair}", "ratio dropped", f"ratio + {result.repair}"]
+
+
+def rows(result: DemoResult) -> list[tuple[str, ...]]:
+    """(what, *columns(result)) lines of the summary table."""
+    both = _repaired(result)
+    lines: list[tuple[str, ...]] = []
     for d in result.domains:
         name = f"{d['domain']} (task)" if d["task"] else d["domain"]
-        lines.append((name, f"{d['before']:.3f}", f"{d['after']:.3f}", f"×{d['ratio']:.3f}"))
+        if both:
+            lines.append(
+                (name, f"{d['before']:.3f}", f"{d['dropped']:.3f}", f"{d['after']:.3f}",
+                 f"×{d['dropped_ratio']:.3f}", f"×{d['ratio']:.3f}")
+            )  # fmt: skip
+        else:
+            lines.append((name, f"{d['before']:.3f}", f"{d['after']:.3f}", f"×{d['ratio']:.3f}"))
     (p0, p1), (b0, b1) = result.size["params"], result.size["disk_bytes"]
-    lines.append(("parameters", f"{p0 / 1e6:.2f} M", f"{p1 / 1e6:.2f} M", f"×{p1 / p0:.2f}"))
-    lines.append(("checkpoint on disk", _mb(b0), _mb(b1), f"×{b1 / b0:.2f}"))
+    others = [
+        ("parameters", f"{p0 / 1e6:.2f} M", f"{p1 / 1e6:.2f} M", f"×{p1 / p0:.2f}"),
+        ("checkpoint on disk", _mb(b0), _mb(b1), f"×{b1 / b0:.2f}"),
+    ]
     for kind, (s0, s1, verdict) in result.speed.items():
         if verdict is None:  # a speed number without its noise verdict is not shown
             continue
         ratio = f"×{s1 / s0:.2f} {verdict}"
-        lines.append((f"{kind} (tokens/s)", f"{s0:,.0f}", f"{s1:,.0f}", ratio))
+        others.append((f"{kind} (tokens/s)", f"{s0:,.0f}", f"{s1:,.0f}", ratio))
+    for what, before, after, ratio in others:  # the same for both pruned models
+        lines.append(
+            (what, before, after, after, ratio, ratio) if both else (what, before, after, ratio)
+        )
     return lines
 
 
@@ -273,7 +332,7 @@ def _title(result: DemoResult) -> str:
 
 def _legend(result: DemoResult) -> str:
     texts = result.domains[0]["texts"] if result.domains else "?"
-    return (
+    legend = (
         f"loss = lm-eval bits per byte on {texts} held-out texts per domain, lower is better; "
         f"ratio = after ÷ before; experts ranked by '{CRITERION}' on the {result.task} profile"
         + (
@@ -282,12 +341,48 @@ def _legend(result: DemoResult) -> str:
             else ""
         )
     )
+    if _repaired(result):
+        legend += (
+            f"; dropped = the plan's experts removed (the exact rewrite); + {result.repair} = "
+            f"the same plan with `--repair {result.repair}` on the {result.task} profile texts; "
+            "both have the same shapes, so size and speed are measured once"
+        )
+    return legend
+
+
+def _gain(result: DemoResult) -> str:
+    """One sentence: what the repair won over plain dropping on the task."""
+    if not _repaired(result):
+        return ""
+    task = next(d for d in result.domains if d["task"])
+    lost_drop, lost_repair = task["dropped_ratio"] - 1, task["ratio"] - 1
+    share = 1 - lost_repair / lost_drop if lost_drop > 0 else 0.0
+    if share <= 0:
+        return (
+            f"--repair {result.repair} did not help here: the task's loss is "
+            f"×{task['ratio']:.3f} against ×{task['dropped_ratio']:.3f} with plain dropping "
+            "(too few calibration tokens?)."
+        )
+    return (
+        f"--repair {result.repair} takes the task's loss from ×{task['dropped_ratio']:.3f} "
+        f"(plain dropping) to ×{task['ratio']:.3f}: {share:.0%} of what dropping lost is won "
+        "back, at the same size."
+    )
 
 
 def markdown(result: DemoResult) -> str:
-    lines = [f"**{_title(result)}**", "", "| | before | after | ratio |", "|---|---:|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows(result)]
-    return "\n".join([*lines, "", _legend(result) + ".", "", result.heads_note]) + "\n"
+    head = columns(result)
+    lines = [
+        f"**{_title(result)}**",
+        "",
+        "| | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
+    return (
+        "\n".join([*lines, "", _legend(result) + ".", "", _gain(result), "", result.heads_note])
+        + "\n"
+    )
 
 
 def print_table(result: DemoResult) -> None:
@@ -295,15 +390,16 @@ def print_table(result: DemoResult) -> None:
     from rich.table import Table
 
     table = Table(title=_title(result), title_justify="left")
-    for column in ("loss per domain", "before", "after", "ratio"):
-        table.add_column(column, justify="left" if column == "loss per domain" else "right")
+    table.add_column("loss per domain", justify="left")
+    for column in columns(result):
+        table.add_column(column, justify="right")
     lines = rows(result)
     n = len(result.domains)
-    for i, (name, before, after, ratio) in enumerate(lines):
+    for i, row in enumerate(lines):
         if i == n:
             table.add_section()
         style = "bold" if i < n and result.domains[i]["task"] else None
-        table.add_row(name, before, after, ratio, style=style)
+        table.add_row(*row, style=style)
     console = Console(highlight=False)
     console.print()
     console.print(table)
@@ -328,10 +424,13 @@ def print_table(result: DemoResult) -> None:
         if speed is not None and speed[2] != "faster"
         else ""
     )
+    if _gain(result):
+        console.print(_gain(result))
     console.print(f"{verdict} The pruned model has ×{size:.2f} the parameters.{faster}")
+    dropped = ", dropped/ (plain dropping)" if _repaired(result) else ""
     console.print(
         f"Files in {result.out}/: {task['domain']}.stats.safetensors (the profile), pruned/ "
-        "(the model), bench.json, heatmap.html (open it in a browser), summary.md"
+        f"(the model){dropped}, bench.json, heatmap.html (open it in a browser), summary.md"
     )
 
 
@@ -343,8 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", default="code", help="code, docs, quotes or dictionary")
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=100, help="eval texts per domain")
+    parser.add_argument("--repair", default=REPAIR, help="refit (default) or none")
     args = parser.parse_args(argv)
-    result = run_demo(args.out, task=args.task, keep_ratio=args.keep_ratio, limit=args.limit)
+    result = run_demo(
+        args.out, task=args.task, keep_ratio=args.keep_ratio, limit=args.limit, repair=args.repair
+    )
     print_table(result)
     print(f"demo done in {result.seconds:.0f} s", flush=True)
 

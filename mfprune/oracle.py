@@ -105,6 +105,23 @@ def masked_logits(
         RuntimeError: if a router's forward did not make exactly one ``linear`` call, i.e. the
             masking could not be applied as designed.
     """
+    with masking(
+        model, experts=experts, attention_experts=attention_experts, heads=heads, spec=spec
+    ):
+        return logits(model, input_ids)
+
+
+@contextmanager
+def masking(
+    model: PreTrainedModel,
+    *,
+    experts: Pruned | None = None,
+    attention_experts: Pruned | None = None,
+    heads: Pruned | None = None,
+    spec: ArchSpec | None = None,
+) -> Iterator[None]:
+    """While the context lasts, ``model`` computes as if the given experts / heads were
+    removed (what ``masked_logits`` runs under; also used by ``mfprune.repair``)."""
     if (experts or attention_experts) and spec is None:
         spec = spec_for_config(model.config.to_dict())
     with ExitStack() as stack:
@@ -121,7 +138,7 @@ def masked_logits(
         if heads:
             for layer, ids in heads.items():
                 stack.enter_context(_mask_heads(model, layer, ids))
-        return logits(model, input_ids)
+        yield
 
 
 # --------------------------------------------------------------------------- expert masking

@@ -1,8 +1,14 @@
 """prune_model: the `mfprune prune` job — a plan (given, or made from a profile), then the
-rewrite (or only the plan, with ``plan_only``), then optionally the exactness check."""
+rewrite (or only the plan, with ``plan_only``), then optionally the exactness check.
+
+With ``repair="refit"`` (``mfprune.repair``) the kept experts' down projections are refit on
+``data`` first, and the rewrite streams the repaired tensors in their place; everything else
+is the exact rewrite."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +19,7 @@ from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import MfpruneError, PlanError, StatsError
 from mfprune.io.outputs import Input, OutputTarget, claim_file, claim_folder, write_file
 from mfprune.plan import PrunePlan
+from mfprune.repair import RepairResult, check_method, repaired_tensors
 from mfprune.rewrite import RewriteResult, rewrite_checkpoint
 from mfprune.rewrite.mtp import check_drop
 
@@ -73,6 +80,7 @@ class PruneOutcome:
     layers: list[LayerReport] = field(default_factory=list)  # from a profile only
     rewrite: RewriteResult | None = None  # None with plan_only
     verify: Any = None  # mfprune.verify.VerifyResult when asked
+    repair: RepairResult | None = None  # with a repair method other than "none"
 
 
 def prune_model(
@@ -92,12 +100,28 @@ def prune_model(
     max_shard_bytes: int | None = None,
     verify: bool = False,
     drop_mtp: bool = False,
+    repair: str = "none",
+    data: str | Path | None = None,
+    max_tokens: int | None = None,
+    on_repair_start: Callable[[int], None] | None = None,
+    on_repair_batch: Callable[[int], None] | None = None,
 ) -> PruneOutcome:
     """Plan (from ``plan``, or ranked from ``profile`` with ``criterion``, default reap, under
     ``budget``) and rewrite ``model`` into ``out``; with ``plan_only``, write only the plan, to
     the file ``plan_out`` (``out`` is then not used: no folder is created, replaced or deleted).
     Every input and option is checked, and the output claimed, before the profile is read or a
-    byte is written."""
+    byte is written.
+
+    ``repair``/``data``/``max_tokens``: the repair method and its calibration data (at most
+    ``max_tokens`` tokens of it); ``on_repair_start`` gets the token passes the repair will
+    make, ``on_repair_batch`` each batch's tokens (progress)."""
+    check_method(repair, data)
+    if repair != "none" and (plan_only or verify):
+        raise PlanError(
+            f"--repair {repair} changes weights: "
+            + ("--plan-only writes no weights" if plan_only else "--verify checks exact rewrites"),
+            hint="drop " + ("--plan-only" if plan_only else "--verify") + " or --repair",
+        )
     _check_outputs(out, plan_only=plan_only, plan_out=plan_out, overwrite=overwrite)
     if (plan is None) == (profile is None):
         raise PlanError(
@@ -122,6 +146,7 @@ def prune_model(
     inputs += Input.of(profile, "the stats file")
     if not isinstance(plan, PrunePlan):
         inputs += Input.of(plan, "the plan file")
+    inputs += Input.of(data, "the repair data")
     if plan_only:
         target = claim_file(
             plan_out, inputs=inputs, flag="--plan-out", example="plan.json",
@@ -129,12 +154,19 @@ def prune_model(
         )  # fmt: skip
     else:
         target = claim_folder(out, inputs=inputs, overwrite=overwrite)
+    repair_options = {
+        "method": repair,
+        "data": data,
+        "max_tokens": max_tokens,
+        "on_start": on_repair_start,
+        "on_batch": on_repair_batch,
+    }
     with target.held():
         return _prune(
             ckpt, spec, layout, target, plan=plan, profile=profile,
             criterion=criterion or "reap", criterion_options=criterion_options, budget=budget,
             plan_only=plan_only, allow_uneven=allow_uneven, max_shard_bytes=max_shard_bytes,
-            verify=verify, drop_mtp=drop_mtp,
+            verify=verify, drop_mtp=drop_mtp, repair=repair_options,
         )  # fmt: skip
 
 
@@ -194,6 +226,7 @@ def _prune(
     max_shard_bytes: int | None,
     verify: bool,
     drop_mtp: bool,
+    repair: dict[str, Any],
 ) -> PruneOutcome:
     layers: list[LayerReport] = []
     if profile is not None:
@@ -232,15 +265,22 @@ def _prune(
             the_plan = the_plan.with_mtp(layout)
         write_file(target, the_plan.to_json() + "\n")
         return PruneOutcome(plan=the_plan, out=target.path, layers=layers)
-    result = rewrite_checkpoint(
-        ckpt.root,
-        the_plan,
-        target,
-        spec=spec,
-        max_shard_bytes=max_shard_bytes,
-        allow_uneven=allow_uneven,
-        drop_mtp=drop_mtp,
-    )
+    repairing: Any = contextlib.nullcontext(None)
+    if repair["method"] != "none":
+        the_plan.validate(layout, allow_uneven=allow_uneven)  # before the repair's work
+        repairing = repaired_tensors(ckpt, layout, the_plan, **repair)
+    with repairing as repaired:
+        result = rewrite_checkpoint(
+            ckpt.root,
+            the_plan,
+            target,
+            spec=spec,
+            max_shard_bytes=max_shard_bytes,
+            allow_uneven=allow_uneven,
+            drop_mtp=drop_mtp,
+            replacements=repaired.tensors if repaired else None,
+            provenance={"repair": repaired.to_dict()} if repaired else None,
+        )
     check = None
     if verify:
         from mfprune.verify import verify_rewrite
@@ -252,7 +292,9 @@ def _prune(
                 f"{check.max_abs_diff:.3g}",
                 hint="this is a bug in mfprune or in the adapter: please report it",
             )
-    return PruneOutcome(plan=the_plan, out=result.out, layers=layers, rewrite=result, verify=check)
+    return PruneOutcome(
+        plan=the_plan, out=result.out, layers=layers, rewrite=result, verify=check, repair=repaired
+    )
 
 
 def _check_plan_model(plan: PrunePlan, ckpt: Any, where: Any) -> None:

@@ -67,6 +67,7 @@ class PruneConfig:
     heads_keep_ratio: float | None = None
     attention_keep_ratio: float | None = None
     verify: bool = False  # check the pruned logits equal the masked original's (small models)
+    repair: str = "none"  # or "refit": kept experts refit on profile.data (mfprune.repair)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def _check(config: ShrinkConfig) -> list[str]:
     from mfprune.bench import DropLimit
     from mfprune.config import valid
     from mfprune.errors import did_you_mean
+    from mfprune.repair import METHODS
     from mfprune.scoring import CRITERIA
 
     problems: list[str] = []
@@ -184,6 +186,14 @@ def _check(config: ShrinkConfig) -> list[str]:
     limit = given(b, "limit")
     if limit is not None and not limit > 0:
         problems.append(f"'bench.limit' must be positive, got {limit}")
+    repair = given(p, "repair")
+    if repair is not None and repair not in METHODS:
+        problems.append(
+            f"unknown repair method '{repair}' in 'prune.repair'"
+            f"{did_you_mean(repair, METHODS)} (available: {', '.join(METHODS)})"
+        )
+    if repair not in (None, "none") and given(p, "verify"):
+        problems.append("'prune.verify' checks exact rewrites: not with 'prune.repair'")
     criterion = given(p, "criterion")
     if criterion is not None and criterion not in CRITERIA:
         problems.append(
@@ -374,6 +384,9 @@ def run_shrink(
                 criterion_options={"seed": p.seed} if p.criterion == "random" else {},
                 budget=budget,
                 verify=p.verify,
+                repair=p.repair,
+                data=config.profile.data if p.repair != "none" else None,
+                max_tokens=config.profile.max_tokens,
             )
             outcome.plan.save(tmp / PLAN_FILE)
             seconds["prune"] = time.perf_counter() - start
@@ -495,6 +508,12 @@ def render_report(result: ShrinkOutcome, stats: Any) -> str:
         + ", ".join(f"{k} {v}" for k, v in asdict(c.prune).items() if k in BUDGET_KEYS and v),
         f"- calibration: {stats.meta.tokens:,} tokens from `{c.profile.data}`"
         + (" (cached stats: profiling skipped)" if result.stats_cached else ""),
+        f"- repair: {c.prune.repair}"
+        + (
+            " (kept experts' down projections refit on the calibration data)"
+            if c.prune.repair == "refit"
+            else " (exact rewrite)"
+        ),
     ]
     if gate is not None:
         mark = "PASSED" if gate.passed else "FAILED"

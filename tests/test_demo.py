@@ -71,9 +71,12 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
     from mfprune.demo import print_table, run_demo
 
     out = tmp_path / "demo"
-    result = run_demo(out, task="quotes", max_tokens=600, limit=2, heads_texts=3, speed=False)
+    result = run_demo(
+        out, task="quotes", max_tokens=600, limit=2, heads_texts=3, speed=False, repair_tokens=600
+    )
     for name in ("quotes.stats.safetensors", "bench.json", "heatmap.html", "summary.json",
-                 "summary.md", "pruned/config.json", "pruned/model.safetensors"):  # fmt: skip
+                 "summary.md", "pruned/config.json", "pruned/model.safetensors",
+                 "dropped/model.safetensors", "bench-dropped.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert "<svg" in (out / "heatmap.html").read_text()
     pruned = json.loads((out / "pruned" / "config.json").read_text())
@@ -84,16 +87,24 @@ def test_demo_pipeline_end_to_end(tmp_path, capsys):
         assert d["texts"] == 2
         assert 0 < d["before"] < 10 and 0 < d["after"] < 10
         assert d["ratio"] == pytest.approx(d["after"] / d["before"])
+        assert d["dropped_ratio"] == pytest.approx(d["dropped"] / d["before"])
+        assert d["dropped"] != d["after"]  # two different models were benched
+    repair = json.loads((out / "pruned" / "mfprune_provenance.json").read_text())["repair"]
+    assert repair["method"] == "refit" and repair["tokens"] == 600
+    assert "repair" not in json.loads((out / "dropped" / "mfprune_provenance.json").read_text())
     (p0, p1), (b0, b1) = result.size["params"], result.size["disk_bytes"]
     assert p1 < 0.7 * p0 and b1 < 0.7 * b0
     assert result.heads_note.startswith("heads:")
     assert result.heads_pruned == ("num_attention_heads" in _changes(out))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "quotes" and len(summary["domains"]) == 4
+    assert summary["repair"] == "refit"
     capsys.readouterr()
     print_table(result)
     table = capsys.readouterr().out
     assert "quotes (task)" in table and "parameters" in table
+    assert "ratio dropped" in table and "ratio + refit" in table
+    assert "won back" in table or "did not help" in table
 
 
 def _changes(out: Path) -> dict:

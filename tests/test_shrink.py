@@ -247,6 +247,43 @@ def test_failed_gate_exits_4_and_keeps_the_artifacts(setup, rerun):
     assert {len(ids) for ids in plan.experts.values()} == {2}
 
 
+def test_repair_refit_through_the_config(setup, rerun, tmp_path):
+    """prune.repair (here from --repair): the kept experts are refit on profile.data, the
+    report and the provenance say so, and the output still loads at the plain prune's size."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mfprune.profiling, "profile_model", _must_not_profile)
+        result = run(
+            "shrink", "--config", setup["config"], "--out", tmp_path / "refit", "--repair", "refit",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    out = tmp_path / "refit"
+    assert "- repair: refit" in (out / "report.md").read_text()
+    record = json.loads((out / "model" / "mfprune_provenance.json").read_text())["repair"]
+    assert record["method"] == "refit" and record["tokens"] > 0
+    assert record["data"] == str(setup["root"] / "calib.jsonl")
+    assert load_pretrained(out / "model").config.num_experts == 4
+
+
+def test_bad_repair_in_the_config(tmp_path):
+    problems = problems_of(
+        tmp_path,
+        """
+        model = "m"
+        out = "o"
+        [profile]
+        data = "d"
+        [prune]
+        keep = 2
+        repair = "refix"
+        verify = true
+        """,
+    )
+    assert "unknown repair method 'refix' in 'prune.repair' — did you mean 'refit'? " in (
+        " ".join(problems) + " "
+    )
+    assert "'prune.verify' checks exact rewrites: not with 'prune.repair'" in problems
+
+
 def test_output_folder_is_checked_before_profiling(setup, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()

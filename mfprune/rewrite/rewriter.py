@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ def rewrite_checkpoint(
     max_shard_bytes: int | None = None,
     allow_uneven: bool = False,
     drop_mtp: bool = False,
+    replacements: Mapping[str, TensorInfo] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> RewriteResult:
     """Write the pruned copy of ``model`` described by ``plan`` to ``out``.
 
@@ -80,6 +83,9 @@ def rewrite_checkpoint(
     counts; the output then loads with ``mfprune.load_pretrained``, not stock transformers.
     Multi-token-prediction layers are pruned like the last decoder layer unless the plan names
     them (``PrunePlan.with_mtp``); ``drop_mtp`` removes them and sets the config's count to 0.
+    ``replacements`` (``mfprune.repair``): source tensors whose bytes come from elsewhere (same
+    name, dtype and shape), streamed and sliced like the source's own; ``provenance``: extra
+    entries for ``mfprune_provenance.json``.
     """
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
@@ -99,7 +105,9 @@ def rewrite_checkpoint(
     )
     out_dir = target.path
     with target.held():  # the lock goes with any failure before the rename
-        tensors, stats = plan_tensors(ckpt, layout, plan, drop_mtp=drop_mtp)
+        tensors, stats = plan_tensors(
+            ckpt, layout, plan, drop_mtp=drop_mtp, replacements=replacements
+        )
         new_config = patch_config(ckpt.config, layout, plan)
         new_config = patch_quantization_config(new_config, layout, plan)
         if drop_mtp:
@@ -142,6 +150,7 @@ def rewrite_checkpoint(
                     },
                     "output_bytes": out_bytes,
                     "config_changes": changes,
+                    **(provenance or {}),
                 },
             )
     return RewriteResult(
@@ -157,9 +166,15 @@ def rewrite_checkpoint(
 
 
 def plan_tensors(
-    ckpt: Checkpoint, layout: ModelLayout, plan: PrunePlan, *, drop_mtp: bool = False
+    ckpt: Checkpoint,
+    layout: ModelLayout,
+    plan: PrunePlan,
+    *,
+    drop_mtp: bool = False,
+    replacements: Mapping[str, TensorInfo] | None = None,
 ) -> tuple[list[OutTensor], dict[str, int]]:
-    """Every output tensor, in source order, with where its bytes come from."""
+    """Every output tensor, in source order, with where its bytes come from (a replaced
+    source tensor's bytes from its replacement, same slices)."""
     actions: dict[str, OutTensor | None] = {}  # None: dropped
     if drop_mtp:
         drop_actions(ckpt, layout, actions)
@@ -177,7 +192,27 @@ def plan_tensors(
         else:
             out.append(actions[name])
             stats["tensors_sliced" if actions[name].shape != info.shape else "tensors_copied"] += 1
+    if replacements:
+        out = [_replaced(t, ckpt.tensors, replacements) for t in out]
     return out, stats
+
+
+def _replaced(
+    t: OutTensor, tensors: dict[str, TensorInfo], replacements: Mapping[str, TensorInfo]
+) -> OutTensor:
+    """``t`` with its bytes taken from the replacement of its source tensor, if it has one
+    (same name, dtype and shape: the same byte ranges, relative to the tensor's start)."""
+    new = replacements.get(t.source.name)
+    if new is None:
+        return t
+    old = tensors.get(t.source.name)
+    if old is None or (old.dtype, tuple(old.shape)) != (new.dtype, tuple(new.shape)) or t.data:
+        raise ModelError(
+            f"replacement for {t.source.name} does not match the source tensor",
+            hint="this is a bug in mfprune: please report it",
+        )
+    ranges = [(start - old.start + new.start, length) for start, length in t.ranges]
+    return replace(t, source=new, ranges=ranges)
 
 
 def _expert_actions(

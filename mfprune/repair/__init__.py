@@ -1,0 +1,161 @@
+"""Repair after pruning (``mfprune prune --repair METHOD --data TASK``).
+
+* ``none`` (the default): the exact rewrite — the pruned checkpoint computes exactly what the
+  original computes with the dropped experts masked out of their routers (``mfprune.oracle``).
+* ``refit``: the kept experts' down projections are refit, layer by layer on the task's
+  tokens, so that each pruned MoE block reproduces the original block's output (refit.py has
+  the objective and its shapes). Shapes, names and config are those of the plain prune; only
+  the kept experts' down-projection tensors differ.
+
+``merge`` (folding dropped experts into kept ones, HC-SMoE / MC-SMoE style) is not offered: on
+the default model it did worse than dropping plus refit (docs/benchmarks.md).
+
+``repaired_tensors`` runs the repair and yields the repaired tensors as source-named tensors in
+temporary safetensors files, for ``rewrite_checkpoint(..., replacements=...)`` to stream.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mfprune.arch.layout import ModelLayout
+from mfprune.checkpoint import Checkpoint
+from mfprune.errors import MfpruneError, did_you_mean
+from mfprune.io.reader import TensorInfo
+from mfprune.plan import PrunePlan
+
+METHODS = ("none", "refit")
+DEFAULT_RIDGE = 1e-3
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    """What a repair did: method, calibration data, and per layer the reconstruction errors."""
+
+    method: str
+    data: str
+    data_fingerprint: str
+    tokens: int
+    documents: int
+    ridge: float
+    seconds: float
+    layers: list[Any] = field(default_factory=list)  # mfprune.repair.refit.LayerFit
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)  # source name -> repaired
+
+    def to_dict(self) -> dict[str, Any]:
+        """The provenance record (``mfprune_provenance.json``'s ``repair``)."""
+        return {
+            "method": self.method,
+            "data": self.data,
+            "data_fingerprint": self.data_fingerprint,
+            "tokens": self.tokens,
+            "documents": self.documents,
+            "ridge": self.ridge,
+            "seconds": round(self.seconds, 2),
+            "tensors_repaired": len(self.tensors),
+            "layers": [fit.to_dict() for fit in self.layers],
+        }
+
+
+def check_method(method: str, data: str | Path | None) -> None:
+    """Fail fast on a repair method or data that cannot work (before any work is done)."""
+    if method not in METHODS:
+        raise MfpruneError(
+            f"unknown repair method '{method}'{did_you_mean(method, METHODS)}",
+            hint=f"use one of: {', '.join(METHODS)}",
+        )
+    if method != "none" and data is None:
+        raise MfpruneError(
+            f"--repair {method} needs the task's data to calibrate on",
+            hint="pass --data TASK (the same kind of file `mfprune profile --data` reads)",
+        )
+    if method == "none" and data is not None:
+        raise MfpruneError(
+            "--data is only read by --repair", hint="add --repair refit, or drop --data"
+        )
+
+
+@contextmanager
+def repaired_tensors(
+    ckpt: Checkpoint,
+    layout: ModelLayout,
+    plan: PrunePlan,
+    *,
+    method: str,
+    data: str | Path,
+    max_tokens: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    ridge: float = DEFAULT_RIDGE,
+    on_start: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[RepairResult]:
+    """Repair ``ckpt`` pruned by ``plan``; the yielded result's ``tensors`` live in a temporary
+    folder until the context ends. ``on_start`` gets the number of token passes (tokens ×
+    repaired layers), ``on_batch`` each batch's tokens."""
+    from mfprune.profiling.data import load_token_data
+    from mfprune.profiling.run import (
+        _pad_id,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_seq_len,
+    )
+    from mfprune.repair.refit import refit_model
+    from mfprune.repair.tensors import find_down_tensors, write_repaired
+
+    check_method(method, data)
+    start = time.perf_counter()
+    experts = layout.experts
+    if experts is None:
+        raise MfpruneError("this model has no routed experts to repair", hint="drop --repair")
+    if plan.heads or plan.attention_experts:
+        raise MfpruneError(
+            "--repair refit repairs MLP experts only, and this plan also prunes heads or "
+            "attention experts",
+            hint="prune those without --repair, or plan experts only",
+        )
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(ckpt.root)
+    seq_len = resolve_seq_len(ckpt.config, seq_len)  # as profile: min(2048, positions)
+    tokens = load_token_data(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+    model = load_model(ckpt.root, dtype="auto", device=torch_device)
+    kept = {
+        layer: list(plan.kept_experts(experts, layer))
+        for layer in experts.layers
+        if len(plan.kept_experts(experts, layer)) < experts.num_experts
+    }
+    from mfprune.modules import find_routers, parent_of
+
+    routers = find_routers(model, attention=False)
+    down = {layer: parent_of(model, routers[layer][0]).experts.down_proj for layer in kept}
+    where = {
+        layer: find_down_tensors(ckpt, experts, layer, down[layer], kept[layer]) for layer in kept
+    }
+    batches = list(tokens.batches(batch_size=batch_size, pad_id=_pad_id(tokenizer)))
+    if on_start is not None:
+        on_start(tokens.tokens * len(kept))
+    fits = refit_model(model, kept=kept, batches=batches, ridge=ridge, on_batch=on_batch)
+    with tempfile.TemporaryDirectory(prefix="mfprune-repair-") as tmp:
+        replaced: dict[str, TensorInfo] = {}
+        for layer in kept:
+            replaced.update(write_repaired(Path(tmp), where[layer], down[layer], kept[layer]))
+        del model, down
+        yield RepairResult(
+            method=method,
+            data=str(data),
+            data_fingerprint=tokens.fingerprint,
+            tokens=tokens.tokens,
+            documents=tokens.documents,
+            ridge=ridge,
+            seconds=time.perf_counter() - start,
+            layers=fits,
+            tensors=replaced,
+        )
