@@ -423,8 +423,12 @@ def prune(
             f"--plan {outcome.out} --out DIR)",
         )
         return
-    for name in result.skipped_files:
-        sink.warn(f"not carried over: {name} (weights outside the safetensors index, or a folder)")
+    if result.skipped_files:
+        sink.warn(
+            f"not carried over: {', '.join(result.skipped_files)} (a pruned model gets its "
+            "weights, config, tokenizer, generation config, model code and license files; "
+            "README.md is its own model card)"
+        )
     data["rewrite"] = result.to_dict()
     verdict = ""
     if outcome.verify is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mfprune.errors import MfpruneError
+from mfprune.rewrite.card import CARD_FILE, add_quality
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Kernel = Literal["eager", "grouped_mm", "batched_mm", "mfprune_triton"]
@@ -417,6 +418,7 @@ def run_shrink(
                 on_stage=lambda line: say(f"bench: {line}"),
             )
             seconds["bench"] = time.perf_counter() - start
+            record_quality(tmp / MODEL_DIR / CARD_FILE, report)
             report.model.path = str(out / MODEL_DIR)  # not the temp folder it was benched in
             result = ShrinkOutcome(
                 config=config,
@@ -486,6 +488,24 @@ def _dry_run_budget(layout: Any, budget: Any) -> None:
 
 def _budget_text(budget: Any) -> str:
     return ", ".join(f"{k} {v}" for k, v in budget.__dict__.items() if v not in (None, 0))
+
+
+def record_quality(card: Path, report: Any) -> None:
+    """The bench's quality rows into the pruned model's card (mfprune.rewrite.card)."""
+    rows = [
+        (r.name, f"{r.model:.4g}", "—" if r.baseline is None else f"{r.baseline:.4g}",
+         "—" if r.ratio is None else f"×{r.ratio:.3f}")
+        for r in report.rows()
+        if r.kind == "quality" and r.model is not None
+    ]  # fmt: skip
+    settings = report.settings
+    on = ", ".join([*settings.get("tasks", []), *(Path(d).name for d in settings.get("data", []))])
+    caption = f"lm-eval on {on or 'the configured tasks'}" + (
+        f", {settings['limit']} documents per task" if settings.get("limit") else ""
+    )
+    if report.gate is not None:
+        caption += f"; {report.gate.summary()}"
+    add_quality(card, rows, caption + " (`mfprune shrink`, bench.json beside this folder).")
 
 
 # ---------------------------------------------------------------------------- report.md

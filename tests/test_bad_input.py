@@ -1042,6 +1042,7 @@ EXPECTED_OUT = {
     SHARD,
     "mfprune_plan.json",
     "mfprune_provenance.json",
+    "README.md",  # the pruned model's own card
 }
 
 

@@ -214,6 +214,13 @@ def test_shrink_writes_every_artifact(setup, first):
     report = (out / "report.md").read_text()
     for part in ("gate: **PASSED**", "| data_heldout/bits_per_byte |", "## Plan", "^ = kept"):
         assert part in report
+    card = (out / "model" / "README.md").read_text()
+    ratio = next(r for r in bench["comparison"] if r["name"] == "data_heldout/bits_per_byte")
+    assert (
+        f"| data_heldout/bits_per_byte | {ratio['model']:.4g} | {ratio['baseline']:.4g} |" in card
+    )
+    assert "Not measured yet" not in card and "quality gate passed" in card
+    assert "- criterion: `reap`" in card and "task data fingerprint" in card
 
 
 def test_rerun_skips_the_profile(setup, first, rerun):

@@ -31,6 +31,7 @@ from mfprune.io.outputs import Input, OutputTarget, claim_folder, staged_folder
 from mfprune.io.reader import TensorInfo
 from mfprune.io.writer import OutTensor, fsync_path, write_shard
 from mfprune.plan import PrunePlan, head_index
+from mfprune.rewrite.card import CARD_FILE, model_card, source_history
 from mfprune.rewrite.config_patch import config_changes, patch_config
 from mfprune.rewrite.mtp import check_drop, drop_actions, dropped_config
 from mfprune.rewrite.quant_config import patch_quantization_config
@@ -105,6 +106,7 @@ def rewrite_checkpoint(
     )
     out_dir = target.path
     with target.held():  # the lock goes with any failure before the rename
+        history = source_history(ckpt.root, PROVENANCE_FILE)
         tensors, stats = plan_tensors(
             ckpt, layout, plan, drop_mtp=drop_mtp, replacements=replacements
         )
@@ -137,22 +139,24 @@ def rewrite_checkpoint(
             plan.save(tmp / PLAN_FILE)
             changes = config_changes(ckpt.config, new_config)
             out_bytes = sum((tmp / n).stat().st_size for n in names)
-            _write_json(
-                tmp / PROVENANCE_FILE,
-                {
-                    "format": "mfprune.provenance/1",
-                    "mfprune_version": __version__,
-                    "family": layout.family,
-                    "source": {
-                        "path": str(ckpt.root),
-                        "fingerprint": ckpt.fingerprint(),
-                        "bytes": ckpt.nbytes,
-                    },
-                    "output_bytes": out_bytes,
-                    "config_changes": changes,
-                    **(provenance or {}),
+            record = {
+                "format": "mfprune.provenance/1",
+                "mfprune_version": __version__,
+                "family": layout.family,
+                "source": {
+                    "path": str(ckpt.root),
+                    "fingerprint": ckpt.fingerprint(),
+                    "bytes": ckpt.nbytes,
                 },
-            )
+                "output_bytes": out_bytes,
+                "config_changes": changes,
+                "plan_meta": plan.meta,
+                **(provenance or {}),
+                "history": history,  # every earlier prune of the source, oldest first
+            }
+            _write_json(tmp / PROVENANCE_FILE, record)
+            card = model_card(provenance=record, plan=plan, layout=layout)
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     return RewriteResult(
         out=out_dir,
         source_bytes=ckpt.nbytes,
@@ -328,20 +332,32 @@ def _shard_names(n: int) -> list[str]:
 
 
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|msgpack|h5|gguf)$")
+#: the files of a model besides its weights and config: tokenizer, generation config, chat
+#: template, processor, remote code, license. Anything else (the source's model card, metrics,
+#: notebooks, an __init__.py) describes or belongs to the source, and is not carried over.
+_MODEL_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+    r"|.*\.model|.*\.tiktoken|chat_template\.(jinja|json)|generation_config\.json"
+    r"|(pre)?processor_config\.json|(configuration|modeling|tokenization)_\w+\.py"
+    r"|(LICEN[CS]E|NOTICE|USE_POLICY)(\.\w+)?)$",
+    re.IGNORECASE,
+)
 
 
 def _copy_side_files(ckpt: Checkpoint, tmp: Path) -> list[str]:
-    """Copy tokenizer, generation config, chat template...; skip weights and sub-folders."""
+    """Copy the model's own side files (``_MODEL_FILE``); return what was not carried over.
+    The source's README.md is replaced by the pruned model's own card, without a mention."""
     skipped = []
+    own = ("config.json", INDEX_NAME, PLAN_FILE, PROVENANCE_FILE, CARD_FILE)
     for p in sorted(ckpt.root.iterdir()):
         name = p.name
-        if name in ("config.json", INDEX_NAME, PLAN_FILE, PROVENANCE_FILE) or name.startswith("."):
+        if name in own or name.startswith("."):
             continue
         if p.is_dir() or _WEIGHT_FILE.match(name) or p.suffix in PICKLE_SUFFIXES:
             if p not in ckpt.weight_files:
                 skipped.append(name)
             continue
-        if not is_inside(ckpt.root, p):  # a link to a file elsewhere is not copied
+        if not _MODEL_FILE.match(name) or not is_inside(ckpt.root, p):  # links elsewhere too
             skipped.append(name)
             continue
         shutil.copyfile(p, tmp / name)
