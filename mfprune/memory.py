@@ -70,6 +70,18 @@ def _cgroup_free() -> int | None:
     return max(int(limit) - usage, 0)
 
 
+def loaded_bytes(ckpt: Any, dtype: Any = "auto") -> int:
+    """Bytes of a checkpoint's tensors once loaded in ``dtype`` (a torch dtype; "auto": as
+    stored). Floating-point tensors take the dtype's size, others keep theirs."""
+    size = getattr(dtype, "itemsize", None)
+    if size is None:
+        return int(ckpt.nbytes)
+    return sum(
+        t.numel * (size if t.dtype.startswith(("F", "BF")) else t.itemsize)
+        for t in ckpt.tensors.values()
+    )
+
+
 def check_fits(need: int, *, device: Any = None, what: str, hint: str) -> None:
     """Refuse (NotEnoughMemory) a load of about ``need`` bytes that would not fit on ``device``."""
     free = available_bytes(device)

@@ -33,6 +33,7 @@ from mfprune.bench.report import BenchReport, GateRule, ModelBench, check_gate, 
 from mfprune.bench.speed import SpeedSpec, measure_speed
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import MfpruneError, ModelError, did_you_mean
+from mfprune.memory import check_fits, loaded_bytes
 
 #: transformers' own experts implementations that run on any device.
 BUILTIN_KERNELS = ("eager", "grouped_mm", "batched_mm")
@@ -77,6 +78,13 @@ def run_bench(
     _check_options(quality, speed, gate, has_baseline=base is not None)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    for target in filter(None, (base, ckpt)):  # one at a time at least, before any work
+        check_fits(
+            loaded_bytes(target, torch_dtype), device=torch_device,
+            what=f"benching {target.root} (the whole model is loaded)",
+            hint="bench on a machine with more memory, or in a smaller --dtype "
+            "(bfloat16 halves float32 weights)",
+        )  # fmt: skip
     implementation = resolve_kernel(kernel, torch_device)
     tokenizer = _tokenizer(ckpt, base)
     report_models: dict[str, ModelBench] = {}
@@ -145,19 +153,8 @@ def _fit_together(targets: Sequence[Checkpoint], device: Any, dtype: Any) -> boo
     if len(targets) < 2:
         return True
     free = available_bytes(device)
-    need = sum(_loaded_bytes(t, dtype) for t in targets)  # weights; activations are small
+    need = sum(loaded_bytes(t, dtype) for t in targets)  # weights; activations are small
     return free is None or need <= USABLE_SHARE * free
-
-
-def _loaded_bytes(ckpt: Checkpoint, dtype: Any) -> int:
-    """Bytes of ``ckpt``'s tensors once loaded in ``dtype`` ("auto": as stored)."""
-    size = getattr(dtype, "itemsize", None)
-    if size is None:
-        return ckpt.nbytes
-    return sum(
-        t.numel * (size if t.dtype.startswith(("F", "BF")) else t.itemsize)
-        for t in ckpt.tensors.values()
-    )
 
 
 def _check_options(

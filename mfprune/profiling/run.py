@@ -23,6 +23,7 @@ from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import ModelLayout, lm_config, resolve_layout
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
+from mfprune.memory import check_fits, loaded_bytes
 from mfprune.profiling import distributed
 from mfprune.profiling.data import MIN_TOKENS, WHOLE, Shard, TokenData, load_token_data
 from mfprune.profiling.distributed import World
@@ -86,6 +87,12 @@ def profile_model(
         device = f"cuda:{world.local_rank}"
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    if not sequential:
+        check_fits(
+            loaded_bytes(ckpt, torch_dtype), device=torch_device,
+            what=f"profiling {ckpt.root} whole (the model is loaded at once)",
+            hint="profile it one decoder layer at a time with --sequential",
+        )  # fmt: skip
     tokenizer = load_tokenizer(ckpt.root)
     tokens = load_token_data(
         data,
