@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,26 @@ def model_location(model: str | Path) -> Path:
     return Path(resolve_model(model))
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _missing_hint(path: str | Path) -> str:
+    """A hub id (``Qwen/Qwen3-30B-A3B``) gets told that only local folders work."""
+    text = str(path)
+    if _HUB_ID.match(text) and not text.startswith("."):
+        return (
+            "MODEL is a local folder: mfprune never downloads. Fetch it first, e.g. "
+            f"`huggingface-cli download {text} --local-dir DIR`, then pass DIR"
+        )
+    return "check the path: MODEL is a local folder holding config.json and *.safetensors"
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Validate a model folder (or ``"default"``, see ``model_location``) and index its tensors
     (headers only)."""
     root = model_location(path)
     if not root.exists():
-        raise ModelError(f"model folder {root} does not exist", hint="check the path")
+        raise ModelError(f"model folder {root} does not exist", hint=_missing_hint(path))
     if not root.is_dir():
         what = _stats_note(root)
         raise ModelError(

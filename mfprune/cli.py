@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.table import Table
 
-from mfprune.console import OutputFormat, Sink, library_output
+from mfprune.console import OutputFormat, Sink, library_output, plural
 from mfprune.entry import INTERRUPT_HINT, Interrupted, received, stop_interrupts
 from mfprune.errors import MfpruneError
 
@@ -442,7 +442,9 @@ def prune(
         data["repair"] = outcome.repair.to_dict()
         sink.show(_repair_table(outcome.repair))
     ratio = result.out_bytes / max(result.source_bytes, 1)
-    changes = ", ".join(f"{k} {a}→{b}" for k, (a, b) in result.config_changes.items())
+    from mfprune.rewrite.config_patch import change_text
+
+    changes = ", ".join(change_text(k, a, b) for k, (a, b) in result.config_changes.items())
     uneven = (
         "\nlayers keep different expert counts: load with mfprune.load_pretrained(DIR)"
         if "mfprune_expert_counts" in result.config_changes
@@ -581,9 +583,12 @@ def profile(
         return
     written = stats.save(target)
     summary = {"out": str(written), **stats.summary(), "seconds": round(end - start, 3)}
-    # throughput of the forward passes alone (loading the model is not profiling)
+    # throughput from the first forward on (loading the model is not profiling); with
+    # --sequential each layer is read from disk between the forwards, and that time is in it
     rate = stats.meta.tokens / max(end - forward_start[0], 1e-9)
     summary["tokens_per_second"] = round(rate, 1)
+    if sequential:
+        summary["tokens_per_second_includes"] = "reading each layer from disk"
     sink.result(summary, _stats_line(f"wrote {written}", summary))
 
 
@@ -661,7 +666,10 @@ def show(
     data = view.to_dict()
     data["written"] = written
     meta = view.stats.meta
-    line = f"{stats.name}: {meta.family}, {meta.tokens:,} tokens from {meta.documents:,} documents"
+    line = (
+        f"{stats.name}: {meta.family}, {plural(meta.tokens, 'token')} from "
+        f"{plural(meta.documents, 'document')}"
+    )
     if against:
         line += f"; compared with {against.name}"
     sink.result(data, line + "".join(f"\nwrote {w}" for w in written))
@@ -698,17 +706,24 @@ def _stats_line(head: str, summary: dict[str, Any]) -> str:
     e = summary["experts"]
     never = sum(len(ids) for ids in e["never_routed"].values())
     parts = [
-        f"{head} — {summary['tokens']:,} tokens from {summary['documents']:,} documents",
-        f"{len(e['layers'])} MoE layers x {e['experts']} experts (top-{e['top_k']}), "
-        f"{never} never routed",
+        f"{head} — {plural(summary['tokens'], 'token')} from "
+        f"{plural(summary['documents'], 'document')}",
+        f"{plural(len(e['layers']), 'MoE layer')} x {plural(e['experts'], 'expert')} "
+        f"(top-{e['top_k']}), {never} never routed",
     ]
     if "attention_experts" in summary:
         a = summary["attention_experts"]
-        parts.append(f"{len(a['layers'])} layers x {a['experts']} attention experts")
+        parts.append(
+            f"{plural(len(a['layers']), 'layer')} x {plural(a['experts'], 'attention expert')}"
+        )
     if "heads" in summary:
-        parts.append(f"{summary['heads']['layers']} layers x {summary['heads']['heads']} heads")
+        h = summary["heads"]
+        parts.append(f"{plural(h['layers'], 'layer')} x {plural(h['heads'], 'head')}")
     if "tokens_per_second" in summary:
-        parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
+        rate = f"{summary['tokens_per_second']:,.0f} tokens/s"
+        if "tokens_per_second_includes" in summary:
+            rate += f" (including {summary['tokens_per_second_includes']})"
+        parts.append(rate)
     return "; ".join(parts)
 
 

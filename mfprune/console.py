@@ -10,12 +10,28 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from enum import StrEnum
 from typing import Any
 
 from rich.console import Console
+
+#: the width tables are laid out in when stdout is not a terminal (wide enough for any row)
+PIPE_WIDTH = 10_000
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def plural(n: int, word: str) -> str:
+    """``1 token``, ``2,048 tokens``."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 class OutputFormat(StrEnum):
@@ -28,7 +44,9 @@ class Sink:
     def __init__(self, fmt: OutputFormat = OutputFormat.human) -> None:
         self.format = fmt
         # bound to the streams of now: library output captured later never swallows ours
-        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+        # piped (`| less`, `> file`): no terminal width to fit, so tables never wrap mid-entry
+        width = None if _is_terminal(sys.stdout) or os.environ.get("COLUMNS") else PIPE_WIDTH
+        self.out = Console(file=sys.stdout, highlight=False, soft_wrap=True, width=width)
         self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
         self._stderr = sys.stderr
 
@@ -58,10 +76,14 @@ class Sink:
 
     @contextmanager
     def progress(self, *, unit: str) -> Iterator[Ticker]:
-        """A progress bar on stderr with ``unit``/s, drawn only in human mode on a terminal
-        (never into logs or pipes); otherwise every call on the yielded ticker does nothing."""
-        if self.format is not OutputFormat.human or not self.err.is_terminal:
+        """Progress of a long step on stderr, in human mode: a bar with ``unit``/s on a
+        terminal; in a log or pipe (CI), one plain line every ``LogTicker.INTERVAL`` seconds;
+        in json / quiet mode nothing (every call on the yielded ticker does nothing)."""
+        if self.format is not OutputFormat.human:
             yield Ticker()
+            return
+        if not self.err.is_terminal:  # a CI log: a plain line every few seconds, no bar
+            yield LogTicker(self._stderr, unit=unit)
             return
         from rich.progress import (
             BarColumn,
@@ -159,6 +181,49 @@ class Ticker:
 
     def advance(self, n: int) -> None:
         pass
+
+
+class LogTicker(Ticker):
+    """Progress for logs: ``progress: 1,234 / 5,678 tokens (22%), 456 tokens/s, 12 s`` at
+    most once every ``interval`` seconds (never a bar or a carriage return)."""
+
+    INTERVAL = 5.0
+
+    def __init__(
+        self,
+        stream: Any,
+        *,
+        unit: str,
+        interval: float | None = None,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.stream, self.unit, self.clock = stream, unit, clock
+        self.interval = LogTicker.INTERVAL if interval is None else interval
+        self.total: int | None = None
+        self.done = 0
+        self.start = self.last = clock()
+
+    def set_total(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.start = self.last = self.clock()  # the clock starts now
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.stream.write(self.line(now) + "\n")
+            self.stream.flush()
+
+    def line(self, now: float) -> str:
+        elapsed = now - self.start
+        done = f"{self.done:,.0f}"
+        if self.total:
+            done += f" / {self.total:,} {self.unit} ({self.done / self.total:.0%})"
+        else:
+            done += f" {self.unit}"
+        rate = self.done / max(elapsed, 1e-9)
+        return f"progress: {done}, {rate:,.0f} {self.unit}/s, {elapsed:.0f} s"
 
 
 class _RichTicker(Ticker):

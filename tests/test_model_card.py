@@ -47,7 +47,7 @@ def test_own_card_and_only_model_files(source, tmp_path):
     assert SOURCE_CARD not in card and "8 experts and 1.2 M" not in card
     assert f"pruned by mfprune 0.1.0 from `{source}`" in card
     assert "| 0 | 4 of 8: 0 2 4 6 |" in card
-    assert "`num_experts` 8 → 4" in card or "`num_local_experts` 8 → 4" in card
+    assert "`num_experts 8→4`" in card or "`num_local_experts 8→4`" in card
     assert "A plan given by hand" in card and "Not measured yet" in card
 
 

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mfprune.errors import DataError, MfpruneError, did_you_mean
+from mfprune.io.text import encoding_hint, not_json, not_utf8
 
 #: Records with one of these fields give the question of a multiple-choice record (else "").
 QUESTION_FIELDS = ("question", "query", "prompt", "context")
@@ -114,8 +117,16 @@ def data_metric_keys(data: Sequence[Path]) -> list[str]:
 
 
 def data_task_name(data: Path) -> str:
-    """``heldout.jsonl`` -> ``data_heldout`` (letters, digits and _ only)."""
-    stem = re.sub(r"[^0-9A-Za-z_]+", "_", data.name.split(".")[0]).strip("_") or "data"
+    """``heldout.jsonl`` -> ``data_heldout``: ASCII letters, digits and _ only (lm-eval task
+    names); accents are folded (``données`` -> ``donnees``), and a name with letters that do not
+    fold (``代码``) keeps them apart with a short hash of the file name."""
+    original = data.name.split(".")[0]
+    folded = unicodedata.normalize("NFKD", original).encode("ascii", "ignore").decode()
+    stem = re.sub(r"[^0-9A-Za-z_]+", "_", folded).strip("_")
+    lost = any(c.isalnum() and not c.isascii() for c in unicodedata.normalize("NFKD", original))
+    if lost or not stem:
+        digest = hashlib.sha256(original.encode("utf-8")).hexdigest()[:8]
+        stem = f"{stem}_{digest}" if stem else digest
     return f"data_{stem}"
 
 
@@ -133,10 +144,12 @@ def read_data_records(data: Path) -> tuple[str, list[dict[str, Any]]]:
         raise DataError(f"--data {data} is not a file", hint=_DATA_HINT)
     kind: str | None = None
     records: list[dict[str, Any]] = []
+    raw = data.read_bytes()
     try:
-        lines = data.read_text(encoding="utf-8").splitlines()
+        lines = raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
-        raise DataError(f"{data} is not UTF-8 text (byte {exc.start})", hint=_DATA_HINT) from None
+        raise DataError(not_utf8(str(data), raw, exc.start), hint=encoding_hint(raw)) from None
+    del raw
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -144,7 +157,7 @@ def read_data_records(data: Path) -> tuple[str, list[dict[str, Any]]]:
         try:
             record = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise DataError(f"{where} is not valid JSON: {exc}", hint=_DATA_HINT) from None
+            raise DataError(not_json(where, exc), hint=_DATA_HINT) from None
         if not isinstance(record, dict):
             raise DataError(f"{where} is not a JSON object", hint=_DATA_HINT)
         this = _record_kind(record, where)

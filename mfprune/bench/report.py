@@ -43,7 +43,7 @@ class DropLimit:
             value = float(raw.removesuffix("%").strip())
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < 0 or (relative and value >= 100):
+        if not math.isfinite(value) or value < 0:  # 200%: perplexity may triple
             raise MfpruneError(
                 f"cannot read --max-drop '{text}'",
                 hint="write an absolute drop such as 0.02, or a share of the baseline such as 2%",

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from mfprune.errors import DataError, MfpruneError, did_you_mean
+from mfprune.io.text import encoding_hint, not_json, not_utf8
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 MIN_TOKENS = 16  # fewer tokens make every expert tie: a plan on noise
@@ -225,16 +226,7 @@ def _read_text(file: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise _not_utf8(f"{file}:{line}", raw[exc.start], column) from None
-
-
-def _not_utf8(where: str, byte: int, column: int) -> DataError:
-    return DataError(
-        f"{where}: not UTF-8 text (byte 0x{byte:02x} at column {column})",
-        hint="convert the file to UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`",
-    )
+        raise DataError(not_utf8(str(file), raw, exc.start), hint=encoding_hint(raw)) from None
 
 
 def _jsonl_records(file: Path, *, text_field: str | None) -> Iterator[Record]:
@@ -244,7 +236,8 @@ def _jsonl_records(file: Path, *, text_field: str | None) -> Iterator[Record]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                raise _not_utf8(where, raw[exc.start], exc.start + 1) from None
+                message = not_utf8(str(file), raw, exc.start, first_line=number)
+                raise DataError(message, hint=encoding_hint(raw)) from None
             del raw  # a line can be a whole corpus: keep one copy of it, not two
             if not line.strip():
                 continue
@@ -252,8 +245,7 @@ def _jsonl_records(file: Path, *, text_field: str | None) -> Iterator[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno})",
-                    hint="JSONL holds one JSON object per line",
+                    not_json(where, exc), hint="JSONL holds one JSON object per line"
                 ) from None
             if not isinstance(obj, dict):
                 raise DataError(

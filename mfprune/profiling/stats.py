@@ -128,7 +128,7 @@ class ProfileStats:
             tensors["heads.tokens"] = self.heads.tokens
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         target = path if isinstance(path, OutputTarget) else check_stats_out(path)
-        return write_file(target, save(tensors, metadata=dict(sorted(meta.items()))))
+        return write_file(target, sorted_metadata(save(tensors, metadata=meta)))
 
     @classmethod
     def load(cls, path: str | Path) -> ProfileStats:
@@ -264,6 +264,23 @@ def check_stats_out(
         replaceable=is_stats_file,
         kind_name="an mfprune stats file",
     )
+
+
+def sorted_metadata(blob: bytes) -> bytes:
+    """``blob`` (a serialized safetensors file) with its ``__metadata__`` keys in sorted order.
+    safetensors writes them in hash order, which differs from process to process: without this,
+    identical runs would write stats files whose bytes differ. The header keeps its length (the
+    same JSON, reordered; padded with spaces as the format allows), so no offset moves."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return blob
+    ordered = {"__metadata__": dict(sorted(meta.items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > n:  # cannot happen for the same JSON; keep the original rather than guess
+        return blob
+    return blob[:8] + text.ljust(n, b" ") + blob[8 + n :]
 
 
 def is_stats_file(path: Path) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 from mfprune.arch.layout import ModelLayout
 from mfprune.errors import ModelError
 from mfprune.plan import Kept, PrunePlan
+from mfprune.rewrite.config_patch import change_text
 
 CARD_FILE = "README.md"
 QUALITY_HEADING = "## Measured quality"
@@ -73,7 +74,7 @@ def model_card(*, provenance: dict[str, Any], plan: PrunePlan, layout: ModelLayo
     ]
     changes = provenance.get("config_changes", {})
     if changes:
-        items = ", ".join(f"`{k}` {_short(a)} → {_short(b)}" for k, (a, b) in changes.items())
+        items = ", ".join(f"`{change_text(k, a, b)}`" for k, (a, b) in changes.items())
         lines += [f"Config changes: {items}.", ""]
     lines += ["## How it was chosen", "", *_how(meta), ""]
     lines += ["## Pruned from", "", *_chain(history, source), ""]
@@ -138,11 +139,6 @@ def _chain(history: list[dict[str, Any]], source: dict[str, Any]) -> list[str]:
         lines.append(f"{i}. `{s['path']}` ({what}, fingerprint `{s['fingerprint'][:16]}…`)")
     lines.append(f"{len(sources) + 1}. this model")
     return lines
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "…"
 
 
 def add_quality(card: Path, rows: list[tuple[str, str, str, str]], caption: str) -> None:

@@ -52,3 +52,20 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, l
         elif a != b:
             changes[k] = [a, b]
     return changes
+
+
+def change_text(key: str, old: Any, new: Any) -> str:
+    """``num_experts 16→8``; a key that was not set: ``head_dim set to 16``; one removed:
+    ``x removed``. Long values are cut short."""
+    if old is None:
+        return f"{key} set to {_short(new)}"
+    if new is None:
+        return f"{key} removed"
+    return f"{key} {_short(old)}→{_short(new)}"
+
+
+def _short(value: Any) -> str:
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "…"
