@@ -628,6 +628,13 @@ def show(
         ),
     ] = None,
     top: Annotated[int, typer.Option("--top", help="experts / heads listed per layer")] = 4,
+    plan: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="a plan of this model (plan.json, OUT/mfprune_plan.json): mark what it drops",
+        ),
+    ] = None,
     html: Annotated[
         str | None, typer.Option("--html", help="write a layers x experts heatmap page")
     ] = None,
@@ -637,12 +644,15 @@ def show(
     sink: Sink,
 ) -> None:
     """Each layer's most and least used experts and heads (share of routed tokens); with
-    --against, the experts specific to the task; --html / --svg write a heatmap."""
+    --against, the experts specific to the task; --html / --svg write a heatmap; --plan
+    marks what a plan drops."""
     from mfprune.io.outputs import Input, claim_file, write_file
+    from mfprune.plan import PrunePlan
     from mfprune.profiling.stats import ProfileStats
     from mfprune.profiling.view import build_view, heatmap_html, heatmap_svg
 
     inputs = [*Input.of(stats, "the stats file"), *Input.of(against, "the --against stats")]
+    inputs += Input.of(plan, "the plan")
     targets = {}
     for kind, path in (("html", html), ("svg", svg)):
         if path is not None:
@@ -656,6 +666,7 @@ def show(
         against=ProfileStats.load(against) if against else None,
         other_name=against.name if against else None,
         top=top,
+        plan=PrunePlan.load(plan) if plan else None,
     )
     for panel in view.panels:
         sink.show(_view_table(view, panel))
@@ -682,6 +693,8 @@ def _view_table(view: Any, panel: Any) -> Table:
         columns.append("never routed")
     if panel.other is not None:
         columns += [f"specific to {view.name}", f"more used in {view.other_name}"]
+    if panel.kept is not None:
+        columns.append("dropped by the plan")
     for column in columns:
         table.add_column(column)
     for row in view.rows(panel):
@@ -698,6 +711,8 @@ def _view_table(view: Any, panel: Any) -> Table:
                 cells.append(
                     "  ".join(f"{i[panel.column]} {i['ratio']:.1f}x" for i in items) or "-"
                 )
+        if panel.kept is not None:
+            cells.append(_ids(tuple(row["dropped"])) or "-")
         table.add_row(*cells)
     return table
 

@@ -154,7 +154,10 @@ def run_demo(
     if repair != "none":
         print("\nthe same plan with plain dropping (the exact rewrite), for the comparison:")
         mfprune("prune", *plan, "--out", plain, "--overwrite", "--format", "quiet")
-    print("(data/, the default model's held-out texts, is not part of a model: not copied)")
+    print(
+        "(the default model's data/, metrics.json, __init__.py and model card are not part of "
+        "the pruned model: it gets its own README.md)"
+    )
     texts = f"{limit} held-out texts" if limit else "the held-out texts"
     step(4, steps, f"bench: the original, then the pruned model, on {texts} of every domain")
     data = [a for d in DOMAINS for a in ("--data", DEFAULT_DATA_DIR / f"{d}.eval.jsonl")]
@@ -168,8 +171,11 @@ def run_demo(
             "bench", plain, *data, *(["--limit", limit] if limit else []), "--no-speed",
             "--json-out", out / "bench-dropped.json", "--format", "quiet",
         )  # fmt: skip
-    step(5, steps, "heatmap: which experts the task uses")
-    mfprune("show", stats, "--html", out / "heatmap.html", "--format", "quiet")
+    step(5, steps, "heatmap: which experts the task uses (× = dropped by the plan)")
+    mfprune(
+        "show", stats, "--plan", pruned / "mfprune_plan.json", "--html", out / "heatmap.html",
+        "--format", "quiet",
+    )  # fmt: skip
     result = summarise(out, task, keep_ratio, heads_pruned, heads_note, repair)
     result.seconds = time.perf_counter() - start
     (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", "utf-8")

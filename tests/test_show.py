@@ -220,3 +220,71 @@ def test_show_a_real_jetmoe_profile(model_dir, tmp_path):
         "experts: share of each layer's routed tokens",
         "attention experts: share of each layer's routed tokens",
     ]
+
+
+# ---------------------------------------------------------------------------- plan marks, scales
+
+
+def test_heatmap_marks_what_a_plan_drops():
+    from mfprune.plan import PrunePlan
+
+    plan = PrunePlan(experts={1: (2, 3, 4, 5)}, heads={0: (0, 1)})  # layer 2 keeps every expert
+    view = build_view(synthetic(TASK), name="t.st", plan=plan)
+    root = ET.fromstring(heatmap_svg(view))
+    crosses = list(root.iter(f"{SVG}path"))
+    legend_marks = 2  # one "dropped" sample in each panel's legend
+    assert len(crosses) == 4 + 2 + legend_marks  # 4 experts of layer 1, 2 heads of layer 0
+    cells = [r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    tips = [c.find(f"{SVG}title").text for c in cells]
+    assert tips[0].endswith("; dropped by the plan") and tips[2].endswith("; kept by the plan")
+    assert tips[8].endswith("; kept by the plan")  # layer 2: absent from the plan, keeps all
+    texts = "".join(t.text or "" for t in root.iter(f"{SVG}text"))
+    assert "× = dropped by the plan" in texts and "dropped" in texts
+    rows = view.to_dict()
+    experts = next(p for p in rows["panels"] if p["kind"] == "experts")
+    assert [r["dropped"] for r in experts["rows"]] == [[0, 1, 6, 7], []]
+
+
+def test_a_plan_of_another_model_is_refused():
+    from mfprune.plan import PrunePlan
+
+    with pytest.raises(StatsError, match=r"the plan does not fit t\.st: experts of layer 9"):
+        build_view(synthetic(TASK), name="t.st", plan=PrunePlan(experts={9: (0, 1)}))
+    with pytest.raises(StatsError, match="layer 1 keeps id 8"):
+        build_view(synthetic(TASK), name="t.st", plan=PrunePlan(experts={1: (0, 8)}))
+
+
+def test_every_colour_scale_starts_at_zero():
+    from mfprune.profiling.view import _Scale
+
+    view = build_view(synthetic(TASK), name="t.st")
+    for panel in view.panels:
+        scale = _Scale.of(panel)
+        assert scale.low == 0.0 and scale.label(0.0) == "0.0%"
+        assert scale.colour(0.0) == "#f7fbff"  # white: unused, in the heads panel too
+
+
+def test_long_against_titles_fit_the_drawing():
+    long = "general-text-profile-of-the-whole-web-crawl.stats.safetensors"
+    view = build_view(
+        synthetic(TASK), name="task.stats.safetensors", against=synthetic(GENERAL, data="g" * 64),
+        other_name=long,
+    )  # fmt: skip
+    root = ET.fromstring(heatmap_svg(view))
+    width = float(root.get("width"))
+    headings = [t.text for t in root.iter(f"{SVG}text") if t.get("font-weight") == "600"]
+    assert headings and all(long in h for h in headings)
+    assert all(8 + 8.2 * len(h) <= width for h in headings)  # ~8.2 px a bold 13 px character
+
+
+def test_cli_show_with_a_plan(stats_files, tmp_path):
+    from mfprune.plan import PrunePlan
+
+    stats = ProfileStats.load(stats_files["task"])
+    layer = stats.experts.layers[0]
+    plan = tmp_path / "plan.json"
+    PrunePlan(experts={layer: (0, 1)}).save(plan)
+    result = run("show", stats_files["task"], "--plan", plan, "--svg", tmp_path / "h.svg")
+    assert result.exit_code == 0, result.stderr
+    assert "dropped by the plan" in result.stdout
+    assert "× = dropped by the plan" in (tmp_path / "h.svg").read_text()

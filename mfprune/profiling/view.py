@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mfprune.errors import MfpruneError, StatsError
+from mfprune.plan import PrunePlan
 from mfprune.profiling.stats import ExpertStats, HeadStats, ProfileStats
 
 _EPS_OF_UNIFORM = 0.01  # ε of the ratio, as a share of the uniform share 1/E
@@ -42,6 +43,14 @@ class Panel:
     share: torch.Tensor  # [L, N] float64, rows sum to 1 (0 for a layer that saw nothing)
     count: torch.Tensor | None  # [L, N] routed tokens (None for heads)
     other: torch.Tensor | None = None  # [L, N] OTHER's share (with --against)
+    kept: dict[int, tuple[int, ...]] | None = None  # with --plan: layer -> kept ids
+
+    def dropped(self, r: int, c: int) -> bool:
+        """Whether the plan drops column ``c`` of row ``r`` (a layer it omits keeps all)."""
+        if self.kept is None:
+            return False
+        ids = self.kept.get(self.layers[r])
+        return ids is not None and c not in ids
 
     @property
     def title(self) -> str:
@@ -80,6 +89,8 @@ class View:
             }
             if panel.count is not None:
                 row["never_routed"] = (panel.count[i] == 0).nonzero().flatten().tolist()
+            if panel.kept is not None:
+                row["dropped"] = [c for c in range(share.shape[0]) if panel.dropped(i, c)]
             if ratio is not None and panel.other is not None:
                 by_ratio = torch.argsort(ratio[i], descending=True, stable=True).tolist()
                 row["task_specific"] = [
@@ -129,8 +140,10 @@ def build_view(
     against: ProfileStats | None = None,
     other_name: str | None = None,
     top: int = 4,
+    plan: PrunePlan | None = None,
 ) -> View:
-    """Shares of every panel, compared with ``against`` when given.
+    """Shares of every panel, compared with ``against`` when given; with ``plan``, each panel
+    knows what the plan keeps (the heatmap marks what it drops).
 
     Raises:
         StatsError: ``against`` comes from another model, or covers other layers.
@@ -156,17 +169,39 @@ def build_view(
                 "counts) although they name the same model",
                 hint="one of the files was edited; re-create it with `mfprune profile`",
             )
+        share = _share(mine)
         panels.append(
             Panel(
                 kind=kind,
                 column="head" if kind == "heads" else "expert",
                 layers=mine.layers,
-                share=_share(mine),
+                share=share,
                 count=None if isinstance(mine, HeadStats) else mine.count,
                 other=_share(theirs) if theirs is not None else None,
+                kept=_plan_part(plan, kind, mine.layers, share.shape[1], name),
             )
         )
     return View(name=name, other_name=other_name, stats=stats, panels=tuple(panels), top=top)
+
+
+def _plan_part(
+    plan: PrunePlan | None, kind: str, layers: tuple[int, ...], n: int, name: str
+) -> dict[int, tuple[int, ...]] | None:
+    """The plan's kept ids for one panel, checked against the stats (fail closed)."""
+    if plan is None:
+        return None
+    kept: dict[int, tuple[int, ...]] = getattr(plan, kind)
+    problems = [f"layer {layer}" for layer in kept if layer not in layers]
+    problems += [
+        f"layer {layer} keeps id {i}" for layer, ids in kept.items() for i in ids if not 0 <= i < n
+    ]
+    if problems:
+        raise StatsError(
+            f"the plan does not fit {name}: {kind.replace('_', ' ')} of {', '.join(problems)} "
+            f"(the stats have layers {', '.join(map(str, layers))} of {n} each)",
+            hint="pass the plan made from this model (e.g. OUT/mfprune_plan.json of its prune)",
+        )
+    return kept
 
 
 def _share(s: ExpertStats | HeadStats) -> torch.Tensor:
@@ -218,14 +253,17 @@ def _panel_svg(view: View, panel: Panel, top_y: float) -> tuple[str, float, floa
     rows, cols = panel.share.shape
     cell_w = max(_CELL_MIN, min(_CELL_MAX, 900.0 / cols))
     cell_h = max(_CELL_MIN + 3, min(_CELL_MAX, 640.0 / rows))
-    left, top = 64.0, top_y + 54.0
+    left, top = 64.0, top_y + 64.0
     compare = panel.other is not None
     values = panel.log2_ratio() if compare else panel.share
     scale = _Scale.of(panel)
+    heading, note = _panel_heading(view, panel)
     out = [
         f"<text x='8' y='{top_y + 14:.1f}' font-size='13' font-weight='600'>"
-        f"{html.escape(_panel_heading(view, panel))}</text>"
+        f"{html.escape(heading)}</text>"
     ]
+    if note:
+        out.append(f"<text x='8' y='{top_y + 29:.1f}' fill='#555'>{html.escape(note)}</text>")
     label_every_col = max(1, math.ceil(12.0 / cell_w))
     label_every_row = max(1, math.ceil(12.0 / cell_h))
     for c in range(0, cols, label_every_col):
@@ -247,27 +285,47 @@ def _panel_svg(view: View, panel: Panel, top_y: float) -> tuple[str, float, floa
                 f"height='{cell_h:.1f}' fill='{fill}' stroke='white' stroke-width='0.5'>"
                 f"<title>{tip}</title></rect>"
             )
+            if panel.dropped(r, c):
+                out.append(_cross(left + c * cell_w, y, cell_w, cell_h))
     grid_w, grid_h = cols * cell_w, rows * cell_h
     never = panel.count is not None and not compare
-    legend, legend_w = _legend(left + grid_w + 24, top, grid_h, scale, never)
+    legend, legend_w = _legend(
+        left + grid_w + 24, top, grid_h, scale, never, plan=panel.kept is not None
+    )
     out.append(legend)
     axis = "expert" if panel.column == "expert" else "head"
     out.append(
         f"<text x='{left + grid_w / 2:.1f}' y='{top - 20:.1f}' text-anchor='middle' "
         f"fill='#555'>{axis}</text>"
     )
-    heading_w = 16 + 7.5 * len(_panel_heading(view, panel))  # ~7.5 px a character at 13 px
+    heading, note = _panel_heading(view, panel)
+    # ~8.2 px a character of the 13 px bold heading, ~6.6 of the 11 px note: the width fits both
+    heading_w = 16 + max(8.2 * len(heading), 6.6 * len(note))
     width = max(left + grid_w + 24 + legend_w, heading_w)
-    return "\n".join(out), width, top - top_y + max(grid_h, _legend_height(grid_h) + 22)
+    return "\n".join(out), width, top - top_y + max(grid_h, _legend_height(grid_h) + 40)
 
 
-def _panel_heading(view: View, panel: Panel) -> str:
+def _panel_heading(view: View, panel: Panel) -> tuple[str, str]:
+    """(heading, note under it)."""
     what = "head usage" if panel.kind == "heads" else "routed tokens"
+    notes = []
     if panel.other is None:
-        return f"{panel.title}: share of each layer's {what}"
+        heading = f"{panel.title}: share of each layer's {what}"
+    else:
+        heading = f"{panel.title}: share of {what} in {view.name} / in {view.other_name}"
+        notes.append("red: the task's own, blue: used less by the task")
+    if panel.kept is not None:
+        notes.append("× = dropped by the plan")
+    return heading, "; ".join(notes)
+
+
+def _cross(x: float, y: float, w: float, h: float) -> str:
+    """An × over a cell the plan drops."""
+    m = min(w, h) * 0.22
     return (
-        f"{panel.title}: share of {what} in {view.name} / in {view.other_name} "
-        "(red: the task's own, blue: used less by the task)"
+        f"<path d='M{x + m:.1f},{y + m:.1f}L{x + w - m:.1f},{y + h - m:.1f}"
+        f"M{x + w - m:.1f},{y + m:.1f}L{x + m:.1f},{y + h - m:.1f}' stroke='#333' "
+        "stroke-width='1.2' pointer-events='none'/>"
     )
 
 
@@ -279,6 +337,8 @@ def _tooltip(panel: Panel, r: int, c: int, values: torch.Tensor) -> str:
         head += f" vs {float(panel.other[r, c]):.2%}; ratio {2 ** float(values[r, c]):.2f}x"
     else:
         head += f"; {float(panel.share[r, c]) * panel.share.shape[1]:.2f}x uniform"
+    if panel.kept is not None:
+        head += "; dropped by the plan" if panel.dropped(r, c) else "; kept by the plan"
     return head
 
 
@@ -295,9 +355,8 @@ class _Scale:
     def of(cls, panel: Panel) -> _Scale:
         if panel.other is not None:
             return cls(-_RATIO_SPAN, _RATIO_SPAN, compare=True)
-        # experts: from 0, so a cold expert looks cold; heads: their (narrow) range
-        low = float(panel.share.min()) if panel.count is None else 0.0
-        return cls(low, max(float(panel.share.max()), low + 1e-12), compare=False)
+        # every share scale starts at 0: white means unused, in every panel
+        return cls(0.0, max(float(panel.share.max()), 1e-12), compare=False)
 
     def colour(self, value: float) -> str:
         t = max(0.0, min(1.0, (value - self.low) / (self.high - self.low)))
@@ -317,7 +376,9 @@ def _legend_height(grid_h: float) -> float:
     return max(grid_h, 80.0)
 
 
-def _legend(x: float, y: float, height: float, scale: _Scale, never: bool) -> tuple[str, float]:
+def _legend(
+    x: float, y: float, height: float, scale: _Scale, never: bool, *, plan: bool = False
+) -> tuple[str, float]:
     height = _legend_height(height)
     steps = 24
     out = []
@@ -337,12 +398,17 @@ def _legend(x: float, y: float, height: float, scale: _Scale, never: bool) -> tu
             f"<line x1='{x + 14:.1f}' x2='{x + 18:.1f}' y1='{ty:.1f}' y2='{ty:.1f}' stroke='#999'/>"
         )
         out.append(f"<text x='{x + 21:.1f}' y='{ty + 4:.1f}'>{scale.label(frac)}</text>")
+    below = y + height + 8
     if never:
         out.append(
-            f"<rect x='{x:.1f}' y='{y + height + 8:.1f}' width='14' height='10' fill='{_NEVER}'/>"
-            f"<text x='{x + 21:.1f}' y='{y + height + 17:.1f}'>never</text>"
+            f"<rect x='{x:.1f}' y='{below:.1f}' width='14' height='10' fill='{_NEVER}'/>"
+            f"<text x='{x + 21:.1f}' y='{below + 9:.1f}'>never</text>"
         )
-    return "\n".join(out), 70.0
+        below += 16
+    if plan:
+        out.append(_cross(x, below, 14, 10))
+        out.append(f"<text x='{x + 21:.1f}' y='{below + 9:.1f}'>dropped</text>")
+    return "\n".join(out), 80.0
 
 
 def heatmap_html(view: View) -> str:
