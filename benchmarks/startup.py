@@ -4,8 +4,9 @@ Each command runs ``--repeats`` times in a fresh ``python -X importtime -m mfpru
 embedded default model (inspect, prune with a plan, show, merge-stats, --help); the report gives
 the median wall time and whether torch / transformers were imported (read
 from ``-X importtime``'s list of every module imported). ``--json FILE`` saves the numbers;
-``--before FILE`` adds a column from an earlier run (e.g. on the commit before a change), and
-``--write-docs`` puts the table into docs/benchmarks.md.
+``--before FILE`` adds a column from an earlier run, ``--before-repo DIR`` times another
+checkout first (e.g. the commit before a change), and ``--write-docs`` puts the table into
+docs/benchmarks.md.
 
 Run: ``.venv/bin/python benchmarks/startup.py [--repeats 5] [--json after.json]
 [--before before.json] [--write-docs]``.
@@ -42,10 +43,10 @@ def imported(stderr: str) -> set[str]:
     return names
 
 
-def run_once(args: list[str], cwd: Path) -> tuple[float, set[str], int]:
-    """(seconds, modules imported, exit code) of one child."""
+def run_once(args: list[str], cwd: Path, repo: Path = REPO) -> tuple[float, set[str], int]:
+    """(seconds, modules imported, exit code) of one child running the mfprune in ``repo``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), str(repo / "kernels")])
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-X", "importtime", "-m", "mfprune", *args],
@@ -90,7 +91,7 @@ def prepare(work: Path) -> dict[str, list[str]]:
     }
 
 
-def measure(repeats: int) -> dict[str, Any]:
+def measure(repeats: int, repo: Path = REPO) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mfprune-startup-") as tmp:
         work = Path(tmp)
@@ -102,7 +103,7 @@ def measure(repeats: int) -> dict[str, Any]:
                     a.format(out=work / f"out-{i}", merged=work / f"m-{i}.safetensors")
                     for a in args
                 ]
-                seconds, modules, code = run_once(actual, work)
+                seconds, modules, code = run_once(actual, work, repo)
                 codes.add(code)
                 if i:
                     times.append(seconds)
@@ -149,12 +150,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="save the numbers here")
     parser.add_argument("--before", type=Path, help="numbers of an earlier run, as a column")
+    parser.add_argument(
+        "--before-repo", type=Path, help="another checkout (e.g. `git archive` of an earlier "
+        "commit): time it first, as the before column (the inputs are made with this one)",
+    )  # fmt: skip
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
+    before = measure(args.repeats, args.before_repo.resolve()) if args.before_repo else None
     after = measure(args.repeats)
     if args.json:
         args.json.write_text(json.dumps(after, indent=2) + "\n")
-    before = json.loads(args.before.read_text()) if args.before else None
+    if args.before:
+        before = json.loads(args.before.read_text())
     text = table(after, before, args.repeats)
     print(text)
     if args.write_docs:

@@ -16,6 +16,7 @@ from rich.table import Table
 from mfprune.console import OutputFormat, Sink, library_output, plural
 from mfprune.entry import INTERRUPT_HINT, Interrupted, received, stop_interrupts
 from mfprune.errors import MfpruneError
+from mfprune.memory import human_bytes as _human_bytes
 
 app = typer.Typer(
     name="mfprune",
@@ -186,14 +187,6 @@ def parse_size(text: str) -> int:
     power = " KMGT".index(unit[0]) if unit and unit[0] in "KMGT" else 0
     base = 1024 if "I" in unit else 1000
     return int(number * base**power)
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 @app.command()
