@@ -110,3 +110,21 @@ def test_card_of_a_profiled_plan_names_criterion_budget_and_data(model_dir, tmp_
     card = (outcome.out / "README.md").read_text()
     assert "- criterion: `frequency`" in card and "- budget: `keep_ratio` = 0.5" in card
     assert f"task data fingerprint: `{stats.meta.data_fingerprint[:16]}…`" in card
+
+
+def test_a_repaired_model_says_its_experts_were_refit(source, tmp_path):
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.rewrite.card import model_card
+
+    out = tmp_path / "p"
+    rewrite_checkpoint(source, PrunePlan(experts=dict.fromkeys(layers(source), (0, 1, 2, 3))), out)
+    record = json.loads((out / "mfprune_provenance.json").read_text())
+    ckpt = open_checkpoint(source)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    plan = PrunePlan.load(out / "mfprune_plan.json")
+    assert "repaired on the task" not in model_card(provenance=record, plan=plan, layout=layout)
+    card = model_card(
+        provenance={**record, "repair": {"method": "refit"}}, plan=plan, layout=layout
+    )
+    assert "repaired on the task's data" in card and "differ from the source's" in card

@@ -77,6 +77,12 @@ def model_card(*, provenance: dict[str, Any], plan: PrunePlan, layout: ModelLayo
         items = ", ".join(f"`{change_text(k, a, b)}`" for k, (a, b) in changes.items())
         lines += [f"Config changes: {items}.", ""]
     lines += ["## How it was chosen", "", *_how(meta), ""]
+    if provenance.get("repair"):
+        lines += [
+            "The kept experts were then repaired on the task's data (`mfprune prune --repair`): "
+            "their weights differ from the source's (details in `mfprune_provenance.json`).",
+            "",
+        ]
     lines += ["## Pruned from", "", *_chain(history, source), ""]
     lines += [QUALITY_HEADING, "", "Not measured yet: run `mfprune bench THIS --baseline "
               "SOURCE` (or `mfprune shrink`, which records it here).", ""]  # fmt: skip
