@@ -1,11 +1,12 @@
 """The `mfprune` command line: each command parses its options, calls one library function
 and prints the result. Domain errors become one `error: ... (hint: ...)` line and exit 2."""
 
+import contextlib
 import functools
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -82,6 +83,36 @@ ArchOpt = Annotated[
     Path | None,
     typer.Option("--arch", help="your own adapter TOML for a family mfprune does not know"),
 ]
+
+
+ModelCodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-code",
+        help="module:Class — the model's own PreTrainedModel class, for a family transformers "
+        "does not ship (docs/custom-models.md)",
+    ),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="run the checkpoint's own auto_map Python code (off by default: it executes code "
+        "from the model folder)",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _model_code(class_path: str | None, trust_remote_code: bool) -> Iterator[None]:
+    """The model code a command runs with (mfprune.modelcode); remote code is said loudly,
+    whatever the output format."""
+    from mfprune.modelcode import REMOTE_CODE_WARNING, use_model_code
+
+    if trust_remote_code:
+        sys.stderr.write(f"WARNING: {REMOTE_CODE_WARNING}\n")
+    with use_model_code(class_path=class_path, trust_remote_code=trust_remote_code):
+        yield
 
 
 def command(fn: F | None = None, *, interrupted: str = INTERRUPT_HINT) -> Any:
@@ -339,6 +370,8 @@ def prune(
             "pruning them like the last decoder layer",
         ),
     ] = False,
+    model_code: ModelCodeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -348,31 +381,32 @@ def prune(
     from mfprune.arch import load_spec_file
     from mfprune.prune import Budget, prune_model
 
-    outcome = prune_model(
-        model,
-        out,
-        plan=plan,
-        profile=profile,
-        criterion=criterion,
-        criterion_options={"seed": seed} if criterion == "random" else {},
-        budget=Budget(
-            keep=keep,
-            keep_ratio=keep_ratio,
-            coverage=coverage,
-            global_budget=global_budget,
-            min_keep=min_keep,
-            attention_keep_ratio=attention_keep_ratio,
-            heads_keep_ratio=heads_keep_ratio,
-        ),
-        spec=load_spec_file(arch) if arch else None,
-        plan_only=plan_only,
-        plan_out=plan_out,
-        allow_uneven=allow_uneven,
-        overwrite=overwrite,
-        max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
-        verify=verify,
-        drop_mtp=drop_mtp,
-    )
+    with _model_code(model_code, trust_remote_code):
+        outcome = prune_model(
+            model,
+            out,
+            plan=plan,
+            profile=profile,
+            criterion=criterion,
+            criterion_options={"seed": seed} if criterion == "random" else {},
+            budget=Budget(
+                keep=keep,
+                keep_ratio=keep_ratio,
+                coverage=coverage,
+                global_budget=global_budget,
+                min_keep=min_keep,
+                attention_keep_ratio=attention_keep_ratio,
+                heads_keep_ratio=heads_keep_ratio,
+            ),
+            spec=load_spec_file(arch) if arch else None,
+            plan_only=plan_only,
+            plan_out=plan_out,
+            allow_uneven=allow_uneven,
+            overwrite=overwrite,
+            max_shard_bytes=parse_size(max_shard_size) if max_shard_size else None,
+            verify=verify,
+            drop_mtp=drop_mtp,
+        )
     where = "out" if outcome.rewrite is not None else "plan_out"
     data: dict[str, Any] = {where: str(outcome.out), "plan": outcome.plan.to_dict()}
     if outcome.layers:
@@ -482,6 +516,8 @@ def profile(
         ),
     ] = False,
     arch: ArchOpt = None,
+    model_code: ModelCodeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
@@ -511,7 +547,11 @@ def profile(
         ticker.set_total(tokens.tokens)
         forward_start[0] = time.perf_counter()
 
-    with sink.progress(unit="tokens") as ticker, library_output(verbose=verbose):
+    with (
+        _model_code(model_code, trust_remote_code),
+        sink.progress(unit="tokens") as ticker,
+        library_output(verbose=verbose),
+    ):
         stats = profile_model(
             model,
             data,
@@ -758,6 +798,8 @@ def bench(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
     ] = False,
+    model_code: ModelCodeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
@@ -781,7 +823,7 @@ def bench(
         inputs += [Input(p, "a --data file") for p in data or ()]
         inputs += [Input(p, "an --include-path folder") for p in include_path or ()]
         json_target = claim_file(json_out, inputs=inputs, flag="--json-out", example="bench.json")
-    with library_output(verbose=verbose):
+    with _model_code(model_code, trust_remote_code), library_output(verbose=verbose):
         report = run_bench(
             model,
             baseline=baseline,
