@@ -108,7 +108,7 @@ def _data(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_CODE))
-def test_profile_then_prune_verify_through_model_code(model_type, seed_checkpoint, tmp_path):
+def test_profile_prune_verify_bench_through_model_code(model_type, seed_checkpoint, tmp_path):
     source, code = seed_checkpoint(model_type), MODEL_CODE[model_type]
     stats = tmp_path / "stats.safetensors"
     refused = _mfprune(tmp_path, "profile", source, "--data", _data(tmp_path), "--out", stats)
@@ -139,6 +139,16 @@ def test_profile_then_prune_verify_through_model_code(model_type, seed_checkpoin
     assert verify["exact"] and verify["max_abs_diff"] <= 1e-5
     assert verify["masking_effect"] > 1e-3  # dropping 4 of 8 experts really moves the logits
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 4
+    speed = ["--prompt-len", "8", "--new-tokens", "2", "--repeats", "1"]
+    benched = _mfprune(
+        tmp_path, "bench", out, "--baseline", source, "--data", _data(tmp_path), *speed, *args
+    )
+    assert benched.returncode == 0, benched.stderr
+    report = json.loads(benched.stdout)
+    for side in ("model", "baseline"):
+        assert report[side]["quality"]["data_task/bits_per_byte"]["value"] > 0
+        assert report[side]["speed"]["decode_tokens_per_s"] > 0
+    assert report["model"]["params"] < report["baseline"]["params"]
 
 
 REMOTE_CODE = """\

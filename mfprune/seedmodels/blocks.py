@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast
 
 
 class SeedTopKRouter(nn.Module):
@@ -153,16 +153,27 @@ class SeedForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        past_key_values: torch.Tensor | None = None,
+        use_cache: bool | None = None,
         **_: Any,
-    ) -> CausalLMOutput:
+    ) -> CausalLMOutputWithPast:
+        """Logits [B, S, V] of ``input_ids`` [B, S]. No KV cache: the "cache" is the token ids
+        seen so far [B, S_past], and a step with it recomputes the whole prefix (exact, slow;
+        it lets ``bench`` time decoding with transformers' calling convention)."""
+        new = input_ids.shape[1]
+        if past_key_values is not None:
+            input_ids = torch.cat([past_key_values, input_ids], dim=1)
+            if attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1]:
+                attention_mask = None  # decoding: every token is real
         hidden = self.model(input_ids, attention_mask).last_hidden_state
-        logits = self.lm_head(hidden)  # [B, S, V]
+        logits = self.lm_head(hidden[:, -new:])  # [B, S, V]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1)
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        cache = input_ids if use_cache else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
 
 
 def randomise(model: nn.Module, *, seed: int, router_std: float = 1.0) -> None:
