@@ -798,6 +798,7 @@ def bench(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
     ] = False,
+    arch: ArchOpt = None,
     model_code: ModelCodeOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
@@ -807,6 +808,7 @@ def bench(
 ) -> None:
     """Quality (lm-eval), speed and memory of MODEL, side by side with --baseline; with
     --max-drop, a gate that exits 4 when quality falls too far."""
+    from mfprune.arch import load_spec_file
     from mfprune.bench import QualitySpec, SpeedSpec, parse_gate, run_bench
     from mfprune.bench.quality import as_limit
 
@@ -848,6 +850,7 @@ def bench(
             kernel=kernel.value if kernel else None,
             gate=gate,
             on_stage=sink.info,
+            spec=load_spec_file(arch) if arch else None,
         )
     data_out = report.to_dict()
     if json_target is not None:

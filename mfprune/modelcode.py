@@ -5,8 +5,8 @@ Two ways, both off by default:
 * ``--model-code module:Class`` — a Python import path the user points at: a ``PreTrainedModel``
   subclass whose ``config_class`` is its own ``PretrainedConfig`` (with a ``model_type``). The
   class is imported and registered with transformers' ``AutoConfig`` /
-  ``AutoModelForCausalLM`` for its ``model_type``, so every loader (profile, prune --verify,
-  bench, the oracle) builds it with ``from_pretrained`` as it would a stock family.
+  ``AutoModelForCausalLM`` for its ``model_type`` (for the command only), so every loader
+  (profile, prune --verify, bench, the oracle) builds it with ``from_pretrained`` as it would a stock family.
 * ``--trust-remote-code`` — the checkpoint's own ``auto_map`` code (Python files in the model
   folder) is run. That executes code from the checkpoint, so the CLI says so loudly.
 
@@ -18,7 +18,7 @@ message naming both options. ``use_model_code`` sets the choice for the duration
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -60,14 +60,17 @@ def model_kwargs() -> dict[str, Any]:
 def use_model_code(
     *, class_path: str | None = None, trust_remote_code: bool = False
 ) -> Iterator[ModelCode]:
-    """Make ``class_path`` (imported and registered now) or remote code the active choice."""
-    if class_path is not None:
-        register_class(class_path)
+    """Make ``class_path`` or remote code the active choice for the duration of the context.
+    ``class_path`` is imported and registered with transformers' auto classes, and the
+    registration is undone on exit (when it was not there before)."""
+    undo = register_class(class_path)[1] if class_path is not None else None
     token = _ACTIVE.set(ModelCode(class_path=class_path, trust_remote_code=trust_remote_code))
     try:
         yield _ACTIVE.get()
     finally:
         _ACTIVE.reset(token)
+        if undo is not None:
+            undo()
 
 
 def load_class(class_path: str) -> type:
@@ -102,15 +105,27 @@ def load_class(class_path: str) -> type:
     return cls
 
 
-def register_class(class_path: str) -> type:
-    """Register the class with ``AutoConfig`` / ``AutoModelForCausalLM``; return it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def register_class(class_path: str) -> tuple[type, Callable[[], None]]:
+    """Register the class with ``AutoConfig`` / ``AutoModelForCausalLM``; return it and a
+    function that removes what this call added."""
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     cls = load_class(class_path)
     config_cls = cls.config_class
-    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    model_type = config_cls.model_type
+    new_type = model_type not in CONFIG_MAPPING
+    new_model = config_cls not in MODEL_FOR_CAUSAL_LM_MAPPING._extra_content
+    AutoConfig.register(model_type, config_cls, exist_ok=True)
     AutoModelForCausalLM.register(config_cls, cls, exist_ok=True)
-    return cls
+
+    def undo() -> None:
+        if new_type:
+            CONFIG_MAPPING._extra_content.pop(model_type, None)
+        if new_model:
+            MODEL_FOR_CAUSAL_LM_MAPPING._extra_content.pop(config_cls, None)
+
+    return cls, undo
 
 
 def check_loadable(config: dict[str, Any], *, where: str) -> None:

@@ -14,11 +14,12 @@ import pytest
 from checks import assert_exact, assert_experts_follow, assert_tensors_are_slices, removed
 
 from mfprune import PrunePlan, rewrite_checkpoint
+from mfprune.arch import load_spec_file
 from mfprune.checkpoint import open_checkpoint
 from mfprune.cli import run
 from mfprune.inspect import inspect_model
 from mfprune.modelcode import use_model_code
-from mfprune.seedmodels import MODEL_CODE, build_seed_checkpoint
+from mfprune.seedmodels import MODEL_CODE, adapter_path, build_seed_checkpoint
 from mfprune.tinymodels import TINY_CORPUS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,10 +57,11 @@ def _tensors(path: Path, prefix_part: str) -> dict[str, bytes]:
 def test_seed_expert_pruning_is_exact(model_type, untouched, seed_checkpoint, tmp_path):
     source = seed_checkpoint(model_type)
     out = tmp_path / "pruned"
-    result = rewrite_checkpoint(source, PrunePlan(experts=KEPT), out)
+    spec = load_spec_file(adapter_path(model_type))
+    result = rewrite_checkpoint(source, PrunePlan(experts=KEPT), out, spec=spec)
     assert result.config_changes == {"num_local_experts": [8, 4]}
     with use_model_code(class_path=MODEL_CODE[model_type]):
-        assert_exact(source, out, experts=removed(KEPT, 8))
+        assert_exact(source, out, experts=removed(KEPT, 8), spec=spec)
     assert_tensors_are_slices(source, out, experts=KEPT)
     assert assert_experts_follow(source, out, kept=KEPT) > 0
     # PESC's shared FFN / sMLP's spatial gating units: every tensor kept, byte for byte
@@ -72,17 +74,18 @@ def test_pesc_inspect_says_only_adapters_and_router_rows_shrink(seed_checkpoint,
     cfg = json.loads((source / "config.json").read_text())
     layers, experts = cfg["num_hidden_layers"], cfg["num_local_experts"]
     d, r, i = cfg["hidden_size"], cfg["adapter_dim"], cfg["intermediate_size"]
-    report = inspect_model(source)
-    assert report.family == "pesc_moe"
+    spec = load_spec_file(adapter_path("pesc_moe"))
+    report = inspect_model(source, spec=spec)
+    assert report.family == "pesc_moe" and "adapter" in report.description
     assert report.expert_tensors == ["down.weight", "up.weight"]
     assert report.params["routed_experts"] == layers * experts * 2 * r * d  # the adapters
     assert report.params["shared_experts"] == layers * 3 * d * i  # the shared FFN
     out = tmp_path / "pruned"
-    result = rewrite_checkpoint(source, PrunePlan(experts=KEPT), out)
+    result = rewrite_checkpoint(source, PrunePlan(experts=KEPT), out, spec=spec)
     dropped = layers * (experts - 4)
     freed_params = dropped * (2 * r * d + d)  # adapters + router rows
     assert result.source_bytes - result.out_bytes == pytest.approx(freed_params * 4, abs=4096)
-    after = inspect_model(out)
+    after = inspect_model(out, spec=spec)
     assert after.params["shared_experts"] == report.params["shared_experts"]
     assert after.params["routed_experts"] == report.params["routed_experts"] // 2
 
@@ -110,12 +113,14 @@ def _data(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("model_type", sorted(MODEL_CODE))
 def test_profile_prune_verify_bench_through_model_code(model_type, seed_checkpoint, tmp_path):
     source, code = seed_checkpoint(model_type), MODEL_CODE[model_type]
-    stats = tmp_path / "stats.safetensors"
-    refused = _mfprune(tmp_path, "profile", source, "--data", _data(tmp_path), "--out", stats)
+    stats, arch = tmp_path / "stats.safetensors", ["--arch", adapter_path(model_type)]
+    refused = _mfprune(
+        tmp_path, "profile", source, *arch, "--data", _data(tmp_path), "--out", stats
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"model_type '{model_type}' is not in transformers" in refused.stderr
     assert "--model-code module:Class" in refused.stderr and not stats.exists()
-    args = ["--model-code", code, "--format", "json"]
+    args = [*arch, "--model-code", code, "--format", "json"]
     done = _mfprune(tmp_path, "profile", source, "--data", _data(tmp_path), "--out", stats, *args)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -178,8 +183,7 @@ def test_auto_map_code_runs_only_with_trust_remote_code(seed_checkpoint, tmp_pat
     }
     (model / "config.json").write_text(json.dumps(config))
     adapter = tmp_path / "remote.toml"
-    builtin = (REPO / "mfprune/arch/families/pesc_moe.toml").read_text()
-    adapter.write_text(builtin.replace('"pesc_moe"', '"remote_pesc"'))
+    adapter.write_text(adapter_path("pesc_moe").read_text().replace('"pesc_moe"', '"remote_pesc"'))
     stats = tmp_path / "stats.safetensors"
     args = ["profile", model, "--arch", adapter, "--data", _data(tmp_path), "--out", stats]
     refused = _mfprune(tmp_path, *args)
@@ -204,7 +208,8 @@ def test_auto_map_code_runs_only_with_trust_remote_code(seed_checkpoint, tmp_pat
 def test_bad_model_code_is_one_error_line(code, message, seed_checkpoint, tmp_path, capsys):
     source = seed_checkpoint("pesc_moe")
     stats = tmp_path / "stats.safetensors"
-    args = ["profile", str(source), "--data", str(_data(tmp_path)), "--out", str(stats)]
+    args = ["profile", str(source), "--arch", str(adapter_path("pesc_moe"))]
+    args += ["--data", str(_data(tmp_path)), "--out", str(stats)]
     assert run([*args, "--model-code", code]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --model-code") and message in err and "hint:" in err

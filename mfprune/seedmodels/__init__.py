@@ -1,8 +1,10 @@
 """Reference models of the seed papers' MoE designs that transformers does not ship, in plain
 PyTorch (``blocks.py`` has the shared pieces). Each is a ``PreTrainedModel`` with its own
 config, saved as safetensors + ``config.json``, and run by mfprune through
-``--model-code MODULE:CLASS`` (``MODEL_CODE``); each has a built-in adapter in
-``mfprune/arch/families/``. See docs/custom-models.md.
+``--model-code MODULE:CLASS`` (``MODEL_CODE``); each has its adapter beside it
+(``adapter_path``: ``mfprune/seedmodels/<model_type>.toml``, passed with ``--arch``; they are
+not in ``mfprune/arch/families/``, which serves transformers' own families). See
+docs/custom-models.md.
 
 * ``pesc`` — PESC / Camelidae (seeds/003): a shared dense FFN + per-expert adapters.
 * ``smlp`` — sMLP (seeds/004): token-wise routed FFN experts (tMoE) + feature-wise spatial
@@ -22,6 +24,13 @@ MODEL_CODE = {
     "pesc_moe": "mfprune.seedmodels.pesc:PescForCausalLM",
     "smlp_moe": "mfprune.seedmodels.smlp:SmlpForCausalLM",
 }
+
+
+def adapter_path(model_type: str) -> Path:
+    """The adapter TOML of a seed model (pass it with ``--arch``)."""
+    if model_type not in MODEL_CODE:
+        raise KeyError(f"unknown seed model {model_type!r}; known: {sorted(MODEL_CODE)}")
+    return Path(__file__).with_name(f"{model_type}.toml")
 
 
 def model_class(model_type: str) -> type[PreTrainedModel]:

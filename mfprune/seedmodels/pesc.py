@@ -10,7 +10,7 @@ row; the shared FFN is never touched.
 On disk (``save_pretrained``): ``model.layers.{L}.moe.router.weight [E, D]``,
 ``model.layers.{L}.moe.ffn.{gate,up,down}_proj.weight`` (shared),
 ``model.layers.{L}.moe.experts.{e}.{down,up}.weight`` (per expert).
-Adapter: ``mfprune/arch/families/pesc_moe.toml``. Load with
+Adapter: ``mfprune/seedmodels/pesc_moe.toml`` (``--arch``). Load with
 ``--model-code mfprune.seedmodels.pesc:PescForCausalLM``.
 """
 

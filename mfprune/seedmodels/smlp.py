@@ -10,9 +10,10 @@ token-wise MoE of FFN experts (tMoE); no attention.
 
 On disk: ``moe.router.weight [E, D]``, ``moe.experts.{e}.{gate,up,down}_proj.weight``,
 ``smoe.units.{c}.weight [S_max, S_max]`` and ``.bias [S_max]``. Adapter:
-``mfprune/arch/families/smlp_moe.toml`` (tMoE experts only: pruning an sMoE unit would delete
-a slice of the hidden features every later layer reads, which no router mask reproduces — see
-docs/custom-models.md). Load with ``--model-code mfprune.seedmodels.smlp:SmlpForCausalLM``.
+``mfprune/seedmodels/smlp_moe.toml`` (``--arch``; tMoE experts only: pruning an sMoE unit
+would delete a slice of the hidden features every later layer reads, which no router mask
+reproduces — see docs/custom-models.md).
+Load with ``--model-code mfprune.seedmodels.smlp:SmlpForCausalLM``.
 """
 
 from __future__ import annotations
