@@ -6,7 +6,8 @@ Two ways, both off by default:
   subclass whose ``config_class`` is its own ``PretrainedConfig`` (with a ``model_type``). The
   class is imported and registered with transformers' ``AutoConfig`` /
   ``AutoModelForCausalLM`` for its ``model_type`` (for the command only), so every loader
-  (profile, prune --verify, bench, the oracle) builds it with ``from_pretrained`` as it would a stock family.
+  (profile, prune --verify, bench, the oracle) builds it with ``from_pretrained`` as it
+  would a stock family.
 * ``--trust-remote-code`` — the checkpoint's own ``auto_map`` code (Python files in the model
   folder) is run. That executes code from the checkpoint, so the CLI says so loudly.
 
