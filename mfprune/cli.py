@@ -1,11 +1,12 @@
 """The `mfprune` command line: each command parses its options, calls one library function
 and prints the result. Domain errors become one `error: ... (hint: ...)` line and exit 2."""
 
+import contextlib
 import functools
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -83,6 +84,36 @@ ArchOpt = Annotated[
     Path | None,
     typer.Option("--arch", help="your own adapter TOML for a family mfprune does not know"),
 ]
+
+
+ModelCodeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-code",
+        help="module:Class — the model's own PreTrainedModel class, for a family transformers "
+        "does not ship (docs/custom-models.md)",
+    ),
+]
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="run the checkpoint's own auto_map Python code (off by default: it executes code "
+        "from the model folder)",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _model_code(class_path: str | None, trust_remote_code: bool) -> Iterator[None]:
+    """The model code a command runs with (mfprune.modelcode); remote code is said loudly,
+    whatever the output format."""
+    from mfprune.modelcode import REMOTE_CODE_WARNING, use_model_code
+
+    if trust_remote_code:
+        sys.stderr.write(f"WARNING: {REMOTE_CODE_WARNING}\n")
+    with use_model_code(class_path=class_path, trust_remote_code=trust_remote_code):
+        yield
 
 
 def command(fn: F | None = None, *, interrupted: str = INTERRUPT_HINT) -> Any:
@@ -347,6 +378,8 @@ def prune(
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", help="calibrate --repair on at most N tokens")
     ] = None,
+    model_code: ModelCodeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
     sink: Sink,
@@ -360,7 +393,7 @@ def prune(
     from mfprune.prune import Budget, prune_model
 
     bar = sink.progress(unit="tokens") if repair != "none" else contextlib.nullcontext(Ticker())
-    with bar as ticker:  # the repair's passes over its data
+    with _model_code(model_code, trust_remote_code), bar as ticker:  # ticker: repair's passes
         outcome = prune_model(
             model,
             out,
@@ -526,6 +559,8 @@ def profile(
         ),
     ] = False,
     arch: ArchOpt = None,
+    model_code: ModelCodeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
@@ -555,7 +590,11 @@ def profile(
         ticker.set_total(tokens.tokens)
         forward_start[0] = time.perf_counter()
 
-    with sink.progress(unit="tokens") as ticker, library_output(verbose=verbose):
+    with (
+        _model_code(model_code, trust_remote_code),
+        sink.progress(unit="tokens") as ticker,
+        library_output(verbose=verbose),
+    ):
         stats = profile_model(
             model,
             data,
@@ -830,6 +869,9 @@ def bench(
     markdown: Annotated[
         bool, typer.Option("--markdown", help="print a markdown table (for a pull request)")
     ] = False,
+    arch: ArchOpt = None,
+    model_code: ModelCodeOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     verbose: VerboseOpt = False,
     fmt: FormatOpt = OutputFormat.human,
     *,
@@ -837,6 +879,7 @@ def bench(
 ) -> None:
     """Quality (lm-eval), speed and memory of MODEL, side by side with --baseline; with
     --max-drop, a gate that exits 4 when quality falls too far."""
+    from mfprune.arch import load_spec_file
     from mfprune.bench import QualitySpec, SpeedSpec, parse_gate, run_bench
     from mfprune.bench.quality import as_limit
 
@@ -853,7 +896,7 @@ def bench(
         inputs += [Input(p, "a --data file") for p in data or ()]
         inputs += [Input(p, "an --include-path folder") for p in include_path or ()]
         json_target = claim_file(json_out, inputs=inputs, flag="--json-out", example="bench.json")
-    with library_output(verbose=verbose):
+    with _model_code(model_code, trust_remote_code), library_output(verbose=verbose):
         report = run_bench(
             model,
             baseline=baseline,
@@ -878,6 +921,7 @@ def bench(
             kernel=kernel.value if kernel else None,
             gate=gate,
             on_stage=sink.info,
+            spec=load_spec_file(arch) if arch else None,
         )
     data_out = report.to_dict()
     if json_target is not None:

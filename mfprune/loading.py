@@ -20,6 +20,7 @@ from typing import Any
 
 from mfprune.arch import spec_for_config
 from mfprune.errors import ModelError
+from mfprune.modelcode import check_loadable, model_kwargs
 from mfprune.rewrite.config_patch import UNEVEN_KEY
 
 
@@ -39,6 +40,8 @@ def load_pretrained(path: str | Path, **kwargs: Any):
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {config_path}: {exc}", hint="pass a model folder") from None
+    check_loadable(config, where=str(path))
+    kwargs.update(model_kwargs())  # --trust-remote-code (mfprune.modelcode)
     counts = config.get(UNEVEN_KEY)
     model_class = model_class_for(config)
     with quantization_support(path):

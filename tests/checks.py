@@ -39,9 +39,11 @@ def assert_exact(
     attention_experts: dict[int, list[int]] | None = None,
     heads: dict[int, list[int]] | None = None,
     allow_unexpected: bool = False,
+    spec=None,
 ) -> float:
     """Logits of ``out`` == logits of ``source`` with the removed ids masked; returns the
-    masking effect (max |masked - unmasked|), which must be non-trivial."""
+    masking effect (max |masked - unmasked|), which must be non-trivial. ``spec``: the
+    adapter (``--arch``) when it is not a built-in one."""
     original, _ = load(source)
     pruned, info = load(out)
     assert not info["missing_keys"], info["missing_keys"]
@@ -51,7 +53,12 @@ def assert_exact(
     cfg = original.config.get_text_config()
     ids = sample_ids(cfg.vocab_size, batch=2, seq=24)
     reference = masked_logits(
-        original, ids, experts=experts, attention_experts=attention_experts, heads=heads
+        original,
+        ids,
+        experts=experts,
+        attention_experts=attention_experts,
+        heads=heads,
+        spec=spec,
     )
     got = logits(pruned, ids)
     diff = (got - reference).abs().max().item()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mfprune.arch import spec_for_config
+from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import resolve_layout
 from mfprune.bench.quality import (
     QualitySpec,
@@ -52,6 +52,7 @@ def run_bench(
     kernel: str | None = None,
     gate: Sequence[GateRule] = (),
     on_stage: Callable[[str], None] | None = None,
+    spec: ArchSpec | None = None,
 ) -> BenchReport:
     """Bench ``model`` (and ``baseline``, if given); apply ``gate`` when given.
 
@@ -63,6 +64,7 @@ def run_bench(
         kernel: the experts implementation (``KERNELS``); None: transformers' default.
         gate: ``--max-drop`` rules; needs a baseline and quality metrics.
         on_stage: called with a short line as each stage starts (progress for a person).
+        spec: the adapter (``--arch``) for a family without a built-in one.
 
     The returned report's ``gate`` says whether the gate passed; raising is the caller's call.
     """
@@ -74,7 +76,7 @@ def run_bench(
     ckpt = open_checkpoint(model)
     base = open_checkpoint(baseline) if baseline is not None else None
     for target in filter(None, (ckpt, base)):  # an MoE model mfprune knows, before any work
-        resolve_layout(target, spec_for_config(target.config))
+        resolve_layout(target, spec or spec_for_config(target.config))
     _check_options(quality, speed, gate, has_baseline=base is not None)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)

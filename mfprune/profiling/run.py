@@ -24,6 +24,7 @@ from mfprune.arch.layout import ModelLayout, lm_config, resolve_layout
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
 from mfprune.memory import check_fits, loaded_bytes
+from mfprune.modelcode import check_loadable
 from mfprune.profiling import distributed
 from mfprune.profiling.data import MIN_TOKENS, WHOLE, Shard, TokenData, load_token_data
 from mfprune.profiling.distributed import World
@@ -153,6 +154,7 @@ class _Run:
                 self.on_start(share)
             runner.run(list(batches), recorder, on_batch=self.on_batch)
         else:
+            check_loadable(ckpt.config, where=str(ckpt.root))  # --model-code / remote code
             model = load_model(ckpt.root, dtype=self.dtype, device=self.device)
             recorder = Recorder(model, layout)
             decoder = model.base_model  # the decoder stack, without the LM head
@@ -283,11 +285,12 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def load_model(model_dir: Path, *, dtype: torch.dtype | str, device: torch.device) -> Any:
     from mfprune.loading import model_class_for, quantization_support
+    from mfprune.modelcode import model_kwargs
 
     cls = model_class_for(open_checkpoint(model_dir).config)
     with quiet_transformers(), quantization_support(model_dir):
         model = cls.from_pretrained(
-            model_dir, dtype=dtype, local_files_only=True, use_safetensors=True
+            model_dir, dtype=dtype, local_files_only=True, use_safetensors=True, **model_kwargs()
         )
     return model.to(device).eval()
 

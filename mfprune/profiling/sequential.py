@@ -88,6 +88,7 @@ def build_skeleton(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device
     non-persistent buffers outside the decoder layers (the rotary frequencies) are real."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mfprune.modelcode import model_kwargs
     from mfprune.profiling.run import quiet_transformers
 
     if ckpt.config.get("quantization_config") and not is_fp8_block(ckpt):
@@ -106,9 +107,10 @@ def build_skeleton(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device
             hint="profile it without --sequential",
         )
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(ckpt.root, local_files_only=True)
+        extra = model_kwargs()  # --trust-remote-code (mfprune.modelcode)
+        config = AutoConfig.from_pretrained(ckpt.root, local_files_only=True, **extra)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     model.eval()
     _init_buffers(model, model, device, skip=model.base_model.layers)
     return model
