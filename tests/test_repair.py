@@ -11,9 +11,8 @@ import pytest
 import torch
 from checks import load
 from safetensors import safe_open
-from typer.testing import CliRunner
+from test_prune_profile import run
 
-from mfprune.cli import app
 from mfprune.modules import find_routers, parent_of
 from mfprune.profiling import ProfileStats
 
@@ -26,13 +25,6 @@ TEXTS = [
     "Dictionary: a book listing the words of a language with their meanings.",
 ] * 4
 FAMILIES = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe"]
-
-
-def run(*args: object, ok: bool = True):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output + result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")

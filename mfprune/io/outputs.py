@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mfprune.errors import OutputError
+from mfprune.io.writer import fsync_path
 
 _TMP = ".mfprune-tmp-"
 _OLD = ".mfprune-old-"
@@ -322,8 +323,8 @@ def staged_folder(target: OutputTarget) -> Iterator[Path]:
     try:
         yield tmp
         for f in tmp.iterdir():  # data before names: every file is on disk before the rename
-            _fsync(f)
-        _fsync(tmp)
+            fsync_path(f)
+        fsync_path(tmp)
         old = None
         if out.is_dir() and not out.is_symlink():
             if any(out.iterdir()):
@@ -339,7 +340,7 @@ def staged_folder(target: OutputTarget) -> Iterator[Path]:
         _rename_noreplace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -377,7 +378,7 @@ def write_file(target: OutputTarget, data: bytes | str) -> Path:
                     hint="another program wrote there; choose another output",
                 ) from None
             os.unlink(tmp)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -414,12 +415,6 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
             hint="another program wrote there; choose another output",
         )
     os.rename(src, dst)
-
-
-def _fsync(path: Path) -> None:
-    from mfprune.io.writer import fsync_path
-
-    fsync_path(path)
 
 
 def _remove_stale(out: Path) -> None:
