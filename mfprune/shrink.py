@@ -293,8 +293,7 @@ def run_shrink(
     from mfprune.arch import spec_for_config
     from mfprune.arch.layout import resolve_layout
     from mfprune.bench import QualitySpec, SpeedSpec, parse_gate, run_bench
-    from mfprune.bench.quality import as_limit, data_metric_keys, read_data_records, set_offline
-    from mfprune.bench.report import check_gate_names
+    from mfprune.bench.quality import as_limit, set_offline
     from mfprune.bench.run import resolve_kernel
     from mfprune.checkpoint import open_checkpoint
     from mfprune.io.outputs import Input, claim_file, claim_folder, staged_folder
@@ -326,12 +325,17 @@ def run_shrink(
     target = claim_folder(config.out, inputs=inputs, overwrite=config.overwrite)
     out = target.path
     with target.held():  # released however the run ends
-        for data in b.data:
-            read_data_records(data)  # bad bench data fails now, not after profiling
         resolve_kernel(b.kernel, resolve_device(b.device))
         gate = parse_gate(config.gate_rules())
-        if gate and b.data and not b.tasks:  # the metrics are known: check the names now
-            check_gate_names(gate, data_metric_keys(b.data), where="gate")
+        quality = QualitySpec(
+            tasks=tuple(b.tasks),
+            include_paths=tuple(b.include_path),
+            data=tuple(b.data),
+            limit=as_limit(b.limit),
+            batch_size=b.batch_size,
+            num_fewshot=b.num_fewshot,
+        )
+        _check_tasks_up_front(quality, gate)
 
         # ---- the stats: from the cache when this model has been profiled on this data
         start = time.perf_counter()
@@ -395,14 +399,7 @@ def run_shrink(
             report = run_bench(
                 tmp / MODEL_DIR,
                 baseline=ckpt.root,
-                quality=QualitySpec(
-                    tasks=tuple(b.tasks),
-                    include_paths=tuple(b.include_path),
-                    data=tuple(b.data),
-                    limit=as_limit(b.limit),
-                    batch_size=b.batch_size,
-                    num_fewshot=b.num_fewshot,
-                ),
+                quality=quality,
                 speed=SpeedSpec(
                     prompt_len=b.prompt_len,
                     new_tokens=b.new_tokens,
@@ -454,6 +451,22 @@ def _cached_stats(path: Path, model_fp: str, data_fp: str) -> Any:
     if meta.model_fingerprint != model_fp or meta.data_fingerprint != data_fp:
         return None
     return stats
+
+
+def _check_tasks_up_front(quality: Any, gate: Any) -> None:
+    """Unknown task names, bad bench data and gate metrics that no task reports fail here,
+    before the profile and the prune, not after them."""
+    import tempfile
+
+    from mfprune.bench.quality import expected_metric_keys, prepare_tasks
+    from mfprune.bench.report import check_gate_names
+
+    if quality.empty:
+        return
+    with tempfile.TemporaryDirectory(prefix="mfprune-tasks-") as work:
+        keys = expected_metric_keys(prepare_tasks(quality, Path(work)))
+    if gate and keys is not None:
+        check_gate_names(gate, keys, where="gate")
 
 
 def _dry_run_budget(layout: Any, budget: Any) -> None:

@@ -473,6 +473,47 @@ def test_gate_names_are_checked_before_anything_runs(work, tmp_path, monkeypatch
     assert_clean_error(result, "--max-drop metric 'acc' matches none")
 
 
+def test_gate_names_of_lm_eval_tasks_are_checked_before_any_model_loads(work, monkeypatch):
+    """Named lm-eval tasks: the metrics come from the configs lm-eval indexes (no download),
+    so a gate on a metric hellaswag does not report fails before the model loads."""
+    import mfprune.bench.run as bench_run
+    import mfprune.profiling as profiling
+
+    def never(*_a, **_k):
+        raise AssertionError("work started before the gate was checked")
+
+    monkeypatch.setattr(bench_run, "load_model", never)
+    monkeypatch.setattr(profiling, "profile_model", never)
+    result = run(
+        "bench", "model", "--baseline", "model", "--tasks", "hellaswag", "--no-speed",
+        "--max-drop", "hellaswag/exact_match=0.01",
+    )  # fmt: skip
+    assert_clean_error(result, "metric 'hellaswag/exact_match' matches none", "hellaswag/acc_norm")
+    config = work / "shrink.toml"
+    config.write_text(
+        'model = "model"\nout = "o"\n[profile]\ndata = "task.jsonl"\n[prune]\nkeep = 4\n'
+        '[bench]\ntasks = ["mmlu"]\nspeed = false\n[gate]\nmetrics = { "acc_norm" = 0.01 }\n'
+    )
+    result = run("shrink", "--config", config)
+    assert_clean_error(result, "gate metric 'acc_norm' matches none", "mmlu_anatomy/acc")
+    assert not (work / "o").exists()
+
+
+def test_expected_metrics_of_lm_eval_tasks_follow_groups_tags_and_filters(tmp_path):
+    from mfprune.bench.quality import QualitySpec, expected_metric_keys, prepare_tasks
+
+    def keys(*names):
+        return expected_metric_keys(prepare_tasks(QualitySpec(tasks=names), tmp_path))
+
+    assert keys("hellaswag") == ["hellaswag/acc", "hellaswag/acc_norm"]
+    mmlu = keys("mmlu")  # the group's aggregate, its sub-groups' and every subject's
+    assert {"mmlu/acc", "mmlu_stem/acc", "mmlu_anatomy/acc"} <= set(mmlu)
+    assert all(k.endswith("/acc") for k in mmlu) and len(mmlu) > 50
+    gsm8k = keys("gsm8k")  # one key per filter
+    assert "gsm8k/exact_match,strict-match" in gsm8k and "gsm8k/exact_match" not in gsm8k
+    assert set(keys("arc_e*")) >= {"arc_easy/acc", "arc_easy/acc_norm"}
+
+
 def test_the_documented_shrink_config_gates_on_metrics_its_data_gives(tmp_path):
     """docs/ci.md's shrink.toml: it loads, and every gate rule names a metric of its data."""
     import re

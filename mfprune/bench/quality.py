@@ -317,6 +317,63 @@ def prepare_tasks(spec: QualitySpec, workdir: Path) -> PreparedTasks:
     return PreparedTasks(names=tuple(names), task_manager=manager, data_tasks=data_tasks)
 
 
+def expected_metric_keys(tasks: PreparedTasks) -> list[str] | None:
+    """``task/metric[,filter]`` of every metric the prepared tasks will report, read from the
+    task configs lm-eval has indexed (nothing is downloaded or run); None when some task's
+    metrics are only known once it runs (a YAML file, a task with no ``metric_list``)."""
+    keys: list[str] = []
+    for name in tasks.names:
+        if name in tasks.data_tasks:
+            keys += [f"{name}/{m}" for m in DATA_METRICS[tasks.data_tasks[name]]]
+            continue
+        index = tasks.task_manager.task_index
+        members = fnmatch.filter(index, name) if _is_glob(name) else [name]
+        for member in members:
+            found = _config_metric_keys(member, index, seen=set())
+            if found is None:
+                return None
+            keys += found
+    return list(dict.fromkeys(keys))
+
+
+def _config_metric_keys(name: str, index: dict[str, Any], *, seen: set[str]) -> list[str] | None:
+    """The metric keys of one indexed task, group (its aggregates, then its members) or tag;
+    None when they are only known at run time (e.g. a metric given as a ``!function``)."""
+    entry = index.get(name)
+    if entry is None or name in seen:  # unknown, or a group that contains itself
+        return None
+    seen = seen | {name}
+    kind = str(getattr(entry, "kind", "")).rsplit(".", 1)[-1]
+    cfg = entry.cfg or {}
+    if kind == "TASK":
+        filters = [f.get("name") for f in cfg.get("filter_list", [])] or ["none"]
+        pairs = [(m.get("metric"), f) for m in cfg.get("metric_list", []) for f in filters]
+        return _metric_keys(name, pairs) if pairs else None
+    if kind == "TAG":
+        members, own = sorted(entry.tags or ()), []
+    elif kind == "GROUP":
+        members = cfg.get("task", [])
+        members = [members] if isinstance(members, str) else members
+        aggregates = cfg.get("aggregate_metric_list", [])
+        pairs = [(m.get("metric"), m.get("filter_list", "none")) for m in aggregates]
+        own = _metric_keys(name, pairs)
+    else:
+        return None
+    keys = own
+    for member in members:
+        found = _config_metric_keys(member, index, seen=seen) if isinstance(member, str) else None
+        if found is None or keys is None:
+            return None
+        keys += found
+    return keys
+
+
+def _metric_keys(task: str, pairs: list[tuple[Any, Any]]) -> list[str] | None:
+    if not all(isinstance(m, str) and isinstance(f, str) for m, f in pairs):
+        return None
+    return [f"{task}/{m}" + ("" if f == "none" else f",{f}") for m, f in pairs]
+
+
 def _unknown(names: list[str], manager: Any) -> list[str]:
     known = {*manager.all_tasks, *manager.all_groups, *manager.all_tags}
     return [

@@ -24,8 +24,8 @@ from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.layout import resolve_layout
 from mfprune.bench.quality import (
     QualitySpec,
-    data_metric_keys,
     evaluate,
+    expected_metric_keys,
     prepare_tasks,
     set_offline,
 )
@@ -95,8 +95,9 @@ def run_bench(
         tasks = None
         if not quality.empty:
             tasks = prepare_tasks(quality, Path(work))  # bad data / task names fail here, quietly
-            if gate and set(tasks.names) <= set(tasks.data_tasks):  # metrics known up front
-                check_gate_names(gate, data_metric_keys(quality.data), where="--max-drop")
+            keys = expected_metric_keys(tasks) if gate else None
+            if keys is not None:  # the metrics are known up front: check the names now
+                check_gate_names(gate, keys, where="--max-drop")
             say(f"lm-eval tasks: {', '.join(tasks.names)}")
         targets = [(role, t) for role, t in (("baseline", base), ("model", ckpt)) if t]
         together = speed is not None and _fit_together(
