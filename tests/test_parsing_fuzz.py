@@ -50,7 +50,8 @@ def test_plan_parsing_returns_a_plan_or_one_error(data):
         plan = PrunePlan.from_dict(data)
     except MfpruneError:
         return
-    assert PrunePlan.from_dict(json.loads(plan.to_json())) == plan  # round trip
+    text = plan.to_json()  # compared as text: a NaN in meta is never == itself
+    assert PrunePlan.from_dict(json.loads(text)).to_json() == text  # round trip
 
 
 @settings(
