@@ -452,6 +452,16 @@ def test_bench_json_out_is_checked_before_any_model_runs(work, tmp_path, monkeyp
     assert_clean_error(result, "lies inside the model")
 
 
+def _gated_config(work: Path, bench: str, metric: str) -> Path:
+    """A shrink.toml whose [bench] section is ``bench`` and whose gate names ``metric``."""
+    config = work / "shrink.toml"
+    config.write_text(
+        'model = "model"\nout = "o"\n[profile]\ndata = "task.jsonl"\n[prune]\nkeep = 4\n'
+        f'[bench]\n{bench}\nspeed = false\n[gate]\nmetrics = {{ "{metric}" = 0.01 }}\n'
+    )
+    return config
+
+
 def test_gate_names_are_checked_before_anything_runs(work, tmp_path, monkeypatch):
     import mfprune.profiling as profiling
 
@@ -459,12 +469,7 @@ def test_gate_names_are_checked_before_anything_runs(work, tmp_path, monkeypatch
         raise AssertionError("profiling started before the gate was checked")
 
     monkeypatch.setattr(profiling, "profile_model", never)
-    config = work / "shrink.toml"
-    config.write_text(
-        'model = "model"\nout = "o"\n[profile]\ndata = "task.jsonl"\n[prune]\nkeep = 4\n'
-        '[bench]\ndata = ["task.jsonl"]\nspeed = false\n[gate]\nmetrics = { "acc" = 0.01 }\n'
-    )
-    result = run("shrink", "--config", config)
+    result = run("shrink", "--config", _gated_config(work, 'data = ["task.jsonl"]', "acc"))
     assert_clean_error(result, "gate metric 'acc' matches none", "data_task/bits_per_byte")
     assert not (work / "o").exists()
     result = run(
@@ -489,12 +494,7 @@ def test_gate_names_of_lm_eval_tasks_are_checked_before_any_model_loads(work, mo
         "--max-drop", "hellaswag/exact_match=0.01",
     )  # fmt: skip
     assert_clean_error(result, "metric 'hellaswag/exact_match' matches none", "hellaswag/acc_norm")
-    config = work / "shrink.toml"
-    config.write_text(
-        'model = "model"\nout = "o"\n[profile]\ndata = "task.jsonl"\n[prune]\nkeep = 4\n'
-        '[bench]\ntasks = ["mmlu"]\nspeed = false\n[gate]\nmetrics = { "acc_norm" = 0.01 }\n'
-    )
-    result = run("shrink", "--config", config)
+    result = run("shrink", "--config", _gated_config(work, 'tasks = ["mmlu"]', "acc_norm"))
     assert_clean_error(result, "gate metric 'acc_norm' matches none", "mmlu_anatomy/acc")
     assert not (work / "o").exists()
 
@@ -519,7 +519,7 @@ def test_the_documented_shrink_config_gates_on_metrics_its_data_gives(tmp_path):
     import re
 
     from mfprune.bench import parse_gate
-    from mfprune.bench.quality import data_metric_keys
+    from mfprune.bench.quality import QualitySpec, expected_metric_keys, prepare_tasks
     from mfprune.bench.report import check_gate_names
     from mfprune.shrink import load_config
 
@@ -531,7 +531,7 @@ def test_the_documented_shrink_config_gates_on_metrics_its_data_gives(tmp_path):
     toml = toml.replace('"checkpoints/final"', '"default"')
     (tmp_path / "shrink.toml").write_text(toml)
     config = load_config(tmp_path / "shrink.toml")
-    keys = data_metric_keys(config.bench.data)
+    keys = expected_metric_keys(prepare_tasks(QualitySpec(data=tuple(config.bench.data)), tmp_path))
     check_gate_names(parse_gate(config.gate_rules()), keys, where="gate")
 
 

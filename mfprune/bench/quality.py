@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,15 +105,6 @@ DATA_METRICS = {  # what a task made from --data reports
     "perplexity": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
     "multiple_choice": ("acc", "acc_norm"),
 }
-
-
-def data_metric_keys(data: Sequence[Path]) -> list[str]:
-    """``task/metric`` of every metric the --data files will give (read, not run)."""
-    keys = []
-    for path in data:
-        kind, _ = read_data_records(path)
-        keys += [f"{data_task_name(path)}/{m}" for m in DATA_METRICS[kind]]
-    return keys
 
 
 def data_task_name(data: Path) -> str:
