@@ -319,6 +319,14 @@ def prune(
             "load with mfprune.load_pretrained)",
         ),
     ] = None,
+    keep_params: Annotated[
+        float | None,
+        typer.Option(
+            "--keep-params",
+            help="CartesianMoE: share of each layer's sub-expert parameters kept (a sub-expert "
+            "is freed when no kept expert uses it; counts may differ between layers)",
+        ),
+    ] = None,
     min_keep: Annotated[int, typer.Option("--min-keep", help="never keep fewer per layer")] = 0,
     heads_keep_ratio: Annotated[
         float | None, typer.Option("--heads-keep-ratio", help="share of query heads kept")
@@ -406,6 +414,7 @@ def prune(
                 keep_ratio=keep_ratio,
                 coverage=coverage,
                 global_budget=global_budget,
+                keep_params=keep_params,
                 min_keep=min_keep,
                 attention_keep_ratio=attention_keep_ratio,
                 heads_keep_ratio=heads_keep_ratio,
@@ -439,6 +448,9 @@ def prune(
                 f"{layer.mass_kept:.1%}",
             )
         sink.show(table)
+    dead = outcome.plan.meta.get("dead_sub_experts")
+    if dead:  # CartesianMoE: the sub-experts no kept expert uses, freed by the rewrite
+        sink.show(_sub_expert_table(dead))
     result = outcome.rewrite
     if result is not None and result.replaced:
         sink.warn(f"--overwrite: replaced {result.replaced}")
@@ -483,6 +495,17 @@ def prune(
         f"{result.tensors_sliced} tensors sliced, {result.tensors_dropped} dropped; "
         f"config: {changes or 'unchanged'}{verdict}{uneven}",
     )
+
+
+def _sub_expert_table(dead: dict[str, list[list[int]]]) -> Table:
+    """Per MoE layer and set, the sub-experts a CartesianMoE prune frees."""
+    sets = max(len(v) for v in dead.values())
+    table = Table(title="sub-experts freed (no kept expert uses them)", title_justify="left")
+    for column in ("layer", *(f"set {s}" for s in range(sets))):
+        table.add_column(column)
+    for layer, per_set in dead.items():
+        table.add_row(layer, *(_ids(ids) if ids else "-" for ids in per_set))
+    return table
 
 
 def _repair_table(repair: Any) -> Table:

@@ -97,6 +97,13 @@ def expert_tensor_names(experts: ExpertLayout) -> list[str]:
     """The tensors of expert 0 in the first MoE layer (prefix removed), then the stacked ones
     (``name [axis]``): what the rewrite moves with each expert."""
     lt = experts.tensors[experts.layers[0]]
+    if experts.sub_experts:  # each set's sub-expert 0, as "set s: name"
+        sub = experts.sub_experts[experts.layers[0]]
+        return [
+            f"set {s}: " + t.info.name[len(t.prefix.format(expert=0)) :]
+            for s, members in enumerate(sub.tensors)
+            for t in sorted(members.get(0, ()), key=lambda t: t.info.name)
+        ]
     names = sorted(t.info.name[len(t.prefix.format(expert=0)) :] for t in lt.per_expert.get(0, ()))
     block = lt.router.name.rsplit(".", 2)[0] + "."
     stacked = [f"{info.name.removeprefix(block)} [axis {axis}]" for info, axis in lt.stacked]
@@ -136,6 +143,14 @@ def routing_rule(e: ExpertLayout) -> str:
             f"group-limited: {e.n_group} groups of {e.group_size}, a token uses its "
             f"top-{e.topk_group} groups ranked by {top}, so every group keeps the same count"
         )
+    if e.sub_experts:
+        sub = e.sub_experts[e.layers[0]]
+        sizes = " x ".join(str(n) for n in sub.counts)
+        parts.append(
+            f"each expert is a product of one sub-expert from each of {len(sub.counts)} sets "
+            f"({sizes} in layer {e.layers[0]}), so a sub-expert is freed only when no kept "
+            "expert uses it"
+        )
     if spec.shared:
         shared = ", ".join(p.replace("{layer}", "L") for p in spec.shared)
         parts.append(f"shared experts ({shared}) run on every token and are never pruned")
@@ -157,6 +172,9 @@ def param_split(ckpt: Checkpoint, layout: ModelLayout) -> dict[str, int]:
                 role[info.name] = "routers" if info.name.startswith(router_module) else kind
             for members in lt.per_expert.values():
                 role.update((t.info.name, kind) for t in members)
+            if experts.sub_experts:  # CartesianMoE: the sub-experts are the experts' weights
+                for members in experts.sub_experts[layer].tensors:
+                    role.update((t.info.name, kind) for ts in members.values() for t in ts)
     shared = [p.format(layer=L) for L in layout.experts.layers for p in layout.experts.spec.shared]
     split = dict.fromkeys(
         ("routed_experts", "attention_experts", "shared_experts", "routers", "attention", "other"),

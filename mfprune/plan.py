@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,19 @@ class PrunePlan:
         _check_heads(self.heads, layout, problems)
         if problems:
             raise PlanError(problems)
+
+    def with_dead_sub_experts(self, layout: ModelLayout) -> PrunePlan:
+        """CartesianMoE: this plan with ``meta["dead_sub_experts"]`` saying, per MoE layer and
+        per set, which sub-experts no kept expert uses any more (``{layer: [[ids of set 0],
+        [ids of set 1], ...]}``): the rewrite frees exactly those. Other families: unchanged."""
+        experts = layout.experts
+        if not experts.sub_experts:
+            return self
+        dead = {
+            str(layer): [list(ids) for ids in sub.dead(self.kept_experts(experts, layer))]
+            for layer, sub in experts.sub_experts.items()
+        }
+        return replace(self, meta={**self.meta, "dead_sub_experts": dead})
 
     def with_mtp(self, layout: ModelLayout) -> PrunePlan:
         """This plan with every multi-token-prediction layer it does not name filled in.

@@ -28,6 +28,7 @@ def make_plan(
     keep_ratio: float | None = None,
     coverage: float | None = None,
     global_budget: float | None = None,
+    keep_params: float | None = None,
     min_keep: int = 0,
     attention_scores: torch.Tensor | None = None,  # [L_moe, A] (JetMoE)
     attention_keep_ratio: float | None = None,
@@ -36,7 +37,16 @@ def make_plan(
     meta: dict[str, Any] | None = None,
 ) -> PrunePlan:
     experts: Kept = {}
-    if expert_scores is not None and global_budget is not None:
+    if expert_scores is not None and keep_params is not None:
+        if any(x is not None for x in (keep, keep_ratio, coverage, global_budget)):
+            raise PlanError(
+                "--keep-params replaces --keep / --keep-ratio / --coverage / --global-budget: "
+                "give one budget"
+            )
+        experts = plan_experts_by_params(
+            layout.experts, expert_scores, ratio=keep_params, min_keep=min_keep
+        )
+    elif expert_scores is not None and global_budget is not None:
         if any(x is not None for x in (keep, keep_ratio, coverage)):
             raise PlanError(
                 "--global-budget replaces --keep / --keep-ratio / --coverage: give one budget"
@@ -67,7 +77,7 @@ def make_plan(
             raise PlanError(f"{layout.family} heads cannot be pruned: {why}")
         heads = plan_heads(layout.heads, head_scores, keep_ratio=heads_keep_ratio)
     plan = PrunePlan(experts=experts, attention_experts=attention, heads=heads, meta=meta or {})
-    plan.validate(layout, allow_uneven=global_budget is not None)
+    plan.validate(layout, allow_uneven=global_budget is not None or keep_params is not None)
     return plan
 
 
@@ -177,6 +187,60 @@ def _covered(layout: ExpertLayout, row: torch.Tensor, n: int) -> float:
         return 1.0
     kept = select(layout, row, n)
     return float(row.double().clamp(min=0)[list(kept)].sum()) / total
+
+
+def plan_experts_by_params(
+    layout: ExpertLayout, scores: torch.Tensor, *, ratio: float, min_keep: int = 0
+) -> Kept:
+    """CartesianMoE under a budget in parameters actually freed: each layer keeps at most
+    ``ratio`` of its sub-experts' parameters. scores [L_moe, E] (rows in layout.layers order).
+
+    Greedy, per layer: while the sub-experts alive hold more than the budget, free the
+    sub-expert with the least score lost per parameter freed — freeing it drops every kept
+    expert that uses it (their scores are the loss), and any other sub-expert left unused goes
+    too (its parameters count as freed). A layer never keeps fewer than top-k / ``min_keep``
+    experts; layers may keep different counts (the family's config records each layer's table).
+    """
+    if not layout.sub_experts:
+        raise PlanError(
+            f"--keep-params budgets shared sub-experts (CartesianMoE); {layout.kind} of this "
+            "family are independent, so their parameters go with their count",
+            hint="use --keep-ratio R (or --global-budget R)",
+        )
+    if not 0 < ratio <= 1:
+        raise PlanError(f"--keep-params must be in (0, 1], got {ratio}")
+    floor = minimum_keep(layout, min_keep=min_keep)
+    kept: Kept = {}
+    for row, layer in enumerate(layout.layers):
+        sub = layout.sub_experts[layer]
+        total = sub.held_params(range(layout.num_experts))
+        budget = ratio * total
+        alive = set(range(layout.num_experts))
+        values = scores[row].double().clamp(min=0)
+        held = sub.held_params
+        while held(alive) > budget:
+            best: tuple[float, int, int] | None = None
+            for s, ids in enumerate(sub.used(alive)):
+                for i in ids:
+                    rest = {e for e in alive if sub.table[e][s] != i}
+                    if len(rest) < floor:
+                        continue
+                    lost = float(values[sorted(alive - rest)].sum())
+                    freed = held(alive) - held(rest)
+                    key = (lost / freed, s, i)
+                    best = key if best is None or key < best else best
+            if best is None:
+                share = held(alive) / total
+                raise PlanError(
+                    f"layer {layer}: keeping {ratio:.0%} of its sub-expert parameters would "
+                    f"leave fewer than {floor} experts (top-k / --min-keep); the least it can "
+                    f"keep here is {share:.0%}",
+                    hint=f"use --keep-params ≥ {share:.3g}",
+                )
+            _, s, i = best
+            alive = {e for e in alive if sub.table[e][s] != i}
+        kept[layer] = tuple(sorted(alive))
+    return kept
 
 
 def plan_experts_global(
@@ -291,6 +355,7 @@ def plan_from_profile(
     keep_ratio: float | None = None,
     coverage: float | None = None,
     global_budget: float | None = None,
+    keep_params: float | None = None,
     min_keep: int = 0,
     attention_keep_ratio: float | None = None,
     heads_keep_ratio: float | None = None,
@@ -306,7 +371,8 @@ def plan_from_profile(
             f"{list(layout.experts.layers)}",
             hint="profile this model again with `mfprune profile`",
         )
-    any_budget = any(x is not None for x in (keep, keep_ratio, coverage, global_budget))
+    budgets = (keep, keep_ratio, coverage, global_budget, keep_params)
+    any_budget = any(x is not None for x in budgets)
     att = stats.attention_experts
     heads = stats.heads
     if heads_keep_ratio and (
@@ -326,6 +392,7 @@ def plan_from_profile(
                 "keep_ratio": keep_ratio,
                 "coverage": coverage,
                 "global_budget": global_budget,
+                "keep_params": keep_params,
                 "min_keep": min_keep or None,
                 "attention_keep_ratio": attention_keep_ratio,
                 "heads_keep_ratio": heads_keep_ratio,
@@ -345,6 +412,7 @@ def plan_from_profile(
         keep_ratio=keep_ratio,
         coverage=coverage,
         global_budget=global_budget,
+        keep_params=keep_params,
         min_keep=min_keep,
         attention_scores=score(att, criterion, **options) if att and attention_keep_ratio else None,
         attention_keep_ratio=attention_keep_ratio,

@@ -29,12 +29,14 @@ if TYPE_CHECKING:  # the planner needs torch: a prune with a given plan never im
 
 @dataclass(frozen=True)
 class Budget:
-    """How much to keep (exactly one of keep / keep_ratio / coverage / global_budget)."""
+    """How much to keep (exactly one of keep / keep_ratio / coverage / global_budget /
+    keep_params)."""
 
     keep: int | None = None
     keep_ratio: float | None = None
     coverage: float | None = None
     global_budget: float | None = None
+    keep_params: float | None = None  # CartesianMoE: a share of the sub-experts' parameters
     min_keep: int = 0
     attention_keep_ratio: float | None = None
     heads_keep_ratio: float | None = None
@@ -51,7 +53,8 @@ class Budget:
         """Refuse values no budget can use, before any work: ratios outside (0, 1], and
         attention-expert or head ratios on a model that has none."""
         problems = []
-        for name in ("keep_ratio", "coverage", "global_budget", "attention_keep_ratio"):
+        names = ("keep_ratio", "coverage", "global_budget", "keep_params", "attention_keep_ratio")
+        for name in names:
             value = getattr(self, name)
             if value is not None and not 0 < value <= 1:
                 problems.append(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
@@ -242,11 +245,13 @@ def _prune(
             )
         if budget == Budget(min_keep=budget.min_keep):
             raise PlanError(
-                "--profile needs a budget: --keep N, --keep-ratio R, --coverage C or "
-                "--global-budget R (and optionally --heads-keep-ratio / --attention-keep-ratio)",
+                "--profile needs a budget: --keep N, --keep-ratio R, --coverage C, "
+                "--global-budget R or --keep-params R (and optionally --heads-keep-ratio / "
+                "--attention-keep-ratio)",
                 hint="e.g. --keep-ratio 0.5",
             )
-        allow_uneven = allow_uneven or budget.global_budget is not None
+        uneven_budget = budget.global_budget is not None or budget.keep_params is not None
+        allow_uneven = allow_uneven or uneven_budget
         the_plan, layers = plan_from_profile(
             layout,
             stats,
@@ -263,6 +268,7 @@ def _prune(
             check_drop(the_plan, layout)
         else:
             the_plan = the_plan.with_mtp(layout)
+        the_plan = the_plan.with_dead_sub_experts(layout)
         write_file(target, the_plan.to_json() + "\n")
         return PruneOutcome(plan=the_plan, out=target.path, layers=layers)
     repairing: Any = contextlib.nullcontext(None)
@@ -281,6 +287,7 @@ def _prune(
             replacements=repaired.tensors if repaired else None,
             provenance={"repair": repaired.to_dict()} if repaired else None,
         )
+    the_plan = the_plan.with_dead_sub_experts(layout)
     check = None
     if verify:
         from mfprune.verify import verify_rewrite

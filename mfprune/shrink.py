@@ -32,7 +32,7 @@ from mfprune.rewrite.card import CARD_FILE, add_quality
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Kernel = Literal["eager", "grouped_mm", "batched_mm", "mfprune_triton"]
-BUDGET_KEYS = ("keep", "keep_ratio", "coverage", "global_budget")
+BUDGET_KEYS = ("keep", "keep_ratio", "coverage", "global_budget", "keep_params")
 STATS_FILE = "stats.safetensors"
 PLAN_FILE = "plan.json"
 MODEL_DIR = "model"
@@ -64,6 +64,7 @@ class PruneConfig:
     keep_ratio: float | None = None
     coverage: float | None = None
     global_budget: float | None = None
+    keep_params: float | None = None  # CartesianMoE: share of sub-expert parameters kept
     min_keep: int = 0
     heads_keep_ratio: float | None = None
     attention_keep_ratio: float | None = None
@@ -165,7 +166,7 @@ def _check(config: ShrinkConfig) -> list[str]:
             listed = ", ".join(f"prune.{k}" for k in budgets) or "none"
             problems.append(
                 "give exactly one budget of prune.keep, prune.keep_ratio, prune.coverage, "
-                f"prune.global_budget (given: {listed})"
+                f"prune.global_budget, prune.keep_params (given: {listed})"
             )
     for name in (*BUDGET_KEYS[1:], "heads_keep_ratio", "attention_keep_ratio"):
         value = given(p, name)
@@ -313,6 +314,7 @@ def run_shrink(
         keep_ratio=p.keep_ratio,
         coverage=p.coverage,
         global_budget=p.global_budget,
+        keep_params=p.keep_params,
         min_keep=p.min_keep,
         attention_keep_ratio=p.attention_keep_ratio,
         heads_keep_ratio=p.heads_keep_ratio,
@@ -487,6 +489,7 @@ def _dry_run_budget(layout: Any, budget: Any) -> None:
         keep_ratio=budget.keep_ratio,
         coverage=budget.coverage,
         global_budget=budget.global_budget,
+        keep_params=budget.keep_params,
         min_keep=budget.min_keep,
         attention_scores=placeholder(len(a.layers), a.num_experts)
         if a is not None and budget.attention_keep_ratio

@@ -84,7 +84,7 @@ def test_every_config_problem_is_reported_at_once(tmp_path):
         "'bench.kernel' must be one of eager, grouped_mm, batched_mm, mfprune_triton, got "
         "'triton' — did you mean 'mfprune_triton'?",
         "give exactly one budget of prune.keep, prune.keep_ratio, prune.coverage, "
-        "prune.global_budget (given: prune.keep, prune.coverage)",
+        "prune.global_budget, prune.keep_params (given: prune.keep, prune.coverage)",
         "'prune.coverage' must be in (0, 1], got 1.5",
         "'bench.repeats' must be at least 1, got 0",
         "unknown criterion 'rep' in 'prune.criterion' — did you mean 'reap'? "

@@ -65,6 +65,9 @@ class ExpertRules:
     stacked: Mapping[str, int]  # listed stacked tensor -> axis
     shared: tuple[str, ...]
     others: tuple[str, ...] = field(default=())  # blocks of the layer's other expert kinds
+    # CartesianMoE sub-expert prefixes ("...sub_experts.0.{expert}."): mfprune.arch.sub_experts
+    # sorts the tensors under them; anything else under their modules is unknown
+    sub_prefixes: tuple[str, ...] = field(default=())
 
 
 def expert_prefix(template: str) -> str:
@@ -75,7 +78,9 @@ def expert_prefix(template: str) -> str:
 def block_of(spec: ExpertSpec) -> str:
     """The MoE block template: the longest common module prefix of the router and every
     expert tensor template (``model.layers.{layer}.mlp.``)."""
+    sub_sets = spec.sub_experts.sets if spec.sub_experts else ()
     names = [spec.router, *(s.name for s in spec.stacked), *spec.per_expert]
+    names += [n for names_ in sub_sets for n in names_]
     parts = [n.split(".")[:-1] for n in names]
     common: list[str] = []
     for column in zip(*parts, strict=False):
@@ -97,6 +102,10 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
     router = fill(spec.router)
     router_module = router.rsplit(".", 1)[0] + "."
     prefixes = tuple(dict.fromkeys(fill(expert_prefix(t)) for t in spec.per_expert))
+    sub = tuple(
+        fill(expert_prefix(names[0]))
+        for names in (spec.sub_experts.sets if spec.sub_experts else ())
+    )
     modules = [p[: p.index("{expert}")] for p in prefixes]
     for st in spec.stacked:
         parent = fill(st.name).rsplit(".", 1)[0] + "."
@@ -111,6 +120,7 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
         stacked={fill(st.name): st.axis for st in spec.stacked},
         shared=tuple(fill(s) for s in spec.shared),
         others=tuple(fill(block_of(o)) for o in others),
+        sub_prefixes=sub,
     )
 
 
@@ -130,6 +140,7 @@ def sort_layer(
     """Sort the tensors of decoder layer ``layer`` (every tensor under its layer prefix) by
     rule. The router must be among them (the caller checked)."""
     pattern = _prefix_pattern(rules.prefixes)
+    sub_pattern = _prefix_pattern(rules.sub_prefixes)
     per_expert: dict[int, list[ExpertTensor]] = {}
     stacked: list[tuple[TensorInfo, int]] = []
     unknown: list[TensorInfo] = []
@@ -145,6 +156,11 @@ def sort_layer(
         if any(name.startswith(s) for s in rules.shared) or any(
             name.startswith(o) and not rules.block.startswith(o) for o in rules.others
         ):
+            continue
+        if sub_pattern and sub_pattern.match(name):
+            continue  # a sub-expert's tensor: mfprune.arch.sub_experts
+        if any(name.startswith(p[: p.index("{expert}")]) for p in rules.sub_prefixes):
+            unknown.append(info)  # beside the sub-experts, in no rule
             continue
         match = pattern.match(name) if pattern else None
         if match:
@@ -170,6 +186,20 @@ def sort_layer(
         stacked=tuple(stacked),
         unknown=tuple(unknown),
     )
+
+
+def first_missing(
+    members: Iterable[ExpertTensor], templates: Iterable[str], *, layer: int, expert: int
+) -> str | None:
+    """The first of ``templates`` (filled for ``layer`` / ``expert``) that ``members`` lack,
+    plain or in a quantized form under the same module; None when every one is there."""
+    have = {t.info.name for t in members}
+    for template in templates:
+        name = template.format(layer=layer, expert=expert)
+        module = name.rsplit(".", 1)[0] + "."
+        if name not in have and not any(h.startswith(module) for h in have):
+            return name
+    return None
 
 
 def group_by_layer(tensors: Iterable[TensorInfo], prefix: str) -> dict[int, list[TensorInfo]]:

@@ -9,12 +9,14 @@ from typing import Any
 
 from mfprune.arch.expert_tensors import (
     LayerTensors,
+    first_missing,
     group_by_layer,
     layer_prefix,
     rules_for,
     sort_layer,
 )
 from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
+from mfprune.arch.sub_experts import SubExpertLayer, resolve_sub_experts
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ArchError, ModelError
 
@@ -36,6 +38,10 @@ class ExpertLayout:
     mtp_layers: tuple[int, ...] = ()
     # each MoE layer's expert tensors sorted by rule (mfprune.arch.expert_tensors)
     tensors: Mapping[int, LayerTensors] = field(default_factory=dict, compare=False, repr=False)
+    # CartesianMoE: each MoE layer's product structure (mfprune.arch.sub_experts)
+    sub_experts: Mapping[int, SubExpertLayer] | None = field(
+        default=None, compare=False, repr=False
+    )
 
     @property
     def all_layers(self) -> tuple[int, ...]:
@@ -283,6 +289,16 @@ def _resolve_experts(
         rules = rules_for(spec, L, others=others)
         sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
         _check_per_expert(sorted_layers[L], spec, num_experts=num_experts, count_key=count_key)
+    sub_experts = (
+        {
+            L: resolve_sub_experts(
+                cfg, spec.sub_experts, layer=L, num_experts=num_experts, tensors=by_layer[L]
+            )
+            for L in [*with_router, *beyond]
+        }
+        if spec.sub_experts
+        else None
+    )
     return ExpertLayout(
         kind=kind,
         spec=spec,
@@ -294,6 +310,7 @@ def _resolve_experts(
         topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
         mtp_layers=tuple(beyond),
         tensors=sorted_layers,
+        sub_experts=sub_experts,
     )
 
 
@@ -313,15 +330,12 @@ def _check_per_expert(
             hint="the config does not match the weights; fix config.json",
         )
     for e in range(num_experts):
-        names = {t.info.name for t in lt.per_expert.get(e, ())}
-        for template in spec.per_expert:
-            name = template.format(layer=lt.layer, expert=e)
-            module = name.rsplit(".", 1)[0] + "."
-            if name not in names and not any(n.startswith(module) for n in names):
-                raise ModelError(
-                    f"expert tensor {name} is missing ({count_key} = {num_experts})",
-                    hint="the config does not match the weights",
-                )
+        name = first_missing(lt.per_expert.get(e, ()), spec.per_expert, layer=lt.layer, expert=e)
+        if name is not None:
+            raise ModelError(
+                f"expert tensor {name} is missing ({count_key} = {num_experts})",
+                hint="the config does not match the weights",
+            )
 
 
 def _resolve_heads(

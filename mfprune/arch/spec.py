@@ -67,6 +67,28 @@ class MoeLayers:
 
 
 @dataclass(frozen=True)
+class SubExpertSpec:
+    """Routed experts built from shared sub-experts (CartesianMoE, seeds/002).
+
+    There are S sets of sub-experts; routed expert e of layer L is the product of one
+    sub-expert from each set, ``table[L][e] = [i_1, ..., i_S]``, so one sub-expert serves many
+    routed experts and lives as long as one kept expert uses it. ``sets[s]`` lists set s's
+    tensor templates, ``{expert}`` standing for the sub-expert index; the router has one row per
+    routed expert, as usual.
+
+    Config keys: ``counts_key`` holds ``[n_1, ..., n_S]`` (every layer alike, full grid:
+    E = n_1 * ... * n_S and expert e is the row-major product index); once pruned, mfprune
+    writes ``table_key`` (``{layer: [[i_1, ..., i_S] per expert]}``) and ``layer_counts_key``
+    (``{layer: [n_1, ..., n_S]}``), which take precedence.
+    """
+
+    sets: tuple[tuple[str, ...], ...]
+    counts_key: str
+    table_key: str
+    layer_counts_key: str
+
+
+@dataclass(frozen=True)
 class ExpertSpec:
     """Routed experts of one kind (the MLP experts, or JetMoE's attention experts)."""
 
@@ -84,6 +106,7 @@ class ExpertSpec:
     group_score_topk: int = 1  # experts per group summed into the group score (V3: 2)
     selection: Literal["logits", "biased_score"] = "logits"  # where a mask must go to drop one
     selection_bias: str | None = None  # the bias added to scores before selection (V3)
+    sub_experts: SubExpertSpec | None = None  # CartesianMoE: experts are products of these
 
 
 @dataclass(frozen=True)
@@ -189,7 +212,9 @@ _EXPERT_KEYS = {
     "group_score_topk",
     "selection",
     "selection_bias",
+    "sub_experts",
 }
+_SUB_EXPERT_KEYS = {"sets", "counts_key", "table_key", "layer_counts_key"}
 _HEAD_KEYS = {
     "count_key",
     "kv_count_key",
@@ -235,6 +260,16 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
     count_keys = r.names(t, "count_keys", where)
     if not count_keys:
         r.problems.append(f"{where}.count_keys: name at least one config key")
+    sub_experts = (
+        _parse_sub_experts(r, t["sub_experts"], f"{where}.sub_experts")
+        if "sub_experts" in t
+        else None
+    )
+    if sub_experts and per_expert:
+        r.problems.append(
+            f"{where}: per_expert and sub_experts exclude each other (a product expert's "
+            "tensors are its sub-experts')"
+        )
     if router is None:
         return None
     return ExpertSpec(
@@ -258,6 +293,36 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         group_score_topk=r.get(t, "group_score_topk", where, int, 1),
         selection=selection if selection in ("logits", "biased_score") else "logits",
         selection_bias=r.get(t, "selection_bias", where, str, None),
+        sub_experts=sub_experts,
+    )
+
+
+def _parse_sub_experts(r: _Reader, data: Any, where: str) -> SubExpertSpec | None:
+    t = r.table(data, where, _SUB_EXPERT_KEYS)
+    sets = []
+    for i, item in enumerate(r.get(t, "sets", where, list, [])):
+        if not isinstance(item, list) or not item or not all(isinstance(n, str) for n in item):
+            r.problems.append(f"{where}.sets[{i}]: expected a non-empty list of names")
+            continue
+        for name in item:
+            _check_template(r, name, f"{where}.sets[{i}]", need_expert=True)
+        heads = {n[: n.find("{expert}")] for n in item}
+        if len(heads) > 1:
+            r.problems.append(
+                f"{where}.sets[{i}]: a set's tensors share one prefix up to {{expert}}, "
+                f"got {sorted(heads)}"
+            )
+        sets.append(tuple(item))
+    firsts = [names[0][: names[0].find("{expert}")] for names in sets]
+    if len(set(firsts)) < len(firsts):
+        r.problems.append(f"{where}.sets: two sets share the prefix {firsts}")
+    if len(sets) < 2:
+        r.problems.append(f"{where}.sets: name at least two sets of sub-experts")
+    keys = [r.get(t, k, where, str) for k in ("counts_key", "table_key", "layer_counts_key")]
+    if None in keys or len(sets) < 2:
+        return None
+    return SubExpertSpec(
+        sets=tuple(sets), counts_key=keys[0], table_key=keys[1], layer_counts_key=keys[2]
     )
 
 

@@ -122,6 +122,12 @@ def repaired_tensors(
             "attention experts",
             hint="prune those without --repair, or plan experts only",
         )
+    if experts.sub_experts:
+        raise MfpruneError(
+            "--repair refit refits each kept expert's own down projection, but here experts "
+            "are products of sub-experts that several experts share",
+            hint="prune this model with --repair none",
+        )
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(ckpt.root)
     seq_len = resolve_seq_len(ckpt.config, seq_len)  # as profile: min(2048, positions)

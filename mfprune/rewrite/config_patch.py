@@ -22,6 +22,16 @@ def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan) -
         for key in experts.spec.count_keys:
             if key in out:
                 out[key] = max(counts.values())
+        sub = experts.spec.sub_experts
+        if sub and experts.sub_experts:  # CartesianMoE: each layer's table and set sizes
+            out[sub.table_key] = {
+                str(L): s.kept_table(plan.kept_experts(experts, L))
+                for L, s in experts.sub_experts.items()
+            }
+            out[sub.layer_counts_key] = {
+                str(L): [len(ids) for ids in s.used(plan.kept_experts(experts, L))]
+                for L, s in experts.sub_experts.items()
+            }
         if len(set(counts.values())) > 1:
             # stock transformers holds one count: mfprune.load_pretrained reads these
             out[UNEVEN_KEY] = {str(layer): n for layer, n in counts.items()}

@@ -18,6 +18,7 @@ from typing import Any
 
 from mfprune import __version__
 from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.arch.expert_tensors import ExpertTensor
 from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
 from mfprune.checkpoint import (
     INDEX_NAME,
@@ -97,6 +98,7 @@ def rewrite_checkpoint(
     else:
         plan = plan.with_mtp(layout)
         plan.validate(layout, allow_uneven=allow_uneven)
+    plan = plan.with_dead_sub_experts(layout)
     target = (
         out
         if isinstance(out, OutputTarget)
@@ -255,13 +257,25 @@ def _expert_actions(
         for info, axis in lt.stacked:
             actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks)
         new_id = {old: new for new, old in enumerate(kept)}
-        for e, members in lt.per_expert.items():
-            for t in members:
-                if e in new_id:
-                    renamed = t.renamed(old=e, new=new_id[e])
-                    actions[t.info.name] = copy_tensor(t.info, name=renamed)
-                else:
-                    actions[t.info.name] = None
+        _renumber(lt.per_expert, new_id, actions)
+        if experts.sub_experts:  # CartesianMoE: a sub-expert lives while a kept expert uses it
+            sub = experts.sub_experts[layer]
+            for members, used in zip(sub.tensors, sub.used(kept), strict=True):
+                _renumber(members, {old: new for new, old in enumerate(used)}, actions)
+
+
+def _renumber(
+    members: Mapping[int, tuple[ExpertTensor, ...]],
+    new_id: Mapping[int, int],
+    actions: dict[str, OutTensor | None],
+) -> None:
+    """Every tensor of a kept (sub-)expert renamed to its new number, the others dropped."""
+    for e, tensors in members.items():
+        for t in tensors:
+            if e in new_id:
+                actions[t.info.name] = copy_tensor(t.info, name=t.renamed(old=e, new=new_id[e]))
+            else:
+                actions[t.info.name] = None
 
 
 def _head_actions(

@@ -6,6 +6,7 @@ config, saved as safetensors + ``config.json``, and run by mfprune through
 not in ``mfprune/arch/families/``, which serves transformers' own families). See
 docs/custom-models.md.
 
+* ``cartesian`` — CartesianMoE (seeds/002): routed experts as products of shared sub-experts.
 * ``pesc`` — PESC / Camelidae (seeds/003): a shared dense FFN + per-expert adapters.
 * ``smlp`` — sMLP (seeds/004): token-wise routed FFN experts (tMoE) + feature-wise spatial
   gating units (sMoE).
@@ -21,6 +22,7 @@ from transformers import PreTrainedModel
 
 #: model_type -> the ``--model-code`` import path of its model class.
 MODEL_CODE = {
+    "cartesian_moe": "mfprune.seedmodels.cartesian:CartesianForCausalLM",
     "pesc_moe": "mfprune.seedmodels.pesc:PescForCausalLM",
     "smlp_moe": "mfprune.seedmodels.smlp:SmlpForCausalLM",
 }
