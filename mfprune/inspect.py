@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mfprune.arch import ArchSpec, spec_for_config
+from mfprune.arch.expert_tensors import block_of
 from mfprune.arch.formats import WeightFormat, detect_format
 from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
 from mfprune.checkpoint import Checkpoint, open_checkpoint
@@ -105,7 +106,7 @@ def expert_tensor_names(experts: ExpertLayout) -> list[str]:
             for t in sorted(members.get(0, ()), key=lambda t: t.info.name)
         ]
     names = sorted(t.info.name[len(t.prefix.format(expert=0)) :] for t in lt.per_expert.get(0, ()))
-    block = lt.router.name.rsplit(".", 2)[0] + "."
+    block = block_of(experts.spec).replace("{layer}", str(lt.layer))
     stacked = [f"{info.name.removeprefix(block)} [axis {axis}]" for info, axis in lt.stacked]
     return names + stacked
 

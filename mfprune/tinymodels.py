@@ -284,6 +284,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_local_experts": 8,
         "shared_expert_intermediate_size": 32,
     },
+    # experts concatenated as [E * I, D] blocks; counts inside ffn_config, heads in attn_config
+    "dbrx": {
+        "vocab_size": 128,
+        "d_model": 64,
+        "n_heads": 4,
+        "n_layers": 2,
+        "max_seq_len": 128,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

@@ -128,10 +128,10 @@ def assert_experts_follow(source: Path, out: Path, *, kept: dict[int, list[int]]
 
 
 def assert_stacked_sliced(
-    source: Path, out: Path, *, kept: dict[int, list[int]], names: list[str]
+    source: Path, out: Path, *, kept: dict[int, list[int]], names: list[str], rows: int = 1
 ) -> None:
     """Each ``names`` template (with ``{layer}``) of a pruned layer is the source tensor's
-    kept rows along axis 0, byte for byte."""
+    kept rows along axis 0, byte for byte (``rows`` per expert: DBRX's [E * I, D] blocks)."""
     src, dst = open_checkpoint(source), open_checkpoint(out)
     for layer, ids in kept.items():
         for template in names:
@@ -140,6 +140,6 @@ def assert_stacked_sliced(
                 full = f.get_tensor(name)
             with safe_open(dst.tensors[name].file, "pt") as f:
                 got = f.get_tensor(name)
-            want = full[list(ids)].contiguous()
+            want = full.unflatten(0, (-1, rows))[list(ids)].flatten(0, 1).contiguous()
             assert got.shape == want.shape, (name, got.shape, want.shape)
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name

@@ -7,7 +7,13 @@ import json
 
 import pytest
 import torch
-from checks import assert_exact, assert_tensors_are_slices, config_diff, removed
+from checks import (
+    assert_exact,
+    assert_stacked_sliced,
+    assert_tensors_are_slices,
+    config_diff,
+    removed,
+)
 
 from mfprune import PrunePlan, rewrite_checkpoint
 from mfprune.checkpoint import open_checkpoint
@@ -63,6 +69,7 @@ EXPERT_CASES = {
     "afmoe": (_half(1, 2), "num_experts"),  # bias on the MoE block; router.gate child
     "hunyuan_v1_moe": (_half(0, 1), "num_experts"),  # router gate.wg
     "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
+    "dbrx": (_half(0, 1), "ffn_config.moe_num_experts"),  # [E * I, D] blocks
 }
 
 
@@ -75,7 +82,7 @@ def test_expert_pruning_is_exact(family, tiny_checkpoint, tmp_path):
     assert_exact(source, out, experts=removed(kept, 8))
     assert_tensors_are_slices(source, out, experts=kept)
     n = len(next(iter(kept.values())))
-    assert config_diff(source, out) == {count_key: (8, n)}
+    assert result.config_changes == {count_key: [8, n]}  # dotted: in a sub-config
     assert result.tensors_sliced > 0
     assert result.out_bytes < result.source_bytes
     assert (out / "mfprune_plan.json").is_file()
@@ -230,3 +237,16 @@ def test_composite_config_that_lies_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ModelError, match=r"config\.json says hidden_size = 96"):
         rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_dbrx_blocks_of_rows_follow_their_expert(tiny_checkpoint, tmp_path):
+    """DBRX keeps expert e in rows [e * I, (e + 1) * I) of w1 / v1 / w2 [E * I, D]: the kept
+    blocks, in order, byte for byte."""
+    source = tiny_checkpoint("dbrx")
+    kept = {0: [1, 2, 6, 7], 1: [0, 3, 4, 5]}
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    names = [f"transformer.blocks.{{layer}}.ffn.experts.mlp.{w}" for w in ("w1", "v1", "w2")]
+    names.append("transformer.blocks.{layer}.ffn.router.layer.weight")
+    assert_stacked_sliced(source, out, kept=kept, names=names[:3], rows=32)
+    assert_stacked_sliced(source, out, kept=kept, names=names[3:])

@@ -184,8 +184,27 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     return layout
 
 
+def config_value(cfg: dict[str, Any], key: str | None) -> Any:
+    """``cfg[key]``, or None when absent; a dotted key reads a sub-config (DBRX keeps its
+    expert count at ``ffn_config.moe_num_experts``)."""
+    value: Any = cfg
+    for part in key.split(".") if key else [None]:
+        value = value.get(part) if isinstance(value, dict) and part is not None else None
+    return value
+
+
+def set_config_value(cfg: dict[str, Any], key: str, value: Any) -> bool:
+    """Set ``cfg[key]`` (dotted: in its sub-config) where it is present; False if absent."""
+    *parents, last = key.split(".")
+    table = config_value(cfg, ".".join(parents)) if parents else cfg
+    if not isinstance(table, dict) or last not in table:
+        return False
+    table[last] = value
+    return True
+
+
 def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:
-    value = cfg.get(key) if key else None
+    value = config_value(cfg, key)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
@@ -217,13 +236,13 @@ def _resolve_experts(
     others: tuple[ExpertSpec, ...] = (),
 ) -> ExpertLayout:
     tensors = ckpt.tensors
-    count_key = next((k for k in spec.count_keys if isinstance(cfg.get(k), int)), None)
+    count_key = next((k for k in spec.count_keys if _int_key(cfg, k, -1) >= 0), None)
     if count_key is None:
         raise ModelError(
             f"config.json has none of {list(spec.count_keys)} ({kind} count)",
             hint="is this a Mixture-of-Experts checkpoint? mfprune only prunes MoE models",
         )
-    num_experts, top_k = cfg[count_key], _int_key(cfg, spec.top_k_key, 0)
+    num_experts, top_k = _int_key(cfg, count_key, 0), _int_key(cfg, spec.top_k_key, 0)
     with_router = [L for L in range(num_layers) if spec.router.format(layer=L) in tensors]
     if not with_router:
         raise ModelError(
@@ -239,7 +258,8 @@ def _resolve_experts(
         )
     if top_k <= 0 or top_k > num_experts:
         raise ModelError(
-            f"config.json '{spec.top_k_key}' = {cfg.get(spec.top_k_key)!r} is not a valid top-k",
+            f"config.json '{spec.top_k_key}' = {config_value(cfg, spec.top_k_key)!r} is not a "
+            "valid top-k",
             hint=f"top-k must be between 1 and {count_key} = {num_experts}; fix config.json",
         )
     by_layer = group_by_layer(tensors.values(), layer_prefix(spec))
@@ -270,11 +290,18 @@ def _resolve_experts(
                     f"expert tensor {st.name.format(layer=L)} is missing",
                     hint="the config does not match the weights",
                 )
-            if info is not None and (
-                len(info.shape) <= st.axis or info.shape[st.axis] != num_experts
-            ):
+            rows = st.rows if isinstance(st.rows, int) else _int_key(cfg, st.rows, 0)
+            if rows <= 0:
                 raise ModelError(
-                    f"{info.name} has shape {list(info.shape)}, not {num_experts} experts "
+                    f"config.json has no valid '{st.rows}' (rows per expert of {st.name})",
+                    hint="the config does not match the adapter",
+                )
+            if info is not None and (
+                len(info.shape) <= st.axis or info.shape[st.axis] != num_experts * rows
+            ):
+                per = f" x {rows} rows" if rows > 1 else ""
+                raise ModelError(
+                    f"{info.name} has shape {list(info.shape)}, not {num_experts} experts{per} "
                     f"along axis {st.axis}",
                     hint="the config does not match the weights",
                 )

@@ -20,11 +20,14 @@ HeadAxisOwner = Literal["query", "kv"]
 
 @dataclass(frozen=True)
 class StackedTensor:
-    """A tensor that holds one slice per expert (or head) along ``axis``."""
+    """A tensor that holds one slice per expert (or head) along ``axis``: ``rows`` entries
+    each (an integer, or the config key holding it: DBRX concatenates its experts as
+    ``[E * ffn_hidden_size, D]``)."""
 
     name: str
     axis: int = 0
     optional: bool = False
+    rows: int | str = 1
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class _Reader:
         return tuple(v for v in value if isinstance(v, str))
 
 
-_STACKED_KEYS = {"name", "axis", "optional"}
+_STACKED_KEYS = {"name", "axis", "optional", "rows"}
 _EXPERT_KEYS = {
     "count_keys",
     "top_k_key",
@@ -245,9 +248,14 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         name = r.get(s, "name", f"{where}.stacked[{i}]", str)
         axis = r.get(s, "axis", f"{where}.stacked[{i}]", int, 0)
         optional = r.get(s, "optional", f"{where}.stacked[{i}]", bool, False)
+        rows = r.get(s, "rows", f"{where}.stacked[{i}]", (int, str), 1)
+        if isinstance(rows, int) and rows < 1:
+            r.problems.append(f"{where}.stacked[{i}].rows: expected at least 1, got {rows}")
         if name is not None:
             _check_template(r, name, f"{where}.stacked[{i}].name", need_expert=False)
-            stacked.append(StackedTensor(name=name, axis=axis or 0, optional=bool(optional)))
+            stacked.append(
+                StackedTensor(name=name, axis=axis or 0, optional=bool(optional), rows=rows or 1)
+            )
     per_expert = r.names(t, "per_expert", where)
     for name in per_expert:
         _check_template(r, name, f"{where}.per_expert", need_expert=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mfprune.arch.layout import ModelLayout, lm_config
+from mfprune.arch.layout import ModelLayout, lm_config, set_config_value
 from mfprune.plan import PrunePlan, head_index
 
 UNEVEN_KEY = "mfprune_expert_counts"  # {layer: experts kept} when layers keep different counts
@@ -19,9 +19,8 @@ def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan) -
     out = lm_config(root, layout.spec)
     for experts in filter(None, (layout.experts, layout.attention_experts)):
         counts = plan.expert_counts(experts)
-        for key in experts.spec.count_keys:
-            if key in out:
-                out[key] = max(counts.values())
+        for key in experts.spec.count_keys:  # dotted: in a sub-config (DBRX ffn_config)
+            set_config_value(out, key, max(counts.values()))
         sub = experts.spec.sub_experts
         if sub and experts.sub_experts:  # CartesianMoE: each layer's table and set sizes
             out[sub.table_key] = {

@@ -254,8 +254,9 @@ def _expert_actions(
         lt = experts.tensors[layer]
         blocks = blocks_for(kept, 1)
         actions[lt.router.name] = slice_tensor(lt.router, axis=0, blocks=blocks)
-        for info, axis in lt.stacked:
-            actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks)
+        for info, axis in lt.stacked:  # rows per expert: 1, or DBRX's [E * I, D] blocks
+            rows = info.shape[axis] // experts.num_experts
+            actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks_for(kept, rows))
         new_id = {old: new for new, old in enumerate(kept)}
         _renumber(lt.per_expert, new_id, actions)
         if experts.sub_experts:  # CartesianMoE: a sub-expert lives while a kept expert uses it
