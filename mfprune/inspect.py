@@ -144,6 +144,11 @@ def routing_rule(e: ExpertLayout) -> str:
             f"group-limited: {e.n_group} groups of {e.group_size}, a token uses its "
             f"top-{e.topk_group} groups ranked by {top}, so every group keeps the same count"
         )
+    if e.extra_rows:
+        parts.append(
+            f"{e.extra_rows} more router rows ({spec.extra_rows_key}) after the {e.num_experts} "
+            "experts are zero-compute experts that every plan keeps"
+        )
     if e.sub_experts:
         sub = e.sub_experts[e.layers[0]]
         sizes = " x ".join(str(n) for n in sub.counts)

@@ -14,6 +14,7 @@ oracle uses it; ``routing_modules`` gives the profiler the routing module around
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -115,6 +116,22 @@ class RouterSite:
     bias: torch.Tensor | None = None  # added to scores before top-k (sigmoid + bias families)
 
 
+def _logits_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    """The module (name, module) whose forward computes the router logits from the weight of
+    module ``name``: that module, unless it is an ``nn.Linear`` whose parent never calls it
+    and uses its weight in an ``F.linear`` call of its own (LongCat's ``router.classifier``)."""
+    module = model.get_submodule(name)
+    parent_name, _, child = name.rpartition(".")
+    if not isinstance(module, nn.Linear) or not parent_name:
+        return name, module
+    parent = model.get_submodule(parent_name)
+    try:
+        source = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return name, module
+    return (name, module) if f"self.{child}(" in source else (parent_name, parent)
+
+
 def adapter_routers(
     model: nn.Module, spec: ExpertSpec, layers: Iterable[int]
 ) -> dict[int, RouterSite]:
@@ -126,7 +143,12 @@ def adapter_routers(
     """
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     config = model.config.get_text_config() if hasattr(model, "config") else None
-    top_k = int(getattr(config, spec.top_k_key, 1) or 1)
+    top_k = getattr(config, spec.top_k_key, None)
+    if top_k is None and config is not None:  # a dotted key: in a sub-config (DBRX)
+        from mfprune.arch.layout import config_value
+
+        top_k = config_value(config.to_dict(), spec.top_k_key)
+    top_k = int(top_k or 1)
     sites = {}
     for layer in layers:
         weight_name = loaded_name(model, spec.router.format(layer=layer))
@@ -142,10 +164,11 @@ def adapter_routers(
             if bias_name not in tensors:
                 raise ValueError(f"layer {layer}: selection bias {bias_name} is not in the model")
             bias = tensors[bias_name]
+        module_name, module = _logits_module(model, module_name)
         sites[layer] = RouterSite(
             layer=layer,
             name=module_name,
-            module=model.get_submodule(module_name),
+            module=module,
             num_experts=int(tensors[weight_name].shape[0]),
             top_k=top_k,
             bias=bias,

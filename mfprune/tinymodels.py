@@ -294,6 +294,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
         "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 8, "moe_top_k": 2},
     },
+    # 2 zero-compute (identity) experts after the 8 routed ones, in the router's rows
+    "longcat_flash": {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_attention_heads": 4,
+        "n_routed_experts": 8,
+        "zero_expert_num": 2,
+        "moe_topk": 2,
+        "expert_ffn_hidden_size": 32,
+        "ffn_hidden_size": 64,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "head_dim": 8,
+        "max_position_embeddings": 128,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -359,8 +378,9 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
 
     for module in model.modules():
-        if is_router(module):  # jetmoe's gating takes its logits from an nn.Linear child
-            layer = getattr(module, "layer", None)  # jetmoe gating wraps an nn.Linear
+        if is_router(module):  # some take their logits from an nn.Linear child
+            # jetmoe's gating wraps .layer, longcat's router .classifier
+            layer = getattr(module, "layer", None) or getattr(module, "classifier", None)
             draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
         elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg, afmoe's router.gate
             for child in ("wg", "gate"):

@@ -72,18 +72,25 @@ _PER_EXPERT = re.compile(r"^(.*layers\.(\d+)\..*experts\.)(\d+)(\..*)$")
 
 
 def assert_tensors_are_slices(
-    source: Path, out: Path, *, experts: dict[int, list[int]] | None = None
+    source: Path,
+    out: Path,
+    *,
+    experts: dict[int, list[int]] | None = None,
+    num_experts: int = 8,
 ) -> None:
     """Every output tensor with its source shape is byte-identical to its source tensor (a
-    renumbered per-expert tensor to the kept expert it came from); dtypes never change."""
+    renumbered per-expert tensor to the kept expert it came from; numbers after the kept ones
+    to the source's extra experts from ``num_experts`` on, LongCat's zero experts); dtypes
+    never change."""
     src, dst = open_checkpoint(source), open_checkpoint(out)
     compared = 0
     for name, info in dst.tensors.items():
         origin = name
         m = _PER_EXPERT.match(name)
         if m and experts and int(m.group(2)) in experts:
-            kept = experts[int(m.group(2))]
-            origin = f"{m.group(1)}{kept[int(m.group(3))]}{m.group(4)}"
+            kept, i = experts[int(m.group(2))], int(m.group(3))
+            old = kept[i] if i < len(kept) else num_experts + i - len(kept)
+            origin = f"{m.group(1)}{old}{m.group(4)}"
         assert origin in src.tensors, f"{name} has no source tensor"
         assert src.tensors[origin].dtype == info.dtype, name
         if src.tensors[origin].shape != info.shape:

@@ -138,7 +138,9 @@ def test_counts_sum_to_tokens_times_top_k(family, model_dir, data):
     for kind in expert_kinds(stats):
         s = getattr(stats, kind)
         assert (s.tokens == real).all()
-        assert (s.count.sum(dim=1) == real * s.top_k).all(), kind
+        extra = s.extra_slots if s.extra_slots is not None else 0  # LongCat's zero experts
+        assert (s.count.sum(dim=1) + extra == real * s.top_k).all(), kind
+        assert (s.extra_slots is not None) == (family == "longcat_flash")
         routed = s.count > 0
         assert (s.soft[~routed] == 0).all() and (s.ean[~routed] == 0).all()
         assert (s.ean[routed] > 0).all() and (s.soft[routed] > 0).all()
@@ -207,8 +209,13 @@ def _route_by_hand(
     family: str, router: Any, x: torch.Tensor, config: Any, *, block: Any = None
 ) -> tuple[Any, Any]:
     """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights."""
-    k = config.num_experts_per_tok
     x = x.float()
+    if family == "dbrx":  # softmax, top-k, weights divided by their p-norm (p = 1)
+        ffn = config.ffn_config
+        weight, index = F.linear(x, router.layer.weight).softmax(dim=-1).topk(ffn.moe_top_k)
+        p = ffn.moe_normalize_expert_weights
+        return index, weight / weight.norm(p=p, dim=-1, keepdim=True)
+    k = config.num_experts_per_tok
     if family in ("mixtral", "qwen2_moe"):
         probs = F.linear(x, router.weight).softmax(dim=-1)
         weight, index = probs.topk(k, dim=-1)
@@ -254,6 +261,11 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         act = ACT2FN[config.activation_function]
         return F.linear(act(gate) * up, block.output_linear.weight[e])
     ex = block.experts
+    if family == "longcat_flash" and e >= ex.num_routed_experts:
+        return x  # a zero-compute (identity) expert
+    if family == "dbrx":  # expert e: rows [e * I, (e + 1) * I) of w1 / v1 / w2 [E * I, D]
+        w1, v1, w2 = (w.view(-1, ex.ffn_hidden_size, x.shape[-1])[e] for w in ex.mlp.parameters())
+        return (F.silu(x @ w1.T) * (x @ v1.T)) @ w2
     if family == "gpt_oss":
         gate_up = x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]
         gate = gate_up[..., ::2].clamp(max=ex.limit)
@@ -277,6 +289,8 @@ class _Sums:
         for t in range(index.shape[0]):
             for k in range(index.shape[1]):
                 e, g = int(index[t, k]), float(weight[t, k])
+                if e >= self.count.shape[1]:  # LongCat's zero-compute experts: not counted
+                    continue
                 norm = float(outputs[t, k].double().norm())
                 self.count[row, e] += 1
                 self.soft[row, e] += g
@@ -289,9 +303,9 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     model = load_model(path)
     config = model.config.get_text_config()
     chunks = load_token_data(data, tokenizer, seq_len=SEQ_LEN).chunks
-    E = config.num_local_experts if hasattr(config, "num_local_experts") else config.num_experts
     ckpt = open_checkpoint(path)
     layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    E = layout.experts.num_experts
     routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
     o_projs = find_o_projs(model)
     heads = config.num_attention_heads

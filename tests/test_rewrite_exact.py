@@ -70,6 +70,7 @@ EXPERT_CASES = {
     "hunyuan_v1_moe": (_half(0, 1), "num_experts"),  # router gate.wg
     "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
     "dbrx": (_half(0, 1), "ffn_config.moe_num_experts"),  # [E * I, D] blocks
+    "longcat_flash": (_half(0, 1), "n_routed_experts"),  # + 2 zero experts, never pruned
 }
 
 
@@ -250,3 +251,23 @@ def test_dbrx_blocks_of_rows_follow_their_expert(tiny_checkpoint, tmp_path):
     names.append("transformer.blocks.{layer}.ffn.router.layer.weight")
     assert_stacked_sliced(source, out, kept=kept, names=names[:3], rows=32)
     assert_stacked_sliced(source, out, kept=kept, names=names[3:])
+
+
+def test_longcat_zero_experts_stay_after_the_kept_ones(tiny_checkpoint, tmp_path):
+    """LongCat's router has 8 routed + 2 zero-compute (identity) rows: every plan keeps the
+    zero rows (router, selection bias, what transformers saves under experts.8/9), after the
+    kept experts, and zero_expert_num stays."""
+    source = tiny_checkpoint("longcat_flash")
+    kept = {0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    rows = {layer: [*ids, 8, 9] for layer, ids in kept.items()}
+    names = [
+        "model.layers.{layer}.mlp.router." + n
+        for n in ("classifier.weight", "e_score_correction_bias")
+    ]
+    assert_stacked_sliced(source, out, kept=rows, names=names)
+    dst = open_checkpoint(out).tensors
+    assert "model.layers.0.mlp.experts.5.gate_proj.weight" in dst  # zero expert 9, renumbered
+    assert "model.layers.0.mlp.experts.6.gate_proj.weight" not in dst
+    assert result.config_changes == {"n_routed_experts": [8, 4]}

@@ -38,6 +38,10 @@ class ExpertLayout:
     mtp_layers: tuple[int, ...] = ()
     # each MoE layer's expert tensors sorted by rule (mfprune.arch.expert_tensors)
     tensors: Mapping[int, LayerTensors] = field(default_factory=dict, compare=False, repr=False)
+    # router rows (and rows of stacked tensors in ``extended``) after the E routed experts:
+    # LongCat's zero-compute experts, kept by every plan
+    extra_rows: int = 0
+    extended: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
     # CartesianMoE: each MoE layer's product structure (mfprune.arch.sub_experts)
     sub_experts: Mapping[int, SubExpertLayer] | None = field(
         default=None, compare=False, repr=False
@@ -275,14 +279,18 @@ def _resolve_experts(
             "experts while the config's count changes; fix config.json or the adapter's "
             "mtp_layers_key",
         )
+    extra = max(0, _int_key(cfg, spec.extra_rows_key, 0))
+    extended: set[str] = set()  # tensors with E + extra entries along their expert axis
     for L in [*with_router, *beyond]:  # decoder MoE layers, then MTP layers
         rows = tensors[spec.router.format(layer=L)].shape[0]
-        if rows != num_experts:
+        if rows != num_experts + extra:
+            more = f" + {spec.extra_rows_key} = {extra}" if spec.extra_rows_key else ""
             raise ModelError(
-                f"config.json says {count_key} = {num_experts} but layer {L}'s router has "
-                f"{rows} rows",
+                f"config.json says {count_key} = {num_experts}{more} but layer {L}'s router "
+                f"has {rows} rows",
                 hint="the config does not match the weights; fix config.json",
             )
+        extended.add(spec.router.format(layer=L))
         for st in spec.stacked:
             info = tensors.get(st.name.format(layer=L))
             if info is None and not st.optional:
@@ -296,6 +304,14 @@ def _resolve_experts(
                     f"config.json has no valid '{st.rows}' (rows per expert of {st.name})",
                     hint="the config does not match the adapter",
                 )
+            if (
+                info is not None
+                and extra
+                and len(info.shape) > st.axis
+                and info.shape[st.axis] == (num_experts + extra) * rows
+            ):
+                extended.add(info.name)
+                continue
             if info is not None and (
                 len(info.shape) <= st.axis or info.shape[st.axis] != num_experts * rows
             ):
@@ -315,7 +331,9 @@ def _resolve_experts(
     for L in [*with_router, *beyond]:
         rules = rules_for(spec, L, others=others)
         sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
-        _check_per_expert(sorted_layers[L], spec, num_experts=num_experts, count_key=count_key)
+        _check_per_expert(
+            sorted_layers[L], spec, num_experts=num_experts, count_key=count_key, extra=extra
+        )
     sub_experts = (
         {
             L: resolve_sub_experts(
@@ -337,19 +355,23 @@ def _resolve_experts(
         topk_group=max(1, _int_key(cfg, spec.topk_groups_key, n_group)),
         mtp_layers=tuple(beyond),
         tensors=sorted_layers,
+        extra_rows=extra,
+        extended=frozenset(extended) if extra else frozenset(),
         sub_experts=sub_experts,
     )
 
 
 def _check_per_expert(
-    lt: LayerTensors, spec: ExpertSpec, *, num_experts: int, count_key: str
+    lt: LayerTensors, spec: ExpertSpec, *, num_experts: int, count_key: str, extra: int = 0
 ) -> None:
     """Every expert 0..E-1 has the adapter's tensors (plain, or a quantized form under the
     same module) and no expert numbered E or above exists. Experts may differ otherwise (a
     quantization config can leave some experts unquantized)."""
     if not spec.per_expert:
         return
-    beyond = [e for e in lt.per_expert if e >= num_experts]
+    # ids E .. E + extra - 1 name the extra router rows (LongCat's zero experts: whatever
+    # transformers saves for them is kept, renumbered after the kept experts)
+    beyond = [e for e in lt.per_expert if e >= num_experts + extra]
     if beyond:
         first = lt.per_expert[beyond[0]][0].info.name
         raise ModelError(

@@ -110,6 +110,9 @@ class ExpertSpec:
     selection: Literal["logits", "biased_score"] = "logits"  # where a mask must go to drop one
     selection_bias: str | None = None  # the bias added to scores before selection (V3)
     sub_experts: SubExpertSpec | None = None  # CartesianMoE: experts are products of these
+    # router rows after the E routed experts that are not prunable experts (LongCat's
+    # zero-compute identity experts): config[extra_rows_key] of them, always kept, in order
+    extra_rows_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ _EXPERT_KEYS = {
     "selection",
     "selection_bias",
     "sub_experts",
+    "extra_rows_key",
 }
 _SUB_EXPERT_KEYS = {"sets", "counts_key", "table_key", "layer_counts_key"}
 _HEAD_KEYS = {
@@ -302,6 +306,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         selection=selection if selection in ("logits", "biased_score") else "logits",
         selection_bias=r.get(t, "selection_bias", where, str, None),
         sub_experts=sub_experts,
+        extra_rows_key=r.get(t, "extra_rows_key", where, str, None),
     )
 
 

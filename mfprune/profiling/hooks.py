@@ -54,6 +54,8 @@ class ExpertSums:
         self.ean = torch.zeros(shape, dtype=dtype, device=device)
         self.reap_num = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens = torch.zeros(len(self.layers), dtype=torch.int64, device=device)  # [L]
+        # slots routed to rows that are not prunable experts (LongCat's zero experts)  [L]
+        self.extra = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
 
     def add(
         self,
@@ -67,7 +69,9 @@ class ExpertSums:
         """Add N routed (token, slot) pairs: ``expert`` [N] ids, ``gate`` [N] g_i(t),
         ``norm`` [N] ‖E_i(x_t)‖₂; ``tokens`` real tokens went through the layer."""
         acc = self.soft.dtype
-        gate, norm = gate.to(acc), norm.to(acc)
+        routed = expert < self.num_experts  # LongCat's zero-compute experts are not counted
+        self.extra[row] += (~routed).sum()
+        expert, gate, norm = expert[routed], gate[routed].to(acc), norm[routed].to(acc)
         self.count[row].index_add_(0, expert, torch.ones_like(expert))
         self.soft[row].index_add_(0, expert, gate)
         self.ean[row].index_add_(0, expert, norm)
@@ -86,6 +90,7 @@ class ExpertSums:
             ean=cpu(self.ean, torch.float64),
             reap_num=cpu(self.reap_num, torch.float64),
             tokens=cpu(self.tokens, torch.int64),
+            extra_slots=cpu(self.extra, torch.int64) if bool(self.extra.any()) else None,
         )
 
 
@@ -163,7 +168,7 @@ class Recorder:
         found = [
             t
             for sums in self.sums.values()
-            for t in (sums.count, sums.soft, sums.ean, sums.reap_num, sums.tokens)
+            for t in (sums.count, sums.soft, sums.ean, sums.reap_num, sums.tokens, sums.extra)
         ]
         if self._head_usage is not None and self._head_tokens is not None:
             found += [self._head_usage, self._head_tokens]
@@ -323,6 +328,24 @@ class _Restore:
             self.module.forward = self.previous
 
 
+def _slot_outputs(inner: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``inner(rows [N, D], ids [N, 1], ones [N, 1])``: each row's unweighted output of its
+    expert. An experts module that cannot take one slot per row (LongCat's squeezes the slot
+    axis away) gets two, the same expert with weights 1 and 0: ``E(x) * 1 + E(x) * 0`` is
+    ``E(x)`` exactly."""
+    ones = torch.ones(ids.shape, dtype=rows.dtype, device=rows.device)
+    try:
+        return inner(rows, ids, ones)
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, RuntimeError, IndexError) as exc:
+        try:
+            pair = torch.cat([ones, torch.zeros_like(ones)], dim=1)  # [N, 2]
+            return inner(rows, ids.expand(-1, 2), pair)
+        except Exception:
+            raise exc from None
+
+
 def _wrap_forward(module: nn.Module, tap: Any) -> _Restore:
     """Run the experts ``module`` one (token, slot) pair per row, hand each slot's unweighted
     output to ``tap(index [N, K], weights [N, K], slots [N*K, D])``, and return the weighted
@@ -343,8 +366,7 @@ def _wrap_forward(module: nn.Module, tap: Any) -> _Restore:
         index = index.reshape(flat.shape[0], -1)
         weights = weights.reshape_as(index)
         rows, top_k = index.shape
-        ones = torch.ones(rows * top_k, 1, dtype=weights.dtype, device=weights.device)
-        slots = inner(flat.repeat_interleave(top_k, dim=0), index.reshape(-1, 1), ones)
+        slots = _slot_outputs(inner, flat.repeat_interleave(top_k, dim=0), index.reshape(-1, 1))
         tap(index, weights, slots)
         # the same reduction as transformers' grouped_mm / batched_mm: weight, then sum over K
         out = (slots.view(rows, top_k, -1) * weights.unsqueeze(-1)).sum(dim=1)

@@ -43,6 +43,9 @@ class ExpertStats:
     ean: torch.Tensor  # [L, E] float64: Σ_{t∈T_i} ‖E_i(x_t)‖₂
     reap_num: torch.Tensor  # [L, E] float64: Σ_{t∈T_i} g_i(t)·‖E_i(x_t)‖₂
     tokens: torch.Tensor  # [L] int64: tokens through each layer
+    # [L] int64: slots routed to router rows that are not prunable experts (LongCat's
+    # zero-compute experts); None when there are none. count sums to tokens * K minus these.
+    extra_slots: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -53,9 +56,11 @@ class ExpertStats:
         return torch.where(self.count > 0, self.reap_num / self.count.clamp_min(1), 0.0)
 
     def add(self, other: ExpertStats) -> ExpertStats:
+        extra = [t for t in (self.extra_slots, other.extra_slots) if t is not None]
         return replace(
             self,
             **{k: getattr(self, k) + getattr(other, k) for k in (*_EXPERT_SUMS, "tokens")},
+            extra_slots=sum(extra[1:], extra[0]) if extra else None,
         )
 
 
@@ -122,6 +127,8 @@ class ProfileStats:
             tensors[f"{kind}.layers"] = torch.tensor(stats.layers, dtype=torch.int64)
             for name in (*_EXPERT_SUMS, "tokens"):
                 tensors[f"{kind}.{name}"] = getattr(stats, name)
+            if stats.extra_slots is not None and bool(stats.extra_slots.any()):
+                tensors[f"{kind}.extra_slots"] = stats.extra_slots
         if self.heads is not None:
             tensors["heads.layers"] = torch.tensor(self.heads.layers, dtype=torch.int64)
             tensors["heads.usage"] = self.heads.usage
@@ -384,13 +391,19 @@ class _Parser:
         sums = {k: self.tensor(f"{kind}.{k}", torch.float64, shape) for k in _EXPERT_SUMS[1:]}
         count = self.tensor(f"{kind}.count", torch.int64, shape)
         tokens = self.tokens(kind, len(layers), total)
-        routed = count.sum(dim=1)  # [L]
+        extra = None
+        if f"{kind}.extra_slots" in self.tensors:
+            extra = self.tensor(f"{kind}.extra_slots", torch.int64, (len(layers),))
+        routed = count.sum(dim=1) + (extra if extra is not None else 0)  # [L]
         if (routed != tokens * top_k).any():
+            more = f" (with {extra.tolist()} to zero-compute experts)" if extra is not None else ""
             raise self.fail(
-                f"'{kind}.count' routes {routed.tolist()} tokens per layer, expected "
+                f"'{kind}.count' routes {routed.tolist()} tokens per layer{more}, expected "
                 f"{total} tokens x top-{top_k}"
             )
-        return ExpertStats(layers=layers, top_k=top_k, count=count, tokens=tokens, **sums)
+        return ExpertStats(
+            layers=layers, top_k=top_k, count=count, tokens=tokens, extra_slots=extra, **sums
+        )
 
     def heads(self, total: int) -> HeadStats | None:
         if "heads.layers" not in self.tensors:
@@ -426,7 +439,11 @@ class _Parser:
         experts = self.experts("experts", total)
         if experts is None:
             raise self.fail("tensor 'experts.layers' is missing")
-        known = {f"{k}.{n}" for k in EXPERT_KINDS for n in (*_EXPERT_SUMS, "tokens", "layers")}
+        known = {
+            f"{k}.{n}"
+            for k in EXPERT_KINDS
+            for n in (*_EXPERT_SUMS, "tokens", "layers", "extra_slots")
+        }
         known |= {"heads.layers", "heads.usage", "heads.tokens"}
         unknown = sorted(set(self.tensors) - known)
         if unknown:

@@ -252,12 +252,15 @@ def _expert_actions(
         if len(kept) == experts.num_experts:
             continue
         lt = experts.tensors[layer]
-        blocks = blocks_for(kept, 1)
-        actions[lt.router.name] = slice_tensor(lt.router, axis=0, blocks=blocks)
-        for info, axis in lt.stacked:  # rows per expert: 1, or DBRX's [E * I, D] blocks
-            rows = info.shape[axis] // experts.num_experts
-            actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks_for(kept, rows))
-        new_id = {old: new for new, old in enumerate(kept)}
+        for info, axis in ((lt.router, 0), *lt.stacked):
+            ids, slots = kept, experts.num_experts
+            if info.name in experts.extended:  # LongCat: zero-compute experts after the E
+                slots += experts.extra_rows
+                ids = (*kept, *range(experts.num_experts, slots))
+            rows = info.shape[axis] // slots  # 1, or DBRX's [E * I, D] blocks
+            actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks_for(ids, rows))
+        extra = range(experts.num_experts, experts.num_experts + experts.extra_rows)
+        new_id = {old: new for new, old in enumerate((*kept, *extra))}
         _renumber(lt.per_expert, new_id, actions)
         if experts.sub_experts:  # CartesianMoE: a sub-expert lives while a kept expert uses it
             sub = experts.sub_experts[layer]
