@@ -144,6 +144,14 @@ def routing_rule(e: ExpertLayout) -> str:
             f"group-limited: {e.n_group} groups of {e.group_size}, a token uses its "
             f"top-{e.topk_group} groups ranked by {top}, so every group keeps the same count"
         )
+    hashed = sorted(e.id_tables)
+    if hashed:
+        table = spec.id_tables[0].replace("{layer}", "L")
+        parts.append(
+            f"layers {hashed} pick each token's experts from a fixed token -> expert table "
+            f"({table}), not by score: a plan keeps every expert it names, and its values are "
+            "renumbered"
+        )
     if e.extra_rows:
         parts.append(
             f"{e.extra_rows} more router rows ({spec.extra_rows_key}) after the {e.num_experts} "

@@ -159,7 +159,8 @@ def adapter_routers(
             )
         module_name = weight_name.rpartition(".")[0]
         bias = None
-        if spec.selection == "biased_score" and spec.selection_bias:
+        hashed = any(loaded_name(model, t.format(layer=layer)) in tensors for t in spec.id_tables)
+        if spec.selection == "biased_score" and spec.selection_bias and not hashed:
             bias_name = loaded_name(model, spec.selection_bias.format(layer=layer))
             if bias_name not in tensors:
                 raise ValueError(f"layer {layer}: selection bias {bias_name} is not in the model")

@@ -238,6 +238,13 @@ def _check_experts(
             problems.append(
                 f"{where}: keeps {len(ids)} of {E} but the router picks top-{K}: keep at least {K}"
             )
+        lost = sorted(layout.pinned(layer) - set(ids))
+        if lost:
+            problems.append(
+                f"{where}: drops experts {_some(lost)} that the layer's token -> expert table "
+                f"(hash routing) still sends tokens to: keep all {len(layout.pinned(layer))} "
+                "experts it names"
+            )
         if layout.n_group > 1:
             per_group = Counter(i // layout.group_size for i in ids)
             counts = [per_group.get(g, 0) for g in range(layout.n_group)]

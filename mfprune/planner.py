@@ -112,7 +112,20 @@ def plan_experts(
     else:
         n = keep if keep is not None else _from_ratio(layout, keep_ratio)  # type: ignore[arg-type]
         _check_count(layout, n, floor, explicit=keep is not None)
-    return {layer: select(layout, scores[i], n) for i, layer in enumerate(layout.layers)}
+    kept = {}
+    for i, layer in enumerate(layout.layers):
+        pinned = sorted(layout.pinned(layer))  # hash layers: the experts their table names
+        if len(pinned) > n:
+            raise PlanError(
+                f"layer {layer} routes tokens by a fixed token -> expert table that names "
+                f"{len(pinned)} experts; keeping {n} per layer would drop some of them",
+                hint=f"keep at least {len(pinned)} (--keep {len(pinned)}), or plan by hand "
+                "with --plan and --allow-uneven",
+            )
+        row = scores[i].double().clone()
+        row[pinned] = float("inf")  # kept first; the rest by score
+        kept[layer] = select(layout, row, n)
+    return kept
 
 
 def minimum_keep(layout: ExpertLayout, *, min_keep: int = 0) -> int:

@@ -313,6 +313,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "head_dim": 8,
         "max_position_embeddings": 128,
     },
+    # hash routing in layer 0 (a token -> expert table), top-k with a selection bias after;
+    # compressed attention with one KV head and hyper-connections
+    "deepseek_v4": {
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "moe_intermediate_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "q_lora_rank": 16,
+        "num_experts_per_tok": 2,
+        "n_routed_experts": 8,
+        "mlp_layer_types": ["hash_moe", "moe", "moe"],
+        "max_position_embeddings": 128,
+        "o_groups": 2,
+        "o_lora_rank": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "sliding_window": 16,
+        "num_nextn_predict_layers": 0,
+        "hc_mult": 2,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -338,6 +363,10 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "vision_config": _QWEN_VISION,
     },
 }
+
+#: The experts DeepSeek-V4's token -> expert tables name in tiny models: a hash layer can drop
+#: the others, and a plan that drops one of these is refused.
+HASHED_EXPERTS = (0, 2, 5, 7)
 
 #: Standard deviation given to router weights so routing is far from uniform.
 ROUTER_STD = 1.0
@@ -394,6 +423,11 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         for suffix, std in _ZERO_INIT_STD.items():
             if name.endswith(suffix):
                 draw(param, std)
+    for name, buffer in model.named_buffers():
+        if name.endswith("tid2eid"):  # DeepSeek-V4 hash layers: token -> K distinct experts
+            pool = torch.tensor(HASHED_EXPERTS)
+            rows = [pool[torch.randperm(len(pool), generator=generator)] for _ in buffer]
+            buffer.copy_(torch.stack(rows)[:, : buffer.shape[1]])
 
 
 def build_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:

@@ -206,10 +206,21 @@ def test_bfloat16_profile(model_dir, data):
 
 
 def _route_by_hand(
-    family: str, router: Any, x: torch.Tensor, config: Any, *, block: Any = None
+    family: str, router: Any, x: torch.Tensor, config: Any, *, block: Any = None, ids: Any = None
 ) -> tuple[Any, Any]:
-    """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights."""
+    """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights (``ids``
+    [T]: the tokens, for DeepSeek-V4's hash layers)."""
     x = x.float()
+    if family == "deepseek_v4":  # sqrt-softplus scores; hash layers: experts from the table
+        scores = F.softplus(F.linear(x, router.weight)).sqrt()  # [T, E]
+        if hasattr(router, "tid2eid"):
+            index = router.tid2eid[ids].long()
+        else:
+            choice = scores + router.e_score_correction_bias
+            index = choice.topk(config.num_experts_per_tok, dim=-1).indices
+        weight = scores.gather(1, index)
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return index, weight * config.routed_scaling_factor
     if family == "dbrx":  # softmax, top-k, weights divided by their p-norm (p = 1)
         ffn = config.ffn_config
         weight, index = F.linear(x, router.layer.weight).softmax(dim=-1).topk(ffn.moe_top_k)
@@ -347,7 +358,9 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 name, router = routers[layer]
                 block = parent_of(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                index, weight = _route_by_hand(family, router, x, config, block=block)
+                index, weight = _route_by_hand(
+                    family, router, x, config, block=block, ids=chunk.long()
+                )
                 outs = torch.stack(
                     [
                         torch.stack(

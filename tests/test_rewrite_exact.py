@@ -71,6 +71,8 @@ EXPERT_CASES = {
     "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
     "dbrx": (_half(0, 1), "ffn_config.moe_num_experts"),  # [E * I, D] blocks
     "longcat_flash": (_half(0, 1), "n_routed_experts"),  # + 2 zero experts, never pruned
+    # layer 0 hash-routed: its table names experts 0, 2, 5, 7 only (values remapped)
+    "deepseek_v4": (_half(0, 1, 2), "n_routed_experts"),
 }
 
 
@@ -271,3 +273,25 @@ def test_longcat_zero_experts_stay_after_the_kept_ones(tiny_checkpoint, tmp_path
     assert "model.layers.0.mlp.experts.5.gate_proj.weight" in dst  # zero expert 9, renumbered
     assert "model.layers.0.mlp.experts.6.gate_proj.weight" not in dst
     assert result.config_changes == {"n_routed_experts": [8, 4]}
+
+
+def test_deepseek_v4_keeps_every_expert_its_hash_table_names(tiny_checkpoint, tmp_path):
+    """Layer 0 routes by tid2eid, whose values name experts 0, 2, 5, 7 only: a plan that drops
+    one of them is refused with the layer and the ids, and a profile plan keeps them first."""
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.planner import plan_experts
+
+    source = tiny_checkpoint("deepseek_v4")
+    ckpt = open_checkpoint(source)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    assert layout.experts.pinned(0) == {0, 2, 5, 7} and not layout.experts.pinned(1)
+    bad = {0: [0, 1, 2, 3], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
+    with pytest.raises(PlanError, match=r"experts\[0\]: drops experts \[5, 7\] .*\(hash routing\)"):
+        rewrite_checkpoint(source, PrunePlan(experts=bad), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    scores = torch.arange(24, dtype=torch.float64).view(3, 8)  # experts 4..7 score best
+    kept = plan_experts(layout.experts, scores, keep=4)
+    assert kept[0] == (0, 2, 5, 7) and kept[1] == kept[2] == (4, 5, 6, 7)
+    with pytest.raises(PlanError, match="names 4 experts; keeping 3"):
+        plan_experts(layout.experts, scores, keep=3)

@@ -68,6 +68,7 @@ class ExpertRules:
     # CartesianMoE sub-expert prefixes ("...sub_experts.0.{expert}."): mfprune.arch.sub_experts
     # sorts the tensors under them; anything else under their modules is unknown
     sub_prefixes: tuple[str, ...] = field(default=())
+    id_tables: frozenset[str] = field(default=frozenset())  # values are expert ids (V4 hash)
 
 
 def expert_prefix(template: str) -> str:
@@ -121,6 +122,7 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
         shared=tuple(fill(s) for s in spec.shared),
         others=tuple(fill(block_of(o)) for o in others),
         sub_prefixes=sub,
+        id_tables=frozenset(fill(n) for n in spec.id_tables),
     )
 
 
@@ -152,6 +154,8 @@ def sort_layer(
             continue
         if name in rules.stacked:
             stacked.append((info, rules.stacked[name]))
+            continue
+        if name in rules.id_tables:  # mfprune.arch.id_tables reads and remaps them
             continue
         if any(name.startswith(s) for s in rules.shared) or any(
             name.startswith(o) and not rules.block.startswith(o) for o in rules.others

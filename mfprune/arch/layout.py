@@ -15,6 +15,7 @@ from mfprune.arch.expert_tensors import (
     rules_for,
     sort_layer,
 )
+from mfprune.arch.id_tables import IdTable, resolve_id_tables
 from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
 from mfprune.arch.sub_experts import SubExpertLayer, resolve_sub_experts
 from mfprune.checkpoint import Checkpoint
@@ -42,6 +43,10 @@ class ExpertLayout:
     # LongCat's zero-compute experts, kept by every plan
     extra_rows: int = 0
     extended: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    # DeepSeek-V4 hash layers: their token -> expert tables (mfprune.arch.id_tables)
+    id_tables: Mapping[int, tuple[IdTable, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
     # CartesianMoE: each MoE layer's product structure (mfprune.arch.sub_experts)
     sub_experts: Mapping[int, SubExpertLayer] | None = field(
         default=None, compare=False, repr=False
@@ -55,6 +60,10 @@ class ExpertLayout:
     @property
     def group_size(self) -> int:
         return self.num_experts // self.n_group
+
+    def pinned(self, layer: int) -> frozenset[int]:
+        """Experts ``layer`` must keep: those its id tables route tokens to (hash layers)."""
+        return frozenset().union(*(t.named for t in self.id_tables.get(layer, ())))
 
 
 @dataclass(frozen=True)
@@ -344,6 +353,11 @@ def _resolve_experts(
         if spec.sub_experts
         else None
     )
+    id_tables = {
+        L: found
+        for L in [*with_router, *beyond]
+        if (found := resolve_id_tables(spec.id_tables, tensors, layer=L, num_experts=num_experts))
+    }
     return ExpertLayout(
         kind=kind,
         spec=spec,
@@ -357,6 +371,7 @@ def _resolve_experts(
         tensors=sorted_layers,
         extra_rows=extra,
         extended=frozenset(extended) if extra else frozenset(),
+        id_tables=id_tables,
         sub_experts=sub_experts,
     )
 

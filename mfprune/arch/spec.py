@@ -113,6 +113,10 @@ class ExpertSpec:
     # router rows after the E routed experts that are not prunable experts (LongCat's
     # zero-compute identity experts): config[extra_rows_key] of them, always kept, in order
     extra_rows_key: str | None = None
+    # tensors whose VALUES are expert ids (DeepSeek-V4 hash layers' token -> expert table
+    # tid2eid [V, K]): remapped to the kept experts' new numbers; a plan keeps every expert
+    # they name. Layers without them are routed as usual.
+    id_tables: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ _EXPERT_KEYS = {
     "selection_bias",
     "sub_experts",
     "extra_rows_key",
+    "id_tables",
 }
 _SUB_EXPERT_KEYS = {"sets", "counts_key", "table_key", "layer_counts_key"}
 _HEAD_KEYS = {
@@ -277,6 +282,9 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         if "sub_experts" in t
         else None
     )
+    id_tables = r.names(t, "id_tables", where)
+    for name in id_tables:
+        _check_template(r, name, f"{where}.id_tables", need_expert=False)
     if sub_experts and per_expert:
         r.problems.append(
             f"{where}: per_expert and sub_experts exclude each other (a product expert's "
@@ -307,6 +315,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         selection_bias=r.get(t, "selection_bias", where, str, None),
         sub_experts=sub_experts,
         extra_rows_key=r.get(t, "extra_rows_key", where, str, None),
+        id_tables=id_tables,
     )
 
 

@@ -259,6 +259,12 @@ def _expert_actions(
                 ids = (*kept, *range(experts.num_experts, slots))
             rows = info.shape[axis] // slots  # 1, or DBRX's [E * I, D] blocks
             actions[info.name] = slice_tensor(info, axis=axis, blocks=blocks_for(ids, rows))
+        for table in experts.id_tables.get(layer, ()):  # hash layers: ids renumbered
+            info = table.info
+            data = table.remapped(kept)
+            actions[info.name] = OutTensor(
+                info.name, info.dtype, info.shape, len(data), info, data=data
+            )
         extra = range(experts.num_experts, experts.num_experts + experts.extra_rows)
         new_id = {old: new for new, old in enumerate((*kept, *extra))}
         _renumber(lt.per_expert, new_id, actions)
