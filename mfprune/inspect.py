@@ -154,7 +154,8 @@ def routing_rule(e: ExpertLayout) -> str:
         )
     if e.extra_rows:
         parts.append(
-            f"{e.extra_rows} more router rows ({spec.extra_rows_key}) after the {e.num_experts} "
+            f"{e.extra_rows} more router rows (extra_rows = {spec.extra_rows!r}) after the "
+            f"{e.num_experts} "
             "experts are zero-compute experts that every plan keeps"
         )
     if e.sub_experts:

@@ -64,6 +64,18 @@ def parent_of(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name.rpartition(".")[0])
 
 
+def moe_block(model: nn.Module, router: str) -> nn.Module:
+    """The MoE block around the router module ``router``: its parent, or the nearest module
+    above that holds the experts (Zaya nests its router MLP in ``mlp.gate.router_mlp``)."""
+    name = router
+    while "." in name:
+        name = name.rpartition(".")[0]
+        block = model.get_submodule(name)
+        if hasattr(block, "experts") or hasattr(block, "output_linear"):
+            return block
+    return parent_of(model, router)
+
+
 def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
     """Map layer index -> that decoder layer's ``self_attn.o_proj`` linear (layers without one
     are absent: JetMoE's attention is a mixture of attention experts)."""

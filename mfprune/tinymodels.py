@@ -338,6 +338,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_nextn_predict_layers": 0,
         "hc_mult": 2,
     },
+    # an MLP router whose output layer has a skip class after the 8 experts (top-1 only)
+    "zaya": {
+        **_BASE,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 1,
+        "router_hidden_size": 32,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -395,9 +404,14 @@ def make_config(family: str, **overrides: Any) -> PretrainedConfig:
     return AutoConfig.for_model(family, **{**FAMILIES[family], **overrides})
 
 
+# selection biases (added to the scores before top-k) and the std they are redrawn at: scores
+# are sigmoids for DeepSeek-V3, LFM2, AFMoE; Zaya adds its biases to softmax probabilities, so
+# a smaller spread keeps the router in charge (transformers resets its skip class's to -1)
+_SELECTION_BIAS_STD = {"e_score_correction_bias": 0.5, "expert_bias": 0.5, "balancing_biases": 0.05}
+
 # routers whose class name the oracle's old rule did not know (HunYuanMoEV1Gate,
-# AfmoeTokenChoiceRouter): their logits come from an nn.Linear child
-_OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter)$")
+# AfmoeTokenChoiceRouter, ZayaRouterMLP): their logits come from an nn.Linear child
+_OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter|RouterMLP)$")
 
 
 def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
@@ -411,14 +425,17 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
             # jetmoe's gating wraps .layer, longcat's router .classifier
             layer = getattr(module, "layer", None) or getattr(module, "classifier", None)
             draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
-        elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg, afmoe's router.gate
-            for child in ("wg", "gate"):
+        elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg, afmoe's
+            for child in ("wg", "gate", "out_proj"):  # router.gate, zaya's router_mlp.out_proj
                 if isinstance(getattr(module, child, None), nn.Linear):
                     draw(getattr(module, child).weight, ROUTER_STD)
-        for name in ("e_score_correction_bias", "expert_bias"):  # deepseek_v3, lfm2_moe, afmoe
+            for child in ("fc1", "fc2"):  # zaya's router MLP: wide enough to vary by token
+                if isinstance(getattr(module, child, None), nn.Linear):
+                    draw(getattr(module, child).weight, 0.3)
+        for name, std in _SELECTION_BIAS_STD.items():
             bias = getattr(module, name, None)
             if isinstance(bias, torch.Tensor):
-                draw(bias, 0.5)
+                draw(bias, std)
     for name, param in model.named_parameters():
         for suffix, std in _ZERO_INIT_STD.items():
             if name.endswith(suffix):

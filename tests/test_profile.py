@@ -32,7 +32,7 @@ from mfprune.checkpoint import open_checkpoint
 from mfprune.cli import app
 from mfprune.errors import DataError, ModelError, StatsError
 from mfprune.loading import auto_model_class
-from mfprune.modules import find_o_projs, find_routers, parent_of, routing_modules
+from mfprune.modules import find_o_projs, find_routers, moe_block, parent_of, routing_modules
 from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
 from mfprune.profiling.hooks import Recorder
@@ -251,6 +251,8 @@ def _route_by_hand(
         if config.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return index, weight * config.routed_scaling_factor
+    if family == "zaya":  # MLP router fed the previous layer's router states: its own output,
+        return block.gate_output[2].reshape(-1, k), block.gate_output[1].reshape(-1, k)
     # other families: the router's own output; a router that takes the selection bias kept on
     # its MoE block (MiniMax-M2, LFM2-MoE, AFMoE) gets it as transformers passes it
     if len(inspect.signature(router.forward).parameters) > 1:
@@ -326,12 +328,18 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     inputs: dict[tuple[str, int], Any] = {}
     handles = []
     for row, layer in enumerate(sorted(routers)):
-        block = parent_of(model, routers[layer][0])
+        block = moe_block(model, routers[layer][0])
         handles.append(
             block.register_forward_pre_hook(
                 lambda _m, a, row=row: inputs.__setitem__(("mlp", row), a[0])
             )
         )
+        if family == "zaya":  # keep what its router returned (it reads the last layer's)
+            handles.append(
+                block.gate.register_forward_hook(
+                    lambda m, _a, out, block=block: setattr(block, "gate_output", out)
+                )
+            )
     for layer, o_proj in o_projs.items():
         handles.append(
             o_proj.register_forward_pre_hook(
@@ -356,7 +364,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
             model(input_ids=chunk.long()[None])
             for row, layer in enumerate(sorted(routers)):
                 name, router = routers[layer]
-                block = parent_of(model, name)
+                block = moe_block(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
                 index, weight = _route_by_hand(
                     family, router, x, config, block=block, ids=chunk.long()

@@ -73,6 +73,7 @@ EXPERT_CASES = {
     "longcat_flash": (_half(0, 1), "n_routed_experts"),  # + 2 zero experts, never pruned
     # layer 0 hash-routed: its table names experts 0, 2, 5, 7 only (values remapped)
     "deepseek_v4": (_half(0, 1, 2), "n_routed_experts"),
+    "zaya": (_half(0, 1), "num_experts"),  # MLP router: its output rows + the skip class
 }
 
 
@@ -295,3 +296,18 @@ def test_deepseek_v4_keeps_every_expert_its_hash_table_names(tiny_checkpoint, tm
     assert kept[0] == (0, 2, 5, 7) and kept[1] == kept[2] == (4, 5, 6, 7)
     with pytest.raises(PlanError, match="names 4 experts; keeping 3"):
         plan_experts(layout.experts, scores, keep=3)
+
+
+def test_zaya_router_mlp_keeps_its_skip_class(tiny_checkpoint, tmp_path):
+    """Zaya's router is an MLP; only its output layer has a row per expert, plus a last row for
+    the skip class: the kept experts' rows, then the skip row (and its balancing bias); the
+    router MLP's other layers are the source's bytes."""
+    source = tiny_checkpoint("zaya")
+    kept = {0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    rows = {layer: [*ids, 8] for layer, ids in kept.items()}
+    gate = "model.layers.{layer}.mlp.gate."
+    names = [gate + "router_mlp.out_proj.weight", gate + "balancing_biases"]
+    assert_stacked_sliced(source, out, kept=rows, names=names)
+    assert_tensors_are_slices(source, out, experts=kept)  # fc1, fc2, down_proj: unchanged

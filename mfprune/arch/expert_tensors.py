@@ -110,7 +110,9 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
     modules = [p[: p.index("{expert}")] for p in prefixes]
     for st in spec.stacked:
         parent = fill(st.name).rsplit(".", 1)[0] + "."
-        if not parent.startswith(router_module):
+        # not the router's own module, nor one around it (Zaya's router MLP sits inside the
+        # module holding its balancing biases): those hold the router's other weights
+        if not parent.startswith(router_module) and not router_module.startswith(parent):
             modules.append(parent)
     return ExpertRules(
         block=fill(block_of(spec)),

@@ -288,12 +288,13 @@ def _resolve_experts(
             "experts while the config's count changes; fix config.json or the adapter's "
             "mtp_layers_key",
         )
-    extra = max(0, _int_key(cfg, spec.extra_rows_key, 0))
+    rule = spec.extra_rows
+    extra = max(0, rule if isinstance(rule, int) else _int_key(cfg, rule, 0))
     extended: set[str] = set()  # tensors with E + extra entries along their expert axis
     for L in [*with_router, *beyond]:  # decoder MoE layers, then MTP layers
         rows = tensors[spec.router.format(layer=L)].shape[0]
         if rows != num_experts + extra:
-            more = f" + {spec.extra_rows_key} = {extra}" if spec.extra_rows_key else ""
+            more = f" + {extra} more rows ({spec.extra_rows})" if spec.extra_rows else ""
             raise ModelError(
                 f"config.json says {count_key} = {num_experts}{more} but layer {L}'s router "
                 f"has {rows} rows",

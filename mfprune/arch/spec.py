@@ -111,8 +111,9 @@ class ExpertSpec:
     selection_bias: str | None = None  # the bias added to scores before selection (V3)
     sub_experts: SubExpertSpec | None = None  # CartesianMoE: experts are products of these
     # router rows after the E routed experts that are not prunable experts (LongCat's
-    # zero-compute identity experts): config[extra_rows_key] of them, always kept, in order
-    extra_rows_key: str | None = None
+    # zero-compute identity experts, Zaya's skip class): a count or the config key holding
+    # it; always kept, in order, after the kept experts
+    extra_rows: int | str = 0
     # tensors whose VALUES are expert ids (DeepSeek-V4 hash layers' token -> expert table
     # tid2eid [V, K]): remapped to the kept experts' new numbers; a plan keeps every expert
     # they name. Layers without them are routed as usual.
@@ -223,7 +224,7 @@ _EXPERT_KEYS = {
     "selection",
     "selection_bias",
     "sub_experts",
-    "extra_rows_key",
+    "extra_rows",
     "id_tables",
 }
 _SUB_EXPERT_KEYS = {"sets", "counts_key", "table_key", "layer_counts_key"}
@@ -314,7 +315,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         selection=selection if selection in ("logits", "biased_score") else "logits",
         selection_bias=r.get(t, "selection_bias", where, str, None),
         sub_experts=sub_experts,
-        extra_rows_key=r.get(t, "extra_rows_key", where, str, None),
+        extra_rows=r.get(t, "extra_rows", where, (int, str), 0),
         id_tables=id_tables,
     )
 

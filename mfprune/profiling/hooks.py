@@ -37,7 +37,7 @@ from torch import nn
 
 from mfprune.arch.layout import ExpertLayout, ModelLayout
 from mfprune.errors import ModelError
-from mfprune.modules import find_o_projs, parent_of, routing_modules
+from mfprune.modules import find_o_projs, moe_block, routing_modules
 from mfprune.profiling.stats import ExpertStats, HeadStats
 
 
@@ -69,7 +69,9 @@ class ExpertSums:
         """Add N routed (token, slot) pairs: ``expert`` [N] ids, ``gate`` [N] g_i(t),
         ``norm`` [N] ‖E_i(x_t)‖₂; ``tokens`` real tokens went through the layer."""
         acc = self.soft.dtype
-        routed = expert < self.num_experts  # LongCat's zero-compute experts are not counted
+        # not counted as routed: LongCat's zero-compute experts (ids >= E), and slots of weight
+        # 0, which add nothing (Zaya passes its skip class on as expert 0 with weight 0)
+        routed = (expert < self.num_experts) & (gate != 0)
         self.extra[row] += (~routed).sum()
         expert, gate, norm = expert[routed], gate[routed].to(acc), norm[routed].to(acc)
         self.count[row].index_add_(0, expert, torch.ones_like(expert))
@@ -200,7 +202,7 @@ class Recorder:
         sums = self.sums[kind]
         for row, layer in enumerate(layout.layers):
             name, router = routers[layer]
-            block = parent_of(self.model, name)
+            block = moe_block(self.model, name)
             experts = getattr(block, "experts", None)
             output_linear = getattr(block, "output_linear", None)
             if isinstance(experts, nn.Module):

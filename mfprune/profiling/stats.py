@@ -44,7 +44,8 @@ class ExpertStats:
     reap_num: torch.Tensor  # [L, E] float64: Σ_{t∈T_i} g_i(t)·‖E_i(x_t)‖₂
     tokens: torch.Tensor  # [L] int64: tokens through each layer
     # [L] int64: slots routed to router rows that are not prunable experts (LongCat's
-    # zero-compute experts); None when there are none. count sums to tokens * K minus these.
+    # zero-compute experts, Zaya's skip class) or given weight 0; None when there are none.
+    # count sums to tokens * K minus these.
     extra_slots: torch.Tensor | None = None
 
     @property
