@@ -284,6 +284,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_local_experts": 8,
         "shared_expert_intermediate_size": 32,
     },
+    # Kimi Delta Attention in layers 0 and 2 (narrower heads than the MLA layer 1, so head
+    # tensors of the same name differ in size), layer 0 dense; its default special token ids
+    # lie outside the tiny vocabulary
+    "kimi_linear": {
+        **_BASE,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_group": 2,
+        "topk_group": 1,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "linear_num_heads": 4,
+        "linear_head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

@@ -63,6 +63,8 @@ EXPERT_CASES = {
     "afmoe": (_half(1, 2), "num_experts"),  # bias on the MoE block; router.gate child
     "hunyuan_v1_moe": (_half(0, 1), "num_experts"),  # router gate.wg
     "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
+    # per-layer type lists (mlp_layer_types); hybrids with linear attention
+    "kimi_linear": (_half(1, 2), "num_experts"),  # V3 routing; KDA layers 0, 2; MLA layer 1
 }
 
 
@@ -114,6 +116,7 @@ HEAD_CASES = {
     "ernie4_5_moe": ({0: [0, 1], 1: [0, 1], 2: [0, 1], 3: [2, 3]}, _half(1, 2)),
     "afmoe": ({0: [0, 2], 1: [1, 3], 2: [0, 3]}, {}),  # per-head output gate (gate_proj)
     "exaone_moe": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
+    "kimi_linear": ({1: [0, 2, 3]}, _half(1, 2)),  # MLA layer 1 only; KDA layers 0, 2
 }
 
 
@@ -131,7 +134,12 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "layer", "kind"),
-    [("qwen3_next", 0, "linear_attention"), ("lara_mini", 0, "linear_attention"), ("jamba", 0, "")],
+    [
+        ("qwen3_next", 0, "linear_attention"),
+        ("lara_mini", 0, "linear_attention"),
+        ("jamba", 0, ""),
+        ("kimi_linear", 2, "linear_attention"),
+    ],
 )
 def test_heads_in_a_layer_without_attention_are_refused(
     family, layer, kind, tiny_checkpoint, tmp_path

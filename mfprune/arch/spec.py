@@ -51,9 +51,6 @@ class MoeLayers:
     def describe(self) -> str:
         """The rule in words, with the config keys it reads."""
         parts = []
-        if self.layer_types_key:
-            kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
-            parts.append(f"layers whose {self.layer_types_key} entry is {kinds}")
         if self.first_dense_key:
             parts.append(f"layers from {self.first_dense_key} on")
         if self.last_moe_key:
@@ -63,7 +60,12 @@ class MoeLayers:
             parts.append(f"every {self.sparse_step_key}-th layer (starting at {offset})")
         if self.dense_layers_key:
             parts.append(f"except those listed in {self.dense_layers_key}")
-        return ", ".join(parts) if parts else "every layer"
+        rule = ", ".join(parts) if parts else "every layer"
+        if not self.layer_types_key:
+            return rule
+        kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
+        listed = f"layers whose {self.layer_types_key} entry is {kinds}"
+        return f"{listed} (without that list: {rule})" if parts else listed
 
 
 @dataclass(frozen=True)
