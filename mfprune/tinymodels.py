@@ -309,6 +309,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # MLA + indexer, hyper-connections (2 streams); layer 0 dense; its default special token
+    # ids lie outside the tiny vocabulary; initializer_range 0.006 makes pruning barely move
+    # the logits
+    "hy_v4": {
+        **_BASE,
+        "num_hidden_layers": 3,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "hc_mult": 2,
+        "initializer_range": 0.02,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

@@ -65,6 +65,7 @@ EXPERT_CASES = {
     "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
     # per-layer type lists (mlp_layer_types); hybrids with linear attention
     "kimi_linear": (_half(1, 2), "num_experts"),  # V3 routing; KDA layers 0, 2; MLA layer 1
+    "hy_v4": (_half(1, 2), "n_routed_experts"),  # fused experts; MLA + indexer
 }
 
 
@@ -117,6 +118,8 @@ HEAD_CASES = {
     "afmoe": ({0: [0, 2], 1: [1, 3], 2: [0, 3]}, {}),  # per-head output gate (gate_proj)
     "exaone_moe": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
     "kimi_linear": ({1: [0, 2, 3]}, _half(1, 2)),  # MLA layer 1 only; KDA layers 0, 2
+    # MLA + indexer, per-head output gate (linear_gate) and sinks (learnable_sink_param)
+    "hy_v4": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
 }
 
 
