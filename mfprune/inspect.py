@@ -136,6 +136,8 @@ def routing_rule(e: ExpertLayout) -> str:
             f"group-limited: {e.n_group} groups of {e.group_size}, a token uses its "
             f"top-{e.topk_group} groups ranked by {top}, so every group keeps the same count"
         )
+        if spec.groups_unsupported:
+            parts.append(f"with groups, experts cannot be pruned: {spec.groups_unsupported}")
     if spec.shared:
         shared = ", ".join(p.replace("{layer}", "L") for p in spec.shared)
         parts.append(f"shared experts ({shared}) run on every token and are never pruned")

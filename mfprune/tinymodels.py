@@ -334,6 +334,32 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # A.X-K1: DeepSeek-V3 with a norm after the MoE block; A.X-K2: MLA + indexer, gated norms,
+    # no expert groups (the light checkpoints' routing); its indexer keeps the default top-2048
+    # keys (every key here: with 8 of them, padded batches select differently, a property of
+    # the model that the profiling tests would misread). Their default special token ids lie
+    # outside the tiny vocabulary
+    "axk1": {
+        **_BASE,
+        **_DEEPSEEK,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": 16,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "axk2": {
+        **_BASE,
+        **_DEEPSEEK,
+        "q_lora_rank": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "gated_norm_rank": 8,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

@@ -294,6 +294,8 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
     routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
     o_projs = find_o_projs(model)
+    if layout.heads is not None and layout.spec.heads.tensors:  # Kimi Linear: MLA layers only
+        o_projs = {L: m for L, m in o_projs.items() if L in layout.heads.layers}
     heads = config.num_attention_heads
     mlp = _Sums(len(routers), E)
     moa = _Sums(len(routers), E)

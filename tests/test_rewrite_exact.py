@@ -66,6 +66,8 @@ EXPERT_CASES = {
     # per-layer type lists (mlp_layer_types); hybrids with linear attention
     "kimi_linear": (_half(1, 2), "num_experts"),  # V3 routing; KDA layers 0, 2; MLA layer 1
     "hy_v4": (_half(1, 2), "n_routed_experts"),  # fused experts; MLA + indexer
+    "axk1": (_half(1, 2), "n_routed_experts"),  # V3 routing with groups; MLA
+    "axk2": (_half(1, 2), "n_routed_experts"),  # no groups; MLA + indexer
 }
 
 
@@ -120,6 +122,9 @@ HEAD_CASES = {
     "kimi_linear": ({1: [0, 2, 3]}, _half(1, 2)),  # MLA layer 1 only; KDA layers 0, 2
     # MLA + indexer, per-head output gate (linear_gate) and sinks (learnable_sink_param)
     "hy_v4": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
+    "axk1": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA
+    # q_b_proj rows per head: query (nope + rope) and output gate (v_head_dim)
+    "axk2": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
 }
 
 
@@ -155,6 +160,17 @@ def test_heads_in_a_layer_without_attention_are_refused(
     if kind:
         assert f"(a '{kind}' layer)" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_axk2_with_expert_groups_refuses_expert_pruning(tiny_checkpoint, tmp_path):
+    # A.X-K2's group mask fills unchosen groups with 0.0, so a pruned expert stays selectable
+    source = tiny_checkpoint("axk2", n_group=2, topk_group=1)
+    with pytest.raises(PlanError, match=r"experts\[1\]: group-limited routing .* fills the scores"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    heads = {0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}  # heads are unaffected by the routing
+    rewrite_checkpoint(source, PrunePlan(heads=heads), tmp_path / "heads")
+    assert_exact(source, tmp_path / "heads", heads=removed(heads, 4))
 
 
 def test_minimax_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):

@@ -84,6 +84,9 @@ class ExpertSpec:
     groups_key: str | None = None  # DeepSeek-V3 n_group: group-limited routing
     topk_groups_key: str | None = None
     group_score_topk: int = 1  # experts per group summed into the group score (V3: 2)
+    # why a model of this family that routes with groups (n_group > 1) cannot lose experts
+    # exactly; a plan that prunes experts there is refused with it
+    groups_unsupported: str | None = None
     selection: Literal["logits", "biased_score"] = "logits"  # where a mask must go to drop one
     selection_bias: str | None = None  # the bias added to scores before selection (V3)
 
@@ -189,6 +192,7 @@ _EXPERT_KEYS = {
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
+    "groups_unsupported",
     "selection",
     "selection_bias",
 }
@@ -258,6 +262,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
         group_score_topk=r.get(t, "group_score_topk", where, int, 1),
+        groups_unsupported=r.get(t, "groups_unsupported", where, str, None),
         selection=selection if selection in ("logits", "biased_score") else "logits",
         selection_bias=r.get(t, "selection_bias", where, str, None),
     )
