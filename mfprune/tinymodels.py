@@ -360,6 +360,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "bos_token_id": 1,
         "eos_token_id": 2,
     },
+    # Beam: V3 routing without shared experts, 2 groups of 4; a sliding-window layer on each
+    # side of a full-attention (NoPE) layer; layer 0 dense
+    "beam": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "n_group": 2,
+        "topk_group": 1,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -399,6 +412,7 @@ _ZERO_INIT_STD: dict[str, float] = {
     "experts.down_proj_bias": 0.5,  # gpt_oss
     "mlp.bias": 0.005,  # jetmoe MoE output bias
     "self_attention.experts.bias": 0.005,  # jetmoe MoA output bias
+    "self_attn.gate_bias": 0.5,  # beam per-head output-gate bias (sliced per head)
 }
 
 

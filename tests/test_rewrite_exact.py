@@ -68,6 +68,7 @@ EXPERT_CASES = {
     "hy_v4": (_half(1, 2), "n_routed_experts"),  # fused experts; MLA + indexer
     "axk1": (_half(1, 2), "n_routed_experts"),  # V3 routing with groups; MLA
     "axk2": (_half(1, 2), "n_routed_experts"),  # no groups; MLA + indexer
+    "beam": (_half(1, 2), "num_experts"),  # V3 routing with groups, no shared expert
 }
 
 
@@ -125,6 +126,7 @@ HEAD_CASES = {
     "axk1": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA
     # q_b_proj rows per head: query (nope + rope) and output gate (v_head_dim)
     "axk2": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
+    "beam": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head output gate + bias
 }
 
 
