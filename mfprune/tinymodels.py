@@ -373,6 +373,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
         "mlp_layer_types": ["dense", "sparse", "sparse"],
     },
+    # Nemotron-H: one mixer per layer, Mamba-2 / MoE / attention / MoE; the layer list is the
+    # layer count (num_hidden_layers is not a config key), 2 groups of 4 experts
+    "nemotron_h": {
+        **{k: v for k, v in _BASE.items() if k != "num_hidden_layers"},
+        "layers_block_type": ["linear_attention", "moe", "full_attention", "moe"],
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 32,
+        "head_dim": 16,
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 32,
+        "ssm_state_size": 8,
+        "n_groups": 1,
+        "chunk_size": 16,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

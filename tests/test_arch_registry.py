@@ -143,6 +143,13 @@ def test_unknown_family_message(model_type, expected, absent):
             ],
         ),
         ("jamba", ["every expert_layer_period-th layer (starting at expert_layer_offset)"]),
+        (
+            "nemotron_h",
+            [
+                "MoE layers: layers whose layers_block_type (or hybrid_override_pattern) entry "
+                "is 'moe' or 'E'"
+            ],
+        ),
         ("mixtral", ["top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate"]),
     ],
 )

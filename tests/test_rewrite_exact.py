@@ -69,6 +69,8 @@ EXPERT_CASES = {
     "axk1": (_half(1, 2), "n_routed_experts"),  # V3 routing with groups; MLA
     "axk2": (_half(1, 2), "n_routed_experts"),  # no groups; MLA + indexer
     "beam": (_half(1, 2), "num_experts"),  # V3 routing with groups, no shared expert
+    # layers_block_type: Mamba-2, MoE, attention, MoE; no num_hidden_layers
+    "nemotron_h": (_half(1, 3), "n_routed_experts"),
 }
 
 
@@ -127,6 +129,7 @@ HEAD_CASES = {
     # q_b_proj rows per head: query (nope + rope) and output gate (v_head_dim)
     "axk2": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
     "beam": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head output gate + bias
+    "nemotron_h": ({2: [0, 3]}, _half(1, 3)),  # the attention mixer of layer 2 only
 }
 
 
@@ -149,6 +152,7 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
         ("lara_mini", 0, "linear_attention"),
         ("jamba", 0, ""),
         ("kimi_linear", 2, "linear_attention"),
+        ("nemotron_h", 1, ""),  # an MoE layer
     ],
 )
 def test_heads_in_a_layer_without_attention_are_refused(
@@ -173,6 +177,28 @@ def test_axk2_with_expert_groups_refuses_expert_pruning(tiny_checkpoint, tmp_pat
     heads = {0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}  # heads are unaffected by the routing
     rewrite_checkpoint(source, PrunePlan(heads=heads), tmp_path / "heads")
     assert_exact(source, tmp_path / "heads", heads=removed(heads, 4))
+
+
+def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
+    # released checkpoints say num_hidden_layers and hybrid_override_pattern (one character
+    # per layer: M Mamba-2, E MoE, * attention, - MLP), not layers_block_type
+    import shutil
+
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("nemotron_h"), source)
+    config = json.loads((source / "config.json").read_text())
+    del config["layers_block_type"]
+    config |= {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+    (source / "config.json").write_text(json.dumps(config))
+    ckpt = open_checkpoint(source)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    assert (layout.num_layers, layout.experts.layers, layout.heads.layers) == (4, (1, 3), (2,))
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
+    assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
 
 
 def test_minimax_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):

@@ -31,10 +31,12 @@ class StackedTensor:
 class MoeLayers:
     """Which decoder layers are MoE, from config keys (each optional).
 
-    When ``config[layer_types_key]`` is a list with one entry per layer (``mlp_layer_types:
-    ["dense", "sparse", ...]``), layer L is MoE exactly when its entry is one of
-    ``moe_layer_types``. Otherwise a layer L is MoE unless ``L < config[first_dense_key]``, or
-    ``L > config[last_moe_key]``, or
+    When ``config[key]`` for the first of ``layer_types_keys`` the config has is a list (or a
+    string, one character per layer: Nemotron-H's ``hybrid_override_pattern``) with one entry
+    per layer (``mlp_layer_types: ["dense", "sparse", ...]``), layer L is MoE exactly when its
+    entry is one of ``moe_layer_types``; without ``num_layers_key`` in the config, that list's
+    length is the layer count (Nemotron-H's ``layers_block_type``). Otherwise a layer L is MoE
+    unless ``L < config[first_dense_key]``, or ``L > config[last_moe_key]``, or
     ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
     config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
     the rules of DeepSeek, Qwen-MoE and Jamba.
@@ -45,8 +47,17 @@ class MoeLayers:
     sparse_step_key: str | None = None
     sparse_offset_key: str | None = None
     dense_layers_key: str | None = None
-    layer_types_key: str | None = None
+    layer_types_keys: tuple[str, ...] = ()  # the first present decides
     moe_layer_types: tuple[str, ...] = ("sparse",)
+
+    def layer_types(self, cfg: dict[str, Any]) -> list[str] | str | None:
+        """The per-layer type list (or pattern string) of ``cfg``: the value of the first of
+        ``layer_types_keys`` that it holds as a list or a string; None without one."""
+        for key in self.layer_types_keys:
+            value = cfg.get(key)
+            if isinstance(value, list | str):
+                return value
+        return None
 
     def describe(self) -> str:
         """The rule in words, with the config keys it reads."""
@@ -61,10 +72,11 @@ class MoeLayers:
         if self.dense_layers_key:
             parts.append(f"except those listed in {self.dense_layers_key}")
         rule = ", ".join(parts) if parts else "every layer"
-        if not self.layer_types_key:
+        if not self.layer_types_keys:
             return rule
         kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
-        listed = f"layers whose {self.layer_types_key} entry is {kinds}"
+        keys = " (or ".join(self.layer_types_keys) + ")" * (len(self.layer_types_keys) - 1)
+        listed = f"layers whose {keys} entry is {kinds}"
         return f"{listed} (without that list: {rule})" if parts else listed
 
 
@@ -256,7 +268,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
             sparse_step_key=r.get(t, "sparse_step_key", where, str, None),
             sparse_offset_key=r.get(t, "sparse_offset_key", where, str, None),
             dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
-            layer_types_key=r.get(t, "layer_types_key", where, str, None),
+            layer_types_keys=_one_or_more(r, t, "layer_types_key", where),
             moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
@@ -266,6 +278,14 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         selection=selection if selection in ("logits", "biased_score") else "logits",
         selection_bias=r.get(t, "selection_bias", where, str, None),
     )
+
+
+def _one_or_more(r: _Reader, t: dict, key: str, where: str) -> tuple[str, ...]:
+    """A key naming one config key (a string) or several, first present first (a list)."""
+    value = r.get(t, key, where, (str, list), None)
+    if isinstance(value, str):
+        return (value,)
+    return r.names(t, key, where) if value is not None else ()
 
 
 def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
