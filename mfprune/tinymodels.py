@@ -391,6 +391,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "n_groups": 1,
         "chunk_size": 16,
     },
+    # Hunyuan V3: selection bias on the MoE block; layer 0 dense; initializer_range 0.006
+    # makes pruning barely move the logits
+    "hy_v3": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "initializer_range": 0.02,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

@@ -71,6 +71,7 @@ EXPERT_CASES = {
     "beam": (_half(1, 2), "num_experts"),  # V3 routing with groups, no shared expert
     # layers_block_type: Mamba-2, MoE, attention, MoE; no num_hidden_layers
     "nemotron_h": (_half(1, 3), "n_routed_experts"),
+    "hy_v3": (_half(1, 2), "num_experts"),  # bias on the MoE block (mlp.expert_bias on disk)
 }
 
 
@@ -130,6 +131,7 @@ HEAD_CASES = {
     "axk2": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
     "beam": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head output gate + bias
     "nemotron_h": ({2: [0, 3]}, _half(1, 3)),  # the attention mixer of layer 2 only
+    "hy_v3": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head-dim q/k norms
 }
 
 
