@@ -401,6 +401,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "initializer_range": 0.02,
         "mlp_layer_types": ["dense", "sparse", "sparse"],
     },
+    # Laguna: soft-capped sigmoid router logits, selection bias; sliding-window layers around
+    # a full-attention one; layer 0 dense
+    "laguna": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "shared_expert_intermediate_size": 32,
+        "moe_router_logit_softcapping": 2.0,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},

@@ -72,6 +72,7 @@ EXPERT_CASES = {
     # layers_block_type: Mamba-2, MoE, attention, MoE; no num_hidden_layers
     "nemotron_h": (_half(1, 3), "n_routed_experts"),
     "hy_v3": (_half(1, 2), "num_experts"),  # bias on the MoE block (mlp.expert_bias on disk)
+    "laguna": (_half(1, 2), "num_experts"),  # soft-capped logits; bias under mlp.experts.
 }
 
 
@@ -203,10 +204,18 @@ def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
 
 
-def test_minimax_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
-    # its linear-attention layers also read num_attention_heads: pruning heads is not exact
-    with pytest.raises(PlanError, match="lightning-attention layers take their head count"):
-        rewrite_checkpoint(tiny_checkpoint("minimax"), PrunePlan(heads={0: [0, 2]}), tmp_path / "o")
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [
+        # its linear-attention layers also read num_attention_heads: pruning heads is not exact
+        ("minimax", "lightning-attention layers take their head count"),
+        ("laguna", "keeps a head count per layer"),  # num_attention_heads_per_layer
+    ],
+)
+def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
+    with pytest.raises(PlanError, match=reason):
+        rewrite_checkpoint(tiny_checkpoint(family), PrunePlan(heads={0: [0, 2]}), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
