@@ -133,6 +133,8 @@ HEAD_CASES = {
     "beam": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head output gate + bias
     "nemotron_h": ({2: [0, 3]}, _half(1, 3)),  # the attention mixer of layer 2 only
     "hy_v3": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head-dim q/k norms
+    # per-head softplus gate (g_proj rows); num_attention_heads_per_layer patched too
+    "laguna": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
 }
 
 
@@ -209,7 +211,6 @@ def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     [
         # its linear-attention layers also read num_attention_heads: pruning heads is not exact
         ("minimax", "lightning-attention layers take their head count"),
-        ("laguna", "keeps a head count per layer"),  # num_attention_heads_per_layer
     ],
 )
 def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):

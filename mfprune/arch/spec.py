@@ -126,6 +126,9 @@ class HeadSpec:
     pin_head_dim: bool = True  # write head_dim into config when it was derived from hidden/heads
     tensors: tuple[HeadTensor, ...] = ()
     unsupported: str | None = None  # why heads cannot be pruned exactly in this family
+    # a per-layer list of query-head counts that the model reads too (Laguna's
+    # num_attention_heads_per_layer): every entry becomes the kept count
+    per_layer_count_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,7 @@ _HEAD_KEYS = {
     "pin_head_dim",
     "tensors",
     "unsupported",
+    "per_layer_count_key",
 }
 _HEAD_TENSOR_KEYS = {"name", "axis", "owner", "width", "optional"}
 _TOP_KEYS = {
@@ -319,6 +323,7 @@ def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
         pin_head_dim=bool(r.get(t, "pin_head_dim", where, bool, True)),
         tensors=tuple(tensors),
         unsupported=r.get(t, "unsupported", where, str, None),
+        per_layer_count_key=r.get(t, "per_layer_count_key", where, str, None),
     )
 
 
