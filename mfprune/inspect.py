@@ -144,6 +144,8 @@ def routing_rule(e: ExpertLayout) -> str:
             f"group-limited: {e.n_group} groups of {e.group_size}, a token uses its "
             f"top-{e.topk_group} groups ranked by {top}, so every group keeps the same count"
         )
+        if spec.groups_unsupported:
+            parts.append(f"with groups, experts cannot be pruned: {spec.groups_unsupported}")
     hashed = sorted(e.id_tables)
     if hashed:
         table = spec.id_tables[0].replace("{layer}", "L")

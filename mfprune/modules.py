@@ -9,7 +9,8 @@ oracle uses it; ``routing_modules`` gives the profiler the routing module around
 * Routers: every family's top-k router class (``*TopKRouter`` / ``*TopkRouter``), and JetMoE's
   ``JetMoeTopKGating``. A router under ``self_attention`` / ``self_attn`` routes attention
   experts (JetMoE's mixture of attention); any other routes MLP experts.
-* ``self_attn.o_proj``: the ``nn.Linear`` whose input is the concatenated per-head outputs.
+* ``self_attn.o_proj`` (Nemotron-H: ``mixer.o_proj``): the ``nn.Linear`` whose input is the
+  concatenated per-head outputs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mfprune.arch.spec import ExpertSpec
 ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _ATTENTION_PARTS = ("self_attention", "self_attn")
+_O_PROJ_NAMES = ("self_attn.o_proj", "mixer.o_proj")
 
 
 def layer_index(name: str) -> int | None:
@@ -77,16 +79,13 @@ def moe_block(model: nn.Module, router: str) -> nn.Module:
 
 
 def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
-    """Map layer index -> that decoder layer's ``self_attn.o_proj`` linear (layers without one
-    are absent: JetMoE's attention is a mixture of attention experts)."""
+    """Map layer index -> that decoder layer's ``self_attn.o_proj`` linear (``mixer.o_proj``
+    where a layer holds one mixer, attention or another: Nemotron-H; layers without one are
+    absent: JetMoE's attention is a mixture of attention experts)."""
     found: dict[int, nn.Linear] = {}
     for name, module in model.named_modules():
         layer = layer_index(name)
-        if (
-            name.endswith("self_attn.o_proj")
-            and layer is not None
-            and isinstance(module, nn.Linear)
-        ):
+        if name.endswith(_O_PROJ_NAMES) and layer is not None and isinstance(module, nn.Linear):
             found[layer] = module
     return found
 

@@ -245,7 +245,12 @@ def _check_experts(
                 f"(hash routing) still sends tokens to: keep all {len(layout.pinned(layer))} "
                 "experts it names"
             )
-        if layout.n_group > 1:
+        if layout.n_group > 1 and layout.spec.groups_unsupported and len(ids) < E:
+            problems.append(
+                f"{where}: group-limited routing (n_group = {layout.n_group}) cannot lose "
+                f"experts exactly in this family: {layout.spec.groups_unsupported}"
+            )
+        elif layout.n_group > 1:
             per_group = Counter(i // layout.group_size for i in ids)
             counts = [per_group.get(g, 0) for g in range(layout.n_group)]
             need = layout.spec.group_score_topk

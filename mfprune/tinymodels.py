@@ -347,6 +347,136 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 1,
         "router_hidden_size": 32,
     },
+    # Kimi Delta Attention in layers 0 and 2 (narrower heads than the MLA layer 1, so head
+    # tensors of the same name differ in size), layer 0 dense; its default special token ids
+    # lie outside the tiny vocabulary
+    "kimi_linear": {
+        **_BASE,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "n_group": 2,
+        "topk_group": 1,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "linear_num_heads": 4,
+        "linear_head_dim": 8,
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # MLA + indexer, hyper-connections (2 streams); layer 0 dense; its default special token
+    # ids lie outside the tiny vocabulary; initializer_range 0.006 makes pruning barely move
+    # the logits
+    "hy_v4": {
+        **_BASE,
+        "num_hidden_layers": 3,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "num_key_value_heads": 4,
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "hc_mult": 2,
+        "initializer_range": 0.02,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # A.X-K1: DeepSeek-V3 with a norm after the MoE block; A.X-K2: MLA + indexer, gated norms,
+    # no expert groups (the light checkpoints' routing); its indexer keeps the default top-2048
+    # keys (every key here: with 8 of them, padded batches select differently, a property of
+    # the model that the profiling tests would misread). Their default special token ids lie
+    # outside the tiny vocabulary
+    "axk1": {
+        **_BASE,
+        **_DEEPSEEK,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": 16,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "axk2": {
+        **_BASE,
+        **_DEEPSEEK,
+        "q_lora_rank": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "gated_norm_rank": 8,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # Beam: V3 routing without shared experts, 2 groups of 4; a sliding-window layer on each
+    # side of a full-attention (NoPE) layer; layer 0 dense
+    "beam": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "n_group": 2,
+        "topk_group": 1,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    # Nemotron-H: one mixer per layer, Mamba-2 / MoE / attention / MoE; the layer list is the
+    # layer count (num_hidden_layers is not a config key), 2 groups of 4 experts
+    "nemotron_h": {
+        **{k: v for k, v in _BASE.items() if k != "num_hidden_layers"},
+        "layers_block_type": ["linear_attention", "moe", "full_attention", "moe"],
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "moe_intermediate_size": 32,
+        "moe_shared_expert_intermediate_size": 32,
+        "head_dim": 16,
+        "mamba_num_heads": 4,
+        "mamba_head_dim": 32,
+        "ssm_state_size": 8,
+        "n_groups": 1,
+        "chunk_size": 16,
+    },
+    # Hunyuan V3: selection bias on the MoE block; layer 0 dense; initializer_range 0.006
+    # makes pruning barely move the logits
+    "hy_v3": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "initializer_range": 0.02,
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
+    # Laguna: soft-capped sigmoid router logits, selection bias; sliding-window layers around
+    # a full-attention one; layer 0 dense
+    "laguna": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_hidden_layers": 3,
+        "num_experts": 8,
+        "shared_expert_intermediate_size": 32,
+        "moe_router_logit_softcapping": 2.0,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -390,6 +520,7 @@ _ZERO_INIT_STD: dict[str, float] = {
     "experts.down_proj_bias": 0.5,  # gpt_oss
     "mlp.bias": 0.005,  # jetmoe MoE output bias
     "self_attention.experts.bias": 0.005,  # jetmoe MoA output bias
+    "self_attn.gate_bias": 0.5,  # beam per-head output-gate bias (sliced per head)
 }
 
 

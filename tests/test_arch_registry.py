@@ -133,7 +133,23 @@ def test_unknown_family_message(model_type, expected, absent):
             ],
         ),
         ("deepseek_v32", ["layers whose mlp_layer_types entry is 'sparse'"]),
+        (
+            "kimi_linear",
+            [
+                "top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate",
+                "plus the bias model.layers.L.block_sparse_moe.gate.e_score_correction_bias",
+                "MoE layers: layers whose mlp_layer_types entry is 'sparse' "
+                "(without that list: layers from first_k_dense_replace on)",
+            ],
+        ),
         ("jamba", ["every expert_layer_period-th layer (starting at expert_layer_offset)"]),
+        (
+            "nemotron_h",
+            [
+                "MoE layers: layers whose layers_block_type (or hybrid_override_pattern) entry "
+                "is 'moe' or 'E'"
+            ],
+        ),
         ("mixtral", ["top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate"]),
     ],
 )

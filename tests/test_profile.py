@@ -285,6 +285,8 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         up = gate_up[..., 1::2].clamp(min=-ex.limit, max=ex.limit)
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
+    if family == "nemotron_h":  # non-gated experts: down(act(up(x)))
+        return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
     gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
     act = ex.act_fn if hasattr(ex, "act_fn") else ACT2FN[config.hidden_act]  # LFM2: no key
     return F.linear(act(gate) * up, ex.down_proj[e])
@@ -321,6 +323,8 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     E = layout.experts.num_experts
     routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
     o_projs = find_o_projs(model)
+    if layout.heads is not None and layout.spec.heads.tensors:  # Kimi Linear: MLA layers only
+        o_projs = {L: m for L, m in o_projs.items() if L in layout.heads.layers}
     heads = config.num_attention_heads
     mlp = _Sums(len(routers), E)
     moa = _Sums(len(routers), E)

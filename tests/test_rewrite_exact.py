@@ -74,6 +74,16 @@ EXPERT_CASES = {
     # layer 0 hash-routed: its table names experts 0, 2, 5, 7 only (values remapped)
     "deepseek_v4": (_half(0, 1, 2), "n_routed_experts"),
     "zaya": (_half(0, 1), "num_experts"),  # MLP router: its output rows + the skip class
+    # per-layer type lists (mlp_layer_types); hybrids with linear attention
+    "kimi_linear": (_half(1, 2), "num_experts"),  # V3 routing; KDA layers 0, 2; MLA layer 1
+    "hy_v4": (_half(1, 2), "n_routed_experts"),  # fused experts; MLA + indexer
+    "axk1": (_half(1, 2), "n_routed_experts"),  # V3 routing with groups; MLA
+    "axk2": (_half(1, 2), "n_routed_experts"),  # no groups; MLA + indexer
+    "beam": (_half(1, 2), "num_experts"),  # V3 routing with groups, no shared expert
+    # layers_block_type: Mamba-2, MoE, attention, MoE; no num_hidden_layers
+    "nemotron_h": (_half(1, 3), "n_routed_experts"),
+    "hy_v3": (_half(1, 2), "num_experts"),  # bias on the MoE block (mlp.expert_bias on disk)
+    "laguna": (_half(1, 2), "num_experts"),  # soft-capped logits; bias under mlp.experts.
 }
 
 
@@ -125,6 +135,17 @@ HEAD_CASES = {
     "ernie4_5_moe": ({0: [0, 1], 1: [0, 1], 2: [0, 1], 3: [2, 3]}, _half(1, 2)),
     "afmoe": ({0: [0, 2], 1: [1, 3], 2: [0, 3]}, {}),  # per-head output gate (gate_proj)
     "exaone_moe": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
+    "kimi_linear": ({1: [0, 2, 3]}, _half(1, 2)),  # MLA layer 1 only; KDA layers 0, 2
+    # MLA + indexer, per-head output gate (linear_gate) and sinks (learnable_sink_param)
+    "hy_v4": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
+    "axk1": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA
+    # q_b_proj rows per head: query (nope + rope) and output gate (v_head_dim)
+    "axk2": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),
+    "beam": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head output gate + bias
+    "nemotron_h": ({2: [0, 3]}, _half(1, 3)),  # the attention mixer of layer 2 only
+    "hy_v3": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head-dim q/k norms
+    # per-head softplus gate (g_proj rows); num_attention_heads_per_layer patched too
+    "laguna": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
 }
 
 
@@ -142,7 +163,13 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "layer", "kind"),
-    [("qwen3_next", 0, "linear_attention"), ("lara_mini", 0, "linear_attention"), ("jamba", 0, "")],
+    [
+        ("qwen3_next", 0, "linear_attention"),
+        ("lara_mini", 0, "linear_attention"),
+        ("jamba", 0, ""),
+        ("kimi_linear", 2, "linear_attention"),
+        ("nemotron_h", 1, ""),  # an MoE layer
+    ],
 )
 def test_heads_in_a_layer_without_attention_are_refused(
     family, layer, kind, tiny_checkpoint, tmp_path
@@ -157,10 +184,50 @@ def test_heads_in_a_layer_without_attention_are_refused(
     assert not (tmp_path / "out").exists()
 
 
-def test_minimax_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
-    # its linear-attention layers also read num_attention_heads: pruning heads is not exact
-    with pytest.raises(PlanError, match="lightning-attention layers take their head count"):
-        rewrite_checkpoint(tiny_checkpoint("minimax"), PrunePlan(heads={0: [0, 2]}), tmp_path / "o")
+def test_axk2_with_expert_groups_refuses_expert_pruning(tiny_checkpoint, tmp_path):
+    # A.X-K2's group mask fills unchosen groups with 0.0, so a pruned expert stays selectable
+    source = tiny_checkpoint("axk2", n_group=2, topk_group=1)
+    with pytest.raises(PlanError, match=r"experts\[1\]: group-limited routing .* fills the scores"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    heads = {0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}  # heads are unaffected by the routing
+    rewrite_checkpoint(source, PrunePlan(heads=heads), tmp_path / "heads")
+    assert_exact(source, tmp_path / "heads", heads=removed(heads, 4))
+
+
+def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
+    # released checkpoints say num_hidden_layers and hybrid_override_pattern (one character
+    # per layer: M Mamba-2, E MoE, * attention, - MLP), not layers_block_type
+    import shutil
+
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("nemotron_h"), source)
+    config = json.loads((source / "config.json").read_text())
+    del config["layers_block_type"]
+    config |= {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+    (source / "config.json").write_text(json.dumps(config))
+    ckpt = open_checkpoint(source)
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    assert (layout.num_layers, layout.experts.layers, layout.heads.layers) == (4, (1, 3), (2,))
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
+    assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
+
+
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [
+        # its linear-attention layers also read num_attention_heads: pruning heads is not exact
+        ("minimax", "lightning-attention layers take their head count"),
+    ],
+)
+def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
+    with pytest.raises(PlanError, match=reason):
+        rewrite_checkpoint(tiny_checkpoint(family), PrunePlan(heads={0: [0, 2]}), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])

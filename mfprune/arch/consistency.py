@@ -81,9 +81,11 @@ def _same(cfg: dict[str, Any], key: str, actual: int, what: str) -> None:
 
 
 def _check_heads(ckpt: Checkpoint, layout: Any) -> None:
-    """Every head tensor the adapter lists must be (heads or KV heads) x width along its axis."""
+    """Every head tensor the adapter lists must be (heads or KV heads) x width along its axis,
+    in the layers that hold heads (``HeadLayout.layers``): a hybrid's other layers (linear
+    attention, Mamba) may keep tensors of the same name sized by their own head count."""
     heads, spec = layout.heads, layout.spec.heads
-    for layer in range(layout.num_layers):
+    for layer in heads.layers:
         for t in spec.tensors:
             info = ckpt.tensors.get(t.name.format(layer=layer))
             if info is None or len(info.shape) <= t.axis:

@@ -144,6 +144,9 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     cfg = lm_config(ckpt.config, spec)
     where = f"{spec.config_path}." if spec.config_path else ""
     num_layers = cfg.get(spec.num_layers_key)
+    types = spec.experts.layers.layer_types(cfg)
+    if num_layers is None and isinstance(types, list):  # Nemotron-H: the list is the count
+        num_layers = len(types)
     if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers <= 0:
         raise ModelError(
             f"config.json has no valid '{where}{spec.num_layers_key}' (got {num_layers!r})",
@@ -224,8 +227,8 @@ def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:
 def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers: int) -> bool:
     """The adapter's MoE-layer rule (``MoeLayers``) applied to ``config.json``."""
     rules = spec.layers
-    types = cfg.get(rules.layer_types_key) if rules.layer_types_key else None
-    if isinstance(types, list) and len(types) == num_layers:
+    types = rules.layer_types(cfg)
+    if types is not None and len(types) == num_layers:
         return types[layer] in rules.moe_layer_types
     if layer < _int_key(cfg, rules.first_dense_key, 0):
         return False

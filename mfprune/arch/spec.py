@@ -34,10 +34,12 @@ class StackedTensor:
 class MoeLayers:
     """Which decoder layers are MoE, from config keys (each optional).
 
-    When ``config[layer_types_key]`` is a list with one entry per layer (``mlp_layer_types:
-    ["dense", "sparse", ...]``), layer L is MoE exactly when its entry is one of
-    ``moe_layer_types``. Otherwise a layer L is MoE unless ``L < config[first_dense_key]``, or
-    ``L > config[last_moe_key]``, or
+    When ``config[key]`` for the first of ``layer_types_keys`` the config has is a list (or a
+    string, one character per layer: Nemotron-H's ``hybrid_override_pattern``) with one entry
+    per layer (``mlp_layer_types: ["dense", "sparse", ...]``), layer L is MoE exactly when its
+    entry is one of ``moe_layer_types``; without ``num_layers_key`` in the config, that list's
+    length is the layer count (Nemotron-H's ``layers_block_type``). Otherwise a layer L is MoE
+    unless ``L < config[first_dense_key]``, or ``L > config[last_moe_key]``, or
     ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
     config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
     the rules of DeepSeek, Qwen-MoE and Jamba.
@@ -48,15 +50,21 @@ class MoeLayers:
     sparse_step_key: str | None = None
     sparse_offset_key: str | None = None
     dense_layers_key: str | None = None
-    layer_types_key: str | None = None
+    layer_types_keys: tuple[str, ...] = ()  # the first present decides
     moe_layer_types: tuple[str, ...] = ("sparse",)
+
+    def layer_types(self, cfg: dict[str, Any]) -> list[str] | str | None:
+        """The per-layer type list (or pattern string) of ``cfg``: the value of the first of
+        ``layer_types_keys`` that it holds as a list or a string; None without one."""
+        for key in self.layer_types_keys:
+            value = cfg.get(key)
+            if isinstance(value, list | str):
+                return value
+        return None
 
     def describe(self) -> str:
         """The rule in words, with the config keys it reads."""
         parts = []
-        if self.layer_types_key:
-            kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
-            parts.append(f"layers whose {self.layer_types_key} entry is {kinds}")
         if self.first_dense_key:
             parts.append(f"layers from {self.first_dense_key} on")
         if self.last_moe_key:
@@ -66,7 +74,13 @@ class MoeLayers:
             parts.append(f"every {self.sparse_step_key}-th layer (starting at {offset})")
         if self.dense_layers_key:
             parts.append(f"except those listed in {self.dense_layers_key}")
-        return ", ".join(parts) if parts else "every layer"
+        rule = ", ".join(parts) if parts else "every layer"
+        if not self.layer_types_keys:
+            return rule
+        kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
+        keys = " (or ".join(self.layer_types_keys) + ")" * (len(self.layer_types_keys) - 1)
+        listed = f"layers whose {keys} entry is {kinds}"
+        return f"{listed} (without that list: {rule})" if parts else listed
 
 
 @dataclass(frozen=True)
@@ -107,6 +121,9 @@ class ExpertSpec:
     groups_key: str | None = None  # DeepSeek-V3 n_group: group-limited routing
     topk_groups_key: str | None = None
     group_score_topk: int = 1  # experts per group summed into the group score (V3: 2)
+    # why a model of this family that routes with groups (n_group > 1) cannot lose experts
+    # exactly; a plan that prunes experts there is refused with it
+    groups_unsupported: str | None = None
     selection: Literal["logits", "biased_score"] = "logits"  # where a mask must go to drop one
     selection_bias: str | None = None  # the bias added to scores before selection (V3)
     sub_experts: SubExpertSpec | None = None  # CartesianMoE: experts are products of these
@@ -143,6 +160,9 @@ class HeadSpec:
     pin_head_dim: bool = True  # write head_dim into config when it was derived from hidden/heads
     tensors: tuple[HeadTensor, ...] = ()
     unsupported: str | None = None  # why heads cannot be pruned exactly in this family
+    # a per-layer list of query-head counts that the model reads too (Laguna's
+    # num_attention_heads_per_layer): every entry becomes the kept count
+    per_layer_count_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +241,7 @@ _EXPERT_KEYS = {
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
+    "groups_unsupported",
     "selection",
     "selection_bias",
     "sub_experts",
@@ -235,6 +256,7 @@ _HEAD_KEYS = {
     "pin_head_dim",
     "tensors",
     "unsupported",
+    "per_layer_count_key",
 }
 _HEAD_TENSOR_KEYS = {"name", "axis", "owner", "width", "optional"}
 _TOP_KEYS = {
@@ -306,12 +328,13 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
             sparse_step_key=r.get(t, "sparse_step_key", where, str, None),
             sparse_offset_key=r.get(t, "sparse_offset_key", where, str, None),
             dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
-            layer_types_key=r.get(t, "layer_types_key", where, str, None),
+            layer_types_keys=_one_or_more(r, t, "layer_types_key", where),
             moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
         group_score_topk=r.get(t, "group_score_topk", where, int, 1),
+        groups_unsupported=r.get(t, "groups_unsupported", where, str, None),
         selection=selection if selection in ("logits", "biased_score") else "logits",
         selection_bias=r.get(t, "selection_bias", where, str, None),
         sub_experts=sub_experts,
@@ -349,6 +372,14 @@ def _parse_sub_experts(r: _Reader, data: Any, where: str) -> SubExpertSpec | Non
     )
 
 
+def _one_or_more(r: _Reader, t: dict, key: str, where: str) -> tuple[str, ...]:
+    """A key naming one config key (a string) or several, first present first (a list)."""
+    value = r.get(t, key, where, (str, list), None)
+    if isinstance(value, str):
+        return (value,)
+    return r.names(t, key, where) if value is not None else ()
+
+
 def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
     t = r.table(data, where, _HEAD_KEYS)
     tensors = []
@@ -380,6 +411,7 @@ def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
         pin_head_dim=bool(r.get(t, "pin_head_dim", where, bool, True)),
         tensors=tuple(tensors),
         unsupported=r.get(t, "unsupported", where, str, None),
+        per_layer_count_key=r.get(t, "per_layer_count_key", where, str, None),
     )
 
 

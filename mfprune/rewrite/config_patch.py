@@ -39,6 +39,9 @@ def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan) -
         kept_q = next(iter(plan.heads.values()))
         spec = heads.spec
         out[spec.count_key] = len(kept_q)
+        per_layer = out.get(spec.per_layer_count_key) if spec.per_layer_count_key else None
+        if isinstance(per_layer, list):  # every layer keeps the same shape (plan validated)
+            out[spec.per_layer_count_key] = [len(kept_q)] * len(per_layer)
         if spec.kv_count_key:
             out[spec.kv_count_key] = len(head_index(heads, kept_q))
         if (
