@@ -166,14 +166,21 @@ def _mask_site(site: RouterSite, ids: Sequence[int]) -> Iterator[None]:
     always on the router logits (so every softmax normaliser excludes them), and also on the
     selection bias where the family has one (so ``score + bias`` never selects them)."""
     mask = _expert_mask(site.num_experts, site.top_k, ids)
+    applied = [0]  # how many times the logits were masked
     with ExitStack() as stack:
         if type(site.module).forward is nn.Linear.forward:  # a plain linear: logits out
-            stack.enter_context(_mask_linear_output(site.module, mask))
+            stack.enter_context(_mask_linear_output(site.module, mask, applied))
         else:
-            stack.enter_context(_mask_linear_call(site.module, mask))
+            stack.enter_context(_mask_linear_call(site.module, mask, applied))
         if site.bias is not None:
             stack.enter_context(_mask_correction_bias(site.bias, mask))
         yield
+    if not applied[0]:  # a forward ran (or nothing did) without passing through the mask
+        raise RuntimeError(
+            f"layer {site.layer}: the mask on {site.name} was never applied, so the router "
+            "computes its logits some other way; the masked reference would be the unmasked "
+            "model"
+        )
 
 
 def _mask_router(router: nn.Module, ids: Sequence[int]) -> AbstractContextManager[None]:
@@ -206,10 +213,14 @@ def _mask_correction_bias(bias: torch.Tensor, mask: torch.Tensor) -> Iterator[No
 
 
 @contextmanager
-def _mask_linear_output(linear: nn.Linear, mask: torch.Tensor) -> Iterator[None]:
-    """JetMoE: add ``mask`` to ``linear``'s output with a forward hook."""
+def _mask_linear_output(
+    linear: nn.Linear, mask: torch.Tensor, applied: list[int]
+) -> Iterator[None]:
+    """JetMoE: add ``mask`` to ``linear``'s output with a forward hook (``applied[0]``
+    counts the calls)."""
 
     def hook(_module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        applied[0] += 1
         return output + mask.to(device=output.device, dtype=output.dtype)
 
     handle = linear.register_forward_hook(hook)
@@ -220,8 +231,9 @@ def _mask_linear_output(linear: nn.Linear, mask: torch.Tensor) -> Iterator[None]
 
 
 @contextmanager
-def _mask_linear_call(router: nn.Module, mask: torch.Tensor) -> Iterator[None]:
-    """Add ``mask`` to the result of the single ``F.linear`` call made by ``router.forward``.
+def _mask_linear_call(router: nn.Module, mask: torch.Tensor, applied: list[int]) -> Iterator[None]:
+    """Add ``mask`` to the result of the single ``F.linear`` call made by ``router.forward``
+    (``applied[0]`` counts the forwards).
 
     ``router.forward`` is shadowed by an instance attribute that swaps
     ``torch.nn.functional.linear`` for a masking version while the original forward runs.
@@ -245,6 +257,7 @@ def _mask_linear_call(router: nn.Module, mask: torch.Tensor) -> Iterator[None]:
             result = original_forward(*args, **kwargs)
         finally:
             functional.linear = original_linear
+        applied[0] += calls
         if calls != 1:
             raise RuntimeError(
                 f"{type(router).__name__}.forward made {calls} F.linear calls, expected exactly 1;"

@@ -138,3 +138,18 @@ def test_a_token_classifier_loads_with_its_own_class_and_verifies(tmp_path):
     rewrite_checkpoint(tmp_path / "src", PrunePlan(experts=MIXTRAL_KEPT), out)
     check = verify_rewrite(tmp_path / "src", out)
     assert check.exact and check.masking_effect > 1e-4
+
+
+def test_a_mask_that_never_reaches_the_logits_is_an_error(tiny_checkpoint, monkeypatch):
+    """LongCat's router multiplies by ``classifier.weight`` itself and never calls the Linear:
+    a hook on that Linear would leave the reference unmasked. The oracle masks at the router
+    (mfprune.modules._logits_module); forced onto the Linear, it must refuse, not pass."""
+    import mfprune.modules as modules
+
+    source = tiny_checkpoint("longcat_flash")
+    model = load(source)[0]
+    ids = sample_ids(model.config.vocab_size, batch=1, seq=8)
+    masked_logits(model, ids, experts={0: [1, 3]})  # found at the router: applied
+    monkeypatch.setattr(modules, "_logits_module", lambda m, name: (name, m.get_submodule(name)))
+    with pytest.raises(RuntimeError, match=r"mask on .*classifier was never applied"):
+        masked_logits(model, ids, experts={0: [1, 3]})
