@@ -386,6 +386,14 @@ def prune(
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", help="calibrate --repair on at most N tokens")
     ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="--repair refit with one decoder layer in memory at a time (models bigger "
+            "than memory)",
+        ),
+    ] = False,
     model_code: ModelCodeOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     fmt: FormatOpt = OutputFormat.human,
@@ -430,6 +438,7 @@ def prune(
             repair=repair,
             data=repair_data,
             max_tokens=max_tokens,
+            sequential=sequential,
             on_repair_start=ticker.set_total,
             on_repair_batch=ticker.advance,
         )

@@ -106,6 +106,7 @@ def prune_model(
     repair: str = "none",
     data: str | Path | None = None,
     max_tokens: int | None = None,
+    sequential: bool = False,
     on_repair_start: Callable[[int], None] | None = None,
     on_repair_batch: Callable[[int], None] | None = None,
 ) -> PruneOutcome:
@@ -116,9 +117,16 @@ def prune_model(
     byte is written.
 
     ``repair``/``data``/``max_tokens``: the repair method and its calibration data (at most
-    ``max_tokens`` tokens of it); ``on_repair_start`` gets the token passes the repair will
-    make, ``on_repair_batch`` each batch's tokens (progress)."""
+    ``max_tokens`` tokens of it); ``sequential``: one decoder layer in memory at a time;
+    ``on_repair_start`` gets the token passes the repair will make, ``on_repair_batch`` each
+    batch's tokens (progress)."""
     check_method(repair, data)
+    if sequential and repair == "none":
+        raise PlanError(
+            "--sequential is for --repair refit: a plain prune streams tensors and never loads "
+            "the model",
+            hint="drop --sequential, or add --repair refit --data TASK",
+        )
     if repair != "none" and (plan_only or verify):
         raise PlanError(
             f"--repair {repair} changes weights: "
@@ -161,6 +169,7 @@ def prune_model(
         "method": repair,
         "data": data,
         "max_tokens": max_tokens,
+        "sequential": sequential,
         "on_start": on_repair_start,
         "on_batch": on_repair_batch,
     }

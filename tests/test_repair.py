@@ -209,6 +209,7 @@ def test_per_expert_solve_also_reduces_the_error(model_dir, task):
         (["--data", "TASK"], "--data is only read by --repair"),
         (["--repair", "refit", "--data", "TASK", "--verify"], "--verify checks exact"),
         (["--repair", "refit", "--data", "TASK", "--plan-only"], "--plan-only writes no"),
+        (["--sequential"], "--sequential is for --repair refit"),
         (["--repair", "refit", "--data", "MISSING"], "does not exist"),
     ],
 )
@@ -336,3 +337,55 @@ def test_refit_refuses_a_quantized_checkpoint(tiny_checkpoint, task, tmp_path):
     assert result.exit_code == 2, result.output + result.stderr
     assert "stored as F8_E4M3: --repair writes float tensors only" in result.stderr, result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "mixtral"])
+def test_sequential_refit_matches_the_in_memory_refit(model_dir, task, family):
+    """One decoder layer in memory at a time, the refit reaches the same repaired tensors as
+    with the whole model loaded (up to float32 summation order), layer after layer."""
+    from mfprune import PrunePlan
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.checkpoint import open_checkpoint
+    from mfprune.repair import repaired_tensors
+
+    ckpt = open_checkpoint(model_dir(family))
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    plan = PrunePlan(experts={layer: [0, 2, 5, 7] for layer in layout.experts.layers})
+    options = {"method": "refit", "data": task, "device": "cpu", "batch_size": 4}
+
+    def tensors(result) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, info in result.tensors.items():
+            with safe_open(info.file, "pt") as f:
+                out[name] = f.get_tensor(name)
+        return out
+
+    with (
+        repaired_tensors(ckpt, layout, plan, **options) as whole,
+        repaired_tensors(ckpt, layout, plan, sequential=True, **options) as layerwise,
+    ):
+        assert [f.layer for f in layerwise.layers] == list(layout.experts.layers)
+        a, b = tensors(whole), tensors(layerwise)
+        assert sorted(a) == sorted(b) and a
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+        for x, y in zip(whole.layers, layerwise.layers, strict=True):
+            assert y.error_refit == pytest.approx(x.error_refit, rel=1e-3)
+            assert y.error_refit < y.error_dropped
+
+
+def test_cli_sequential_refit_writes_the_same_model(pruned, task, tmp_path):
+    """`prune --repair refit --sequential` writes the model the in-memory refit writes."""
+    source, whole, stats = pruned("qwen3_moe", "refit")
+    out = tmp_path / "layerwise"
+    run(
+        "prune", source, "--profile", stats, "--keep-ratio", "0.5", "--out", out,
+        "--repair", "refit", "--data", task, "--sequential",
+    )  # fmt: skip
+    a, b = load(whole)[0].state_dict(), load(out)[0].state_dict()
+    assert sorted(a) == sorted(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+    provenance = json.loads((out / "mfprune_provenance.json").read_text())
+    assert provenance["repair"]["method"] == "refit"

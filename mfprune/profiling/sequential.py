@@ -26,6 +26,7 @@ never count towards the process's resident memory.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import re
@@ -198,6 +199,38 @@ class LayerByLayer:
                         hidden[b] = out.to("cpu")
                         if on_batch is not None:
                             on_batch(int(mask.sum()) / count)
+
+    def walk(
+        self,
+        batches: list[Batch],
+        visit: Callable[[int, nn.Module, Callable[[int], torch.Tensor]], Any],
+    ) -> None:
+        """Every batch through every decoder layer, one layer loaded at a time (``--repair
+        refit --sequential``). For each layer, ``visit(i, layer, run)`` may run batches through
+        it first (``run(b)``: batch b's current hidden states through the layer -> its output
+        [B, S, D], the kept states unchanged) and returns a context manager (or None) under
+        which every batch then goes through the layer for good."""
+        _return_freed_memory()
+        with torch.no_grad():
+            with self._loaded("embed", self.embed):
+                hidden = [
+                    self._inputs(0, input_ids=ids, attention_mask=mask)[0].to("cpu")
+                    for ids, mask in batches
+                ]  # each [B, S, D]
+            for i, layer in enumerate(self.layers):
+                with self._loaded(i, layer):
+
+                    def run(
+                        b: int, i: int = i, layer: nn.Module = layer, states: list = hidden
+                    ) -> torch.Tensor:
+                        h = states[b].to(self.device)
+                        mask = batches[b][1]
+                        _, args, kwargs = self._inputs(i, inputs_embeds=h, attention_mask=mask)
+                        out = layer(h, *args, **kwargs)
+                        return out[0] if isinstance(out, tuple) else out
+
+                    with visit(i, layer, run) or contextlib.nullcontext():
+                        hidden = [run(b).to("cpu") for b in range(len(batches))]
 
     def _inputs(self, index: int, **model_inputs: Any) -> tuple[torch.Tensor, tuple, dict]:
         """(hidden states, args, kwargs) that the decoder's own forward passes to layer

@@ -94,12 +94,14 @@ def repaired_tensors(
     batch_size: int = 8,
     device: str = "auto",
     ridge: float = DEFAULT_RIDGE,
+    sequential: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[RepairResult]:
     """Repair ``ckpt`` pruned by ``plan``; the yielded result's ``tensors`` live in a temporary
-    folder until the context ends. ``on_start`` gets the number of token passes (tokens ×
-    repaired layers), ``on_batch`` each batch's tokens."""
+    folder until the context ends. ``sequential``: one decoder layer in memory at a time
+    (sequential.py). ``on_start`` gets the number of token passes (tokens × repaired layers),
+    ``on_batch`` each batch's tokens."""
     from mfprune.profiling.data import load_token_data
     from mfprune.profiling.run import (
         _pad_id,
@@ -132,6 +134,24 @@ def repaired_tensors(
     tokenizer = load_tokenizer(ckpt.root)
     seq_len = resolve_seq_len(ckpt.config, seq_len)  # as profile: min(2048, positions)
     tokens = load_token_data(data, tokenizer, seq_len=seq_len, max_tokens=max_tokens)
+    if sequential:
+        with _sequential_repair(
+            ckpt, layout, plan, tokens, tokenizer, device=torch_device, batch_size=batch_size,
+            ridge=ridge, on_start=on_start, on_batch=on_batch,
+        ) as done:  # fmt: skip
+            fits, replaced = done
+            yield RepairResult(
+                method=method,
+                data=str(data),
+                data_fingerprint=tokens.fingerprint,
+                tokens=tokens.tokens,
+                documents=tokens.documents,
+                ridge=ridge,
+                seconds=time.perf_counter() - start,
+                layers=fits,
+                tensors=replaced,
+            )
+        return
     model = load_model(ckpt.root, dtype="auto", device=torch_device)
     kept = {
         layer: list(plan.kept_experts(experts, layer))
@@ -165,3 +185,40 @@ def repaired_tensors(
             layers=fits,
             tensors=replaced,
         )
+
+
+@contextmanager
+def _sequential_repair(
+    ckpt: Checkpoint,
+    layout: ModelLayout,
+    plan: PrunePlan,
+    tokens: Any,
+    tokenizer: Any,
+    *,
+    device: Any,
+    batch_size: int,
+    ridge: float,
+    on_start: Callable[[int], None] | None,
+    on_batch: Callable[[int], None] | None,
+) -> Iterator[tuple[list[Any], dict[str, TensorInfo]]]:
+    """Refit layer by layer on a meta skeleton; the repaired tensors live in a temporary
+    folder until the context ends."""
+    from mfprune.profiling.run import _pad_id
+    from mfprune.profiling.sequential import build_skeleton, checkpoint_dtype
+    from mfprune.repair.sequential import refit_sequential
+
+    experts = layout.experts
+    kept = {
+        layer: list(plan.kept_experts(experts, layer))
+        for layer in experts.layers
+        if len(plan.kept_experts(experts, layer)) < experts.num_experts
+    }
+    model = build_skeleton(ckpt, dtype=checkpoint_dtype(ckpt), device=device)
+    batches = list(tokens.batches(batch_size=batch_size, pad_id=_pad_id(tokenizer)))
+    if on_start is not None:
+        on_start(tokens.tokens * len(kept))
+    with tempfile.TemporaryDirectory(prefix="mfprune-repair-") as tmp:
+        yield refit_sequential(
+            ckpt, model, experts, kept=kept, batches=batches, folder=Path(tmp), device=device,
+            ridge=ridge, on_batch=on_batch,
+        )  # fmt: skip

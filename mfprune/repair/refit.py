@@ -30,7 +30,7 @@ at the layer), so L layers cost about L/2 full passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +79,30 @@ def refit_model(
     """Refit, in place, the down projections of the kept experts of ``model`` (module
     docstring). ``kept``: per MoE layer, the expert ids kept; layers that keep every expert are
     left alone. ``on_batch`` is called after each batch of each layer with its real tokens."""
+    drop = dropped_experts(model, kept)
+    fits = []
+    for layer in sorted(drop):
+        block = moe_block_of(model, layer)
+        inputs = (
+            (_block_input(model, block, layer, ids, mask, drop), mask) for ids, mask in batches
+        )
+        fits.append(
+            refit_layer(
+                model,
+                layer=layer,
+                kept=kept[layer],
+                drop=drop[layer],
+                inputs=inputs,
+                ridge=ridge,
+                max_features=max_features,
+                on_batch=on_batch,
+            )
+        )
+    return fits
+
+
+def dropped_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    """Per MoE layer that loses experts, the ids it drops."""
     routers = find_routers(model, attention=False)
     drop: dict[int, list[int]] = {}
     for layer, ids in sorted(kept.items()):
@@ -86,26 +110,43 @@ def refit_model(
         gone = [e for e in range(total) if e not in set(ids)]
         if gone:
             drop[layer] = gone
-    fits = []
-    for layer in sorted(drop):
-        block = parent_of(model, routers[layer][0])
-        experts = _check_experts(block, layer)
-        ids = sorted(int(k) for k in kept[layer])
-        fits.append(
-            _refit_layer(
-                model,
-                block=block,
-                experts=experts,
-                layer=layer,
-                kept=ids,
-                drop=drop,
-                batches=batches,
-                ridge=ridge,
-                joint=len(ids) * experts.down_proj.shape[2] <= max_features,
-                on_batch=on_batch,
-            )
-        )
-    return fits
+    return drop
+
+
+def moe_block_of(model: nn.Module, layer: int) -> nn.Module:
+    """The MoE block of decoder layer ``layer`` (the module around its router)."""
+    return parent_of(model, find_routers(model, attention=False)[layer][0])
+
+
+def refit_layer(
+    model: nn.Module,
+    *,
+    layer: int,
+    kept: Sequence[int],
+    drop: Sequence[int],
+    inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    ridge: float = 1e-3,
+    max_features: int = MAX_FEATURES,
+    on_batch: Callable[[int], None] | None = None,
+) -> LayerFit:
+    """Refit layer ``layer``'s kept experts in place from ``inputs``: per batch, the MoE
+    block's input on the pruned path x [B, S, H] and the attention mask [B, S]. Earlier layers
+    must already be pruned and refit (in memory: masked; layer by layer: run that way)."""
+    block = moe_block_of(model, layer)
+    experts = _check_experts(block, layer)
+    ids = sorted(int(k) for k in kept)
+    return _refit_layer(
+        model,
+        block=block,
+        experts=experts,
+        layer=layer,
+        kept=ids,
+        drop=list(drop),
+        inputs=inputs,
+        ridge=ridge,
+        joint=len(ids) * experts.down_proj.shape[2] <= max_features,
+        on_batch=on_batch,
+    )
 
 
 def _check_experts(block: nn.Module, layer: int) -> nn.Module:
@@ -142,8 +183,8 @@ def _refit_layer(
     experts: nn.Module,
     layer: int,
     kept: list[int],
-    drop: dict[int, list[int]],
-    batches: Batches,
+    drop: list[int],
+    inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     ridge: float,
     joint: bool,
     on_batch: Callable[[int], None] | None,
@@ -156,14 +197,13 @@ def _refit_layer(
     w0_32 = w0.float()  # products per chunk in float32, sums over chunks in float64
     normal = _Normal(len(kept), inter, down.shape[1], joint=joint, dtype=acc, device=device)
     checked = False
-    for ids, mask in batches:
-        x = _block_input(model, block, layer, ids, mask, drop)  # [B, S, H]
+    for x, mask in inputs:  # x [B, S, H]: the block's input on the pruned path
         real = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [B*S]
         with torch.no_grad():
             with _capture(experts) as seen:
                 block(x)  # the original block: original routing
             target = seen[-1].output  # [B*S, H]
-            with _capture(experts) as seen, masking(model, experts={layer: drop[layer]}):
+            with _capture(experts) as seen, masking(model, experts={layer: drop}):
                 block(x)  # the pruned block
             pruned = seen[-1]
             for rows in torch.arange(real.shape[0], device=device)[real].split(_CHUNK):

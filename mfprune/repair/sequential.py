@@ -1,0 +1,90 @@
+"""``--repair refit --sequential``: the refit of refit.py, one decoder layer in memory at a time
+(mfprune.profiling.sequential.LayerByLayer), for models bigger than memory.
+
+Every batch's hidden states [B, S, D] are kept on CPU between layers. For each decoder layer in
+turn, loaded from the safetensors: if it loses experts, the MoE block's input x [B, S, H] of
+every batch is recorded (a pre-hook that stops the layer there), the kept experts' down
+projections are refit from them exactly as in memory, the repaired tensors are written, and then
+every batch goes through the layer with its dropped experts masked — the pruned, repaired path
+the next layer is refit on. Peak memory: one layer's weights, every batch's hidden states and
+block inputs, one layer's normal equations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mfprune.arch.layout import ExpertLayout
+from mfprune.checkpoint import Checkpoint
+from mfprune.io.reader import TensorInfo
+from mfprune.oracle import masking
+from mfprune.repair.refit import LayerFit, dropped_experts, moe_block_of, refit_layer
+from mfprune.repair.tensors import find_down_tensors, write_repaired
+
+
+class _Stop(Exception):
+    """Raised at the MoE block: the rest of the layer is not needed to record its input."""
+
+
+def refit_sequential(
+    ckpt: Checkpoint,
+    model: nn.Module,
+    experts: ExpertLayout,
+    *,
+    kept: Mapping[int, Sequence[int]],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    folder: Path,
+    device: torch.device,
+    ridge: float,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[LayerFit], dict[str, TensorInfo]]:
+    """Refit ``model`` (a meta skeleton of ``ckpt``) layer by layer; return the fits and the
+    repaired tensors, written into ``folder``, by source name."""
+    from mfprune.profiling.sequential import LayerByLayer
+
+    runner = LayerByLayer(ckpt, model, device=device)
+    drop = dropped_experts(model, kept)
+    fits: list[LayerFit] = []
+    replaced: dict[str, TensorInfo] = {}
+
+    def visit(i: int, _layer: nn.Module, run: Callable[[int], torch.Tensor]) -> Any:
+        if i not in drop:
+            return None
+        block = moe_block_of(model, i)
+        down = block.experts.down_proj  # [E, H, I], as loaded: matched to the disk first
+        where = find_down_tensors(ckpt, experts, i, down, kept[i])
+        inputs = [(_block_input(block, run, b), batches[b][1]) for b in range(len(batches))]
+        fits.append(
+            refit_layer(
+                model, layer=i, kept=kept[i], drop=drop[i], inputs=inputs, ridge=ridge,
+                on_batch=on_batch,
+            )
+        )  # fmt: skip
+        replaced.update(write_repaired(folder, where, down, sorted(kept[i])))
+        return masking(model, experts={i: drop[i]})  # the next layers see the pruned path
+
+    runner.walk(batches, visit)
+    return fits, replaced
+
+
+def _block_input(block: nn.Module, run: Callable[[int], torch.Tensor], b: int) -> torch.Tensor:
+    """Batch ``b``'s input of ``block`` [B, S, H] (the layer stops there)."""
+    found: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        found.append(args[0].detach())
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(stop)
+    try:
+        run(b)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return found[0]
