@@ -477,6 +477,40 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
         "mlp_layer_types": ["dense", "sparse", "sparse"],
     },
+    # sigmoid router, ungated shared expert; layer 0 dense (mlp_only_layers); per-head sinks
+    "flint": {
+        **_BASE,
+        "num_hidden_layers": 3,
+        "head_dim": 16,
+        "moe_intermediate_size": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "shared_expert_intermediate_size": 32,
+        "mlp_only_layers": [0],
+    },
+    # V3 routing with 2 groups of 4; delta attention in layers 0 and 2, MLA in layer 1; layer 0
+    # dense; its default special token ids lie outside the tiny vocabulary
+    "bailing_hybrid": {
+        **_BASE,
+        "num_hidden_layers": 3,
+        "num_key_value_heads": 4,
+        "moe_intermediate_size": 32,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 16,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 16,
+        "head_dim": 16,
+        "layer_group_size": 2,
+        "num_mtp_layers": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -521,6 +555,7 @@ _ZERO_INIT_STD: dict[str, float] = {
     "mlp.bias": 0.005,  # jetmoe MoE output bias
     "self_attention.experts.bias": 0.005,  # jetmoe MoA output bias
     "self_attn.gate_bias": 0.5,  # beam per-head output-gate bias (sliced per head)
+    "self_attn.softmax_offset": 0.5,  # flint per-head attention sinks (sliced per head)
 }
 
 

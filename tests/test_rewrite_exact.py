@@ -74,6 +74,8 @@ EXPERT_CASES = {
     # layer 0 hash-routed: its table names experts 0, 2, 5, 7 only (values remapped)
     "deepseek_v4": (_half(0, 1, 2), "n_routed_experts"),
     "zaya": (_half(0, 1), "num_experts"),  # MLP router: its output rows + the skip class
+    "flint": (_half(1, 2), "num_experts"),  # sigmoid router; shared expert; layer 0 dense
+    "bailing_hybrid": (_half(1, 2), "num_experts"),  # V3 routing, bias saved as gate.expert_bias
     # per-layer type lists (mlp_layer_types); hybrids with linear attention
     "kimi_linear": (_half(1, 2), "num_experts"),  # V3 routing; KDA layers 0, 2; MLA layer 1
     "hy_v4": (_half(1, 2), "n_routed_experts"),  # fused experts; MLA + indexer
@@ -126,6 +128,7 @@ HEAD_CASES = {
     "dots1": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, {}),  # per-head-dim q/k norms
     "deepseek_v32": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA + indexer
     "granitemoe_swa": ({0: [0, 2], 1: [1, 3]}, {}),  # sinks
+    "flint": ({0: [0, 3], 1: [1, 2], 2: [1, 3]}, _half(1, 2)),  # softmax_offset sinks
     "glm4_moe_lite": ({0: [1, 2, 3], 1: [0, 1, 3], 2: [0, 1, 2]}, _half(1, 2)),  # MLA
     # hybrids: heads only in the softmax-attention layers
     "qwen3_next": ({1: [1, 3]}, {}),  # layer 0: Gated DeltaNet; q_proj rows = query + gate
