@@ -65,9 +65,13 @@ def parent_of(model: nn.Module, name: str) -> nn.Module:
 
 def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
     """Map layer index -> that decoder layer's ``self_attn.o_proj`` linear (layers without one
-    are absent: JetMoE's attention is a mixture of attention experts)."""
+    are absent: JetMoE's attention is a mixture of attention experts). Only the language
+    model's decoder is searched (``get_decoder``): Llama 4's vision tower has
+    ``layers.N.self_attn.o_proj`` too."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
     found: dict[int, nn.Linear] = {}
-    for name, module in model.named_modules():
+    for name, module in (decoder if isinstance(decoder, nn.Module) else model).named_modules():
         layer = layer_index(name)
         if (
             name.endswith("self_attn.o_proj")

@@ -90,6 +90,19 @@ _QWEN_VISION: dict[str, Any] = {
     "spatial_merge_size": 1,
 }
 
+#: Llama 4's language model: MoE in layers 1 and 3 (interleave step 2, saved as moe_layers),
+#: layer 3 without RoPE.
+_LLAMA4_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 4,
+    "intermediate_size": 32,  # experts and the shared expert
+    "intermediate_size_mlp": 64,  # the dense layers
+    "head_dim": 16,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "interleave_moe_layer_step": 2,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -308,6 +321,21 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
         "vision_config": _QWEN_VISION,
     },
+    "llama4_text": _LLAMA4_TEXT,
+    "llama4": {
+        "text_config": _LLAMA4_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "image_size": 16,
+            "patch_size": 8,
+            "vision_output_dim": 64,
+            "projector_input_dim": 64,
+            "projector_output_dim": 64,
+        },
+    },
 }
 
 #: Standard deviation given to router weights so routing is far from uniform.
@@ -344,9 +372,11 @@ _OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter)$")
 
 def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
     """Re-draw router weights and zero-initialised routing/expert biases, in place."""
+    drawn: set[int] = set()
 
     def draw(tensor: torch.Tensor, std: float) -> None:
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+        drawn.add(tensor.data_ptr())
 
     for module in model.modules():
         if is_router(module):  # jetmoe's gating takes its logits from an nn.Linear child
@@ -364,6 +394,31 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         for suffix, std in _ZERO_INIT_STD.items():
             if name.endswith(suffix):
                 draw(param, std)
+    for tensor, std in _adapter_routing(model):  # what the class rules above did not reach
+        if tensor.data_ptr() not in drawn:
+            draw(tensor, std)
+
+
+def _adapter_routing(model: PreTrainedModel) -> list[tuple[torch.Tensor, float]]:
+    """The router weights (std ``ROUTER_STD``) and selection biases (std 0.5) that the
+    family's adapter names, in every decoder layer that has them: Llama 4's router (an
+    ``nn.Linear`` subclass), whatever a router class is called."""
+    from mfprune.arch import spec_for_config
+    from mfprune.modules import loaded_name
+
+    spec = spec_for_config(model.config.to_dict())
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    num_layers = int(model.config.get_text_config().num_hidden_layers)
+    found = []
+    for kind in (spec.experts, spec.attention_experts):
+        if kind is None:
+            continue
+        for layer in range(num_layers):
+            for template, std in ((kind.router, ROUTER_STD), (kind.selection_bias, 0.5)):
+                name = loaded_name(model, template.format(layer=layer)) if template else ""
+                if name in tensors:
+                    found.append((tensors[name], std))
+    return found
 
 
 def build_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:

@@ -63,6 +63,7 @@ EXPERT_CASES = {
     "afmoe": (_half(1, 2), "num_experts"),  # bias on the MoE block; router.gate child
     "hunyuan_v1_moe": (_half(0, 1), "num_experts"),  # router gate.wg
     "kolibri1": (_half(0, 1), "num_local_experts"),  # bias saved as moe.router.expert_bias
+    "llama4_text": (_half(1, 3), "num_local_experts"),  # MoE layers from moe_layers
 }
 
 
@@ -114,6 +115,7 @@ HEAD_CASES = {
     "ernie4_5_moe": ({0: [0, 1], 1: [0, 1], 2: [0, 1], 3: [2, 3]}, _half(1, 2)),
     "afmoe": ({0: [0, 2], 1: [1, 3], 2: [0, 3]}, {}),  # per-head output gate (gate_proj)
     "exaone_moe": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
+    "llama4_text": ({0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]}, _half(1, 3)),
 }
 
 
@@ -179,22 +181,30 @@ def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_check
     assert (reference - logits(original, ids)).abs().max().item() > 1e-4
 
 
-# composite models (vision + text): counts under text_config, weights under
-# model.language_model., the vision tower carried over byte for byte
+# composite models (vision + text): counts under text_config, weights under the language
+# model's prefix, the tower carried over byte for byte.
+# family -> (count key, the tower's prefix, kept heads, the MoE layers)
 COMPOSITE_CASES = {
-    "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}),
+    "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # layer 0 is Gated DeltaNet: heads only in layer 1
-    "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}),
+    "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}, (0, 1)),
     # GLM-4.5V: V3 routing with groups, first layer dense, q/k/v biases
-    "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}),
+    "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}, (1, 2)),
+    # MoE in layers 1 and 3; the vision tower's layers have self_attn.{q,k,v,o}_proj too
+    "llama4": (
+        "num_local_experts",
+        "vision_model.",
+        {0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]},
+        (1, 3),
+    ),
 }
 
 
 @pytest.mark.parametrize("family", sorted(COMPOSITE_CASES))
 def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoint, tmp_path):
-    count_key, tower, heads = COMPOSITE_CASES[family]
+    count_key, tower, heads, moe_layers = COMPOSITE_CASES[family]
     source = tiny_checkpoint(family)
-    experts = _half(1, 2) if family == "glm4v_moe" else _half(0, 1)  # its layer 0 is dense
+    experts = _half(*moe_layers)
     out = tmp_path / "pruned"
     result = rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
     assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))

@@ -33,8 +33,9 @@ class MoeLayers:
 
     When ``config[layer_types_key]`` is a list with one entry per layer (``mlp_layer_types:
     ["dense", "sparse", ...]``), layer L is MoE exactly when its entry is one of
-    ``moe_layer_types``. Otherwise a layer L is MoE unless ``L < config[first_dense_key]``, or
-    ``L > config[last_moe_key]``, or
+    ``moe_layer_types``; when ``config[moe_layers_key]`` is a list of layer indices (Llama 4's
+    ``moe_layers: [1, 3, ...]``), exactly the layers it lists are MoE. Otherwise a layer L is
+    MoE unless ``L < config[first_dense_key]``, or ``L > config[last_moe_key]``, or
     ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
     config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
     the rules of DeepSeek, Qwen-MoE and Jamba.
@@ -47,6 +48,7 @@ class MoeLayers:
     dense_layers_key: str | None = None
     layer_types_key: str | None = None
     moe_layer_types: tuple[str, ...] = ("sparse",)
+    moe_layers_key: str | None = None  # a list of the MoE layers' indices (Llama 4)
 
     def describe(self) -> str:
         """The rule in words, with the config keys it reads."""
@@ -54,6 +56,8 @@ class MoeLayers:
         if self.layer_types_key:
             kinds = " or ".join(f"'{t}'" for t in self.moe_layer_types)
             parts.append(f"layers whose {self.layer_types_key} entry is {kinds}")
+        if self.moe_layers_key:
+            parts.append(f"the layers listed in {self.moe_layers_key} (when the config has it)")
         if self.first_dense_key:
             parts.append(f"layers from {self.first_dense_key} on")
         if self.last_moe_key:
@@ -184,6 +188,7 @@ _EXPERT_KEYS = {
     "sparse_offset_key",
     "layer_types_key",
     "moe_layer_types",
+    "moe_layers_key",
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
@@ -252,6 +257,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
             dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
             layer_types_key=r.get(t, "layer_types_key", where, str, None),
             moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
+            moe_layers_key=r.get(t, "moe_layers_key", where, str, None),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
