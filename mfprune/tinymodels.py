@@ -321,6 +321,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
         "vision_config": _QWEN_VISION,
     },
+    # a DeepSeek-V3 language model (MLA, groups, first layer dense) and a one-block tower
+    "kimi_k25": {
+        "text_config": {
+            **_BASE,
+            **_DEEPSEEK,
+            "model_type": "deepseek_v3",
+            "n_group": 2,
+            "topk_group": 1,
+            "q_lora_rank": 16,
+        },
+        "vision_config": {
+            "patch_size": 4,
+            "pos_emb_height": 4,
+            "pos_emb_width": 4,
+            "pos_emb_time": 1,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+        },
+        "projection_hidden_size": 32,
+    },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {
         "text_config": _LLAMA4_TEXT,
@@ -467,7 +489,44 @@ def save_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.to(dtype).save_pretrained(path, **kwargs)
+    renames = _RELEASED_NAMES.get(str(model.config.model_type))
+    if renames:
+        _rename_tensors(path, renames)
     return path
+
+
+#: Where transformers' save_pretrained writes names that the family's released checkpoints do
+#: not use, (old prefix, released prefix) per family. Kimi K2.5: a rename meant for the vision
+#: tower (blocks -> layers) is reversed onto the language model's layers too.
+_RELEASED_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "kimi_k25": (("language_model.model.blocks.", "language_model.model.layers."),),
+}
+
+
+def _rename_tensors(path: Path, renames: tuple[tuple[str, str], ...]) -> None:
+    """Rename the saved tensors of the checkpoint in ``path`` in place (tiny models only: each
+    shard is read whole), and their entries in the shard index."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def renamed(name: str) -> str:
+        for old, new in renames:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return name
+
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata, names = f.metadata(), f.keys()
+            tensors = {renamed(n): f.get_tensor(n) for n in names}
+        save_file(tensors, shard, metadata=metadata)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(n): f for n, f in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def build_checkpoint(

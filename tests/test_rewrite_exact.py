@@ -191,6 +191,8 @@ COMPOSITE_CASES = {
     # GLM-4.5V: V3 routing with groups, first layer dense, q/k/v biases
     "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}, (1, 2)),
     # MoE in layers 1 and 3; the vision tower's layers have self_attn.{q,k,v,o}_proj too
+    # DeepSeek-V3 language model: MLA (KV heads == heads), groups, first layer dense
+    "kimi_k25": ("n_routed_experts", "vision_tower.", {0: [0, 1], 1: [1, 3], 2: [0, 2]}, (1, 2)),
     "llama4": (
         "num_local_experts",
         "vision_model.",
@@ -198,6 +200,9 @@ COMPOSITE_CASES = {
         (1, 3),
     ),
 }
+
+
+MLA_COMPOSITES = {"kimi_k25"}
 
 
 @pytest.mark.parametrize("family", sorted(COMPOSITE_CASES))
@@ -210,9 +215,11 @@ def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoi
     assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))
     assert_tensors_are_slices(source, out, experts=experts)
     assert set(config_diff(source, out)) == {"text_config"}  # nothing else in config.json
-    assert result.config_changes == {  # one query head per KV group: KV heads stay 2
+    mla = family in MLA_COMPOSITES  # one KV latent per head: KV heads go with the heads
+    assert result.config_changes == {  # else one query head per KV group: KV heads stay 2
         f"text_config.{count_key}": [8, 4],
         "text_config.num_attention_heads": [4, 2],
+        **({"text_config.num_key_value_heads": [4, 2]} if mla else {}),
     }
 
     src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
@@ -240,3 +247,14 @@ def test_composite_config_that_lies_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ModelError, match=r"config\.json says hidden_size = 96"):
         rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
+    from mfprune import tinymodels
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    tinymodels.build_model("kimi_k25").save_pretrained(source)  # layers saved as blocks
+    assert any(".model.blocks.1." in name for name in open_checkpoint(source).tensors)
+    with pytest.raises(ModelError, match="no MoE layer found"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
