@@ -343,6 +343,27 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
         "projection_hidden_size": 32,
     },
+    # softmax router with groups (2 of 4, one group per token); MLA with a token indexer; a
+    # one-block Pixtral tower
+    "mistral_large4": {
+        "text_config": {
+            **_BASE,
+            **{k: v for k, v in _DEEPSEEK.items() if k != "q_lora_rank"},  # no Q-LoRA key
+            "n_group": 2,
+            "topk_group": 1,
+            "index_head_dim": 16,
+            "index_n_heads": 2,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+            "head_dim": 16,
+        },
+    },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {
         "text_config": _LLAMA4_TEXT,

@@ -193,6 +193,8 @@ COMPOSITE_CASES = {
     # MoE in layers 1 and 3; the vision tower's layers have self_attn.{q,k,v,o}_proj too
     # DeepSeek-V3 language model: MLA (KV heads == heads), groups, first layer dense
     "kimi_k25": ("n_routed_experts", "vision_tower.", {0: [0, 1], 1: [1, 3], 2: [0, 2]}, (1, 2)),
+    # heads refused (NoPE layers widen wkv_b's per-head slice); consolidated names layers.N.*
+    "mistral_large4": ("n_routed_experts", "vision_encoder.", {}, (1, 2)),
     "llama4": (
         "num_local_experts",
         "vision_model.",
@@ -218,7 +220,7 @@ def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoi
     mla = family in MLA_COMPOSITES  # one KV latent per head: KV heads go with the heads
     assert result.config_changes == {  # else one query head per KV group: KV heads stay 2
         f"text_config.{count_key}": [8, 4],
-        "text_config.num_attention_heads": [4, 2],
+        **({"text_config.num_attention_heads": [4, 2]} if heads else {}),
         **({"text_config.num_key_value_heads": [4, 2]} if mla else {}),
     }
 
@@ -258,3 +260,9 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
     assert any(".model.blocks.1." in name for name in open_checkpoint(source).tensors)
     with pytest.raises(ModelError, match="no MoE layer found"):
         rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
+
+
+def test_mistral_large4_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
+    plan = PrunePlan(heads={0: [0, 2], 1: [0, 2], 2: [0, 2]})
+    with pytest.raises(PlanError, match="NoPE layers"):
+        rewrite_checkpoint(tiny_checkpoint("mistral_large4"), plan, tmp_path / "o")
