@@ -364,6 +364,35 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "head_dim": 16,
         },
     },
+    # KDA linear attention in layers 0 and 2, MLA + indexer in layer 1; layer 0 dense
+    "glm5_next": {
+        "text_config": {
+            **_BASE,
+            **_ROUTED_AFTER_DENSE,
+            "num_key_value_heads": 4,  # == heads (MLA)
+            "n_group": 2,
+            "topk_group": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "index_topk": 16,
+            "index_kpool": 4,
+            "index_head_dim": 16,
+            "index_n_heads": 2,
+            "pad_token_id": 0,  # the default lies outside the tiny vocabulary
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
+            "linear_head_dim": 16,
+            "linear_num_heads": 4,
+            "hc_mult": 2,
+        },
+        "vision_config": {
+            **_QWEN_VISION,
+            "projection_intermediate_size": 64,
+            "image_size": 16,
+        },
+    },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {
         "text_config": _LLAMA4_TEXT,

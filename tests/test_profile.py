@@ -300,6 +300,8 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
     routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
     o_projs = find_o_projs(model)
+    if layout.spec.heads.tensors:  # GLM-5 Next's linear-attention layers have an o_proj too
+        o_projs = {L: o for L, o in o_projs.items() if L in layout.heads.layers}
     heads = config.num_attention_heads
     mlp = _Sums(len(routers), E)
     moa = _Sums(len(routers), E)

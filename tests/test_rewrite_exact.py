@@ -195,6 +195,8 @@ COMPOSITE_CASES = {
     "kimi_k25": ("n_routed_experts", "vision_tower.", {0: [0, 1], 1: [1, 3], 2: [0, 2]}, (1, 2)),
     # heads refused (NoPE layers widen wkv_b's per-head slice); consolidated names layers.N.*
     "mistral_large4": ("n_routed_experts", "vision_encoder.", {}, (1, 2)),
+    # MLA heads in layer 1 only (layers 0 and 2: linear attention); layer 0 dense
+    "glm5_next": ("n_routed_experts", "model.visual.", {1: [1, 2]}, (1, 2)),
     "llama4": (
         "num_local_experts",
         "vision_model.",
@@ -204,7 +206,7 @@ COMPOSITE_CASES = {
 }
 
 
-MLA_COMPOSITES = {"kimi_k25"}
+MLA_COMPOSITES = {"kimi_k25", "glm5_next"}
 
 
 @pytest.mark.parametrize("family", sorted(COMPOSITE_CASES))

@@ -122,7 +122,7 @@ class Recorder:
         self._head_usage: torch.Tensor | None = None  # [L_all, H]
         self._head_tokens: torch.Tensor | None = None  # [L_all]
         if heads:
-            self._plan_heads(layout.num_layers, acc)
+            self._plan_heads(layout, acc)
 
     # ------------------------------------------------------------------------------ state
 
@@ -296,10 +296,13 @@ class Recorder:
 
     # ------------------------------------------------------------------------------ heads
 
-    def _plan_heads(self, num_layers: int, acc: torch.dtype) -> None:
+    def _plan_heads(self, layout: ModelLayout, acc: torch.dtype) -> None:
         """Hook every layer's ``self_attn.o_proj``: all layers, or the attention layers of a
-        hybrid (Mamba / linear-attention layers have none); JetMoE has attention experts."""
+        hybrid (Mamba / linear-attention layers have none; GLM-5 Next's have an o_proj of
+        their own, so only the adapter's head layers count); JetMoE has attention experts."""
         o_projs = find_o_projs(self.model)
+        if layout.heads is not None and layout.spec.heads.tensors:
+            o_projs = {L: o for L, o in o_projs.items() if L in layout.heads.layers}
         if not o_projs:
             return
         config = self.model.config.get_text_config()
