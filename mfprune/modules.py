@@ -81,9 +81,13 @@ def moe_block(model: nn.Module, router: str) -> nn.Module:
 def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
     """Map layer index -> that decoder layer's ``self_attn.o_proj`` linear (``mixer.o_proj``
     where a layer holds one mixer, attention or another: Nemotron-H; layers without one are
-    absent: JetMoE's attention is a mixture of attention experts)."""
+    absent: JetMoE's attention is a mixture of attention experts). Only the language model's
+    decoder is searched (``get_decoder``): Llama 4's vision tower has ``layers.N.self_attn.
+    o_proj`` too."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
     found: dict[int, nn.Linear] = {}
-    for name, module in model.named_modules():
+    for name, module in (decoder if isinstance(decoder, nn.Module) else model).named_modules():
         layer = layer_index(name)
         if name.endswith(_O_PROJ_NAMES) and layer is not None and isinstance(module, nn.Linear):
             found[layer] = module

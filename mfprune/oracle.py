@@ -51,22 +51,53 @@ Pruned = Mapping[int, Sequence[int]]
 
 
 _GROUPED_MM_REFUSAL = "strides should be multiple of 16 bytes"
+# Llama4ForConditionalGeneration (transformers 5.24) builds its output object from a field its
+# language model's output lacks (image_outputs), so its every forward fails
+_BROKEN_OUTPUT = "has no attribute 'image_outputs'"
 
 
-def logits(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """Plain forward pass: ``model(input_ids).logits`` as float32, without gradients.
+def logits(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain forward pass: ``model(input_ids).logits`` as float32, ``[B, T, V]``, without
+    gradients (``attention_mask``, ``[B, T]``, 0 at padding, when given).
 
     Falls back to the ``eager`` experts implementation (for good) where ``grouped_mm`` refuses
     the model's shapes."""
-    ids = input_ids.to(model.device)
+    inputs = {"input_ids": input_ids.to(model.device), "use_cache": False}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(model.device)
     with torch.no_grad():
         try:
-            return model(input_ids=ids, use_cache=False).logits.float()
+            return _forward(model, inputs)
         except RuntimeError as exc:
             if _GROUPED_MM_REFUSAL not in str(exc):
                 raise
         model.set_experts_implementation("eager")
-        return model(input_ids=ids, use_cache=False).logits.float()
+        return _forward(model, inputs)
+
+
+#: composite classes whose own forward fails on _BROKEN_OUTPUT (found on first use)
+_RUN_LANGUAGE_MODEL: set[type] = set()
+
+
+def _forward(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
+    """``model(**inputs).logits`` as float32. Where a composite model cannot build its output
+    object (``_BROKEN_OUTPUT``), its own ``language_model`` (a causal LM with the LM head)
+    runs the tokens, from then on for every model of its class (the failed forward ran the
+    layers: hooks saw them once more): on text alone that is the composite's whole
+    computation."""
+    if type(model) not in _RUN_LANGUAGE_MODEL:
+        try:
+            return model(**inputs).logits.float()
+        except AttributeError as exc:
+            if _BROKEN_OUTPUT not in str(exc) or getattr(model, "language_model", None) is None:
+                raise
+        _RUN_LANGUAGE_MODEL.add(type(model))
+    return model.language_model(**inputs).logits.float()
 
 
 def sample_ids(vocab_size: int, *, batch: int = 2, seq: int = 16, seed: int = 0) -> torch.Tensor:

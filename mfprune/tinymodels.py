@@ -90,6 +90,19 @@ _QWEN_VISION: dict[str, Any] = {
     "spatial_merge_size": 1,
 }
 
+#: Llama 4's language model: MoE in layers 1 and 3 (interleave step 2, saved as moe_layers),
+#: layer 3 without RoPE.
+_LLAMA4_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 4,
+    "intermediate_size": 32,  # experts and the shared expert
+    "intermediate_size_mlp": 64,  # the dense layers
+    "head_dim": 16,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "interleave_moe_layer_step": 2,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -535,6 +548,93 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
         "vision_config": _QWEN_VISION,
     },
+    # a DeepSeek-V3 language model (MLA, groups, first layer dense) and a one-block tower
+    "kimi_k25": {
+        "text_config": {
+            **_BASE,
+            **_DEEPSEEK,
+            "model_type": "deepseek_v3",
+            "n_group": 2,
+            "topk_group": 1,
+            "q_lora_rank": 16,
+        },
+        "vision_config": {
+            "patch_size": 4,
+            "pos_emb_height": 4,
+            "pos_emb_width": 4,
+            "pos_emb_time": 1,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+        },
+        "projection_hidden_size": 32,
+    },
+    # softmax router with groups (2 of 4, one group per token); MLA with a token indexer; a
+    # one-block Pixtral tower
+    "mistral_large4": {
+        "text_config": {
+            **_BASE,
+            **{k: v for k, v in _DEEPSEEK.items() if k != "q_lora_rank"},  # no Q-LoRA key
+            "n_group": 2,
+            "topk_group": 1,
+            "index_head_dim": 16,
+            "index_n_heads": 2,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+            "head_dim": 16,
+        },
+    },
+    # KDA linear attention in layers 0 and 2, MLA + indexer in layer 1; layer 0 dense
+    "glm5_next": {
+        "text_config": {
+            **_BASE,
+            **_ROUTED_AFTER_DENSE,
+            "num_key_value_heads": 4,  # == heads (MLA)
+            "n_group": 2,
+            "topk_group": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 16,
+            "qk_nope_head_dim": 16,
+            "v_head_dim": 16,
+            "index_topk": 16,
+            "index_kpool": 4,
+            "index_head_dim": 16,
+            "index_n_heads": 2,
+            "pad_token_id": 0,  # the default lies outside the tiny vocabulary
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["linear_attention", "indexed_attention", "linear_attention"],
+            "linear_head_dim": 16,
+            "linear_num_heads": 4,
+            "hc_mult": 2,
+        },
+        "vision_config": {
+            **_QWEN_VISION,
+            "projection_intermediate_size": 64,
+            "image_size": 16,
+        },
+    },
+    "llama4_text": _LLAMA4_TEXT,
+    "llama4": {
+        "text_config": _LLAMA4_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "image_size": 16,
+            "patch_size": 8,
+            "vision_output_dim": 64,
+            "projector_input_dim": 64,
+            "projector_output_dim": 64,
+        },
+    },
 }
 
 #: The experts DeepSeek-V4's token -> expert tables name in tiny models: a hash layer can drop
@@ -582,9 +682,11 @@ _OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter|RouterMLP)$")
 
 def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
     """Re-draw router weights and zero-initialised routing/expert biases, in place."""
+    drawn: set[int] = set()
 
     def draw(tensor: torch.Tensor, std: float) -> None:
         tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std)
+        drawn.add(tensor.data_ptr())
 
     for module in model.modules():
         if is_router(module):  # some take their logits from an nn.Linear child
@@ -611,6 +713,32 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
             pool = torch.tensor(HASHED_EXPERTS)
             rows = [pool[torch.randperm(len(pool), generator=generator)] for _ in buffer]
             buffer.copy_(torch.stack(rows)[:, : buffer.shape[1]])
+    for tensor, std in _adapter_routing(model):  # what the class rules above did not reach
+        if tensor.data_ptr() not in drawn:
+            draw(tensor, std)
+
+
+def _adapter_routing(model: PreTrainedModel) -> list[tuple[torch.Tensor, float]]:
+    """The router weights (std ``ROUTER_STD``) and selection biases (std 0.5) that the
+    family's adapter names, in every decoder layer that has them: Llama 4's router (an
+    ``nn.Linear`` subclass), whatever a router class is called."""
+    from mfprune.arch import spec_for_config
+    from mfprune.modules import loaded_name
+
+    spec = spec_for_config(model.config.to_dict())
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # DBRX's n_layers, LongCat's num_layers: no num_hidden_layers (their routers are drawn above)
+    num_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", None) or 0)
+    found = []
+    for kind in (spec.experts, spec.attention_experts):
+        if kind is None:
+            continue
+        for layer in range(num_layers):
+            for template, std in ((kind.router, ROUTER_STD), (kind.selection_bias, 0.5)):
+                name = loaded_name(model, template.format(layer=layer)) if template else ""
+                if name in tensors:
+                    found.append((tensors[name], std))
+    return found
 
 
 def build_model(family: str, *, seed: int = 0, **overrides: Any) -> PreTrainedModel:
@@ -659,7 +787,44 @@ def save_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.to(dtype).save_pretrained(path, **kwargs)
+    renames = _RELEASED_NAMES.get(str(model.config.model_type))
+    if renames:
+        _rename_tensors(path, renames)
     return path
+
+
+#: Where transformers' save_pretrained writes names that the family's released checkpoints do
+#: not use, (old prefix, released prefix) per family. Kimi K2.5: a rename meant for the vision
+#: tower (blocks -> layers) is reversed onto the language model's layers too.
+_RELEASED_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "kimi_k25": (("language_model.model.blocks.", "language_model.model.layers."),),
+}
+
+
+def _rename_tensors(path: Path, renames: tuple[tuple[str, str], ...]) -> None:
+    """Rename the saved tensors of the checkpoint in ``path`` in place (tiny models only: each
+    shard is read whole), and their entries in the shard index."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def renamed(name: str) -> str:
+        for old, new in renames:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return name
+
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata, names = f.metadata(), f.keys()
+            tensors = {renamed(n): f.get_tensor(n) for n in names}
+        save_file(tensors, shard, metadata=metadata)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed(n): f for n, f in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
 
 
 def build_checkpoint(

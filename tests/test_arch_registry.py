@@ -105,7 +105,8 @@ def test_every_adapter_serves_a_transformers_family(moe_types):
         ("ernie_vl_x", "supported: ", "did you mean"),
         ("granite_moe_x", "did you mean 'granitemoe'?", None),
         ("mamba_moe", "supported: ", "did you mean"),
-        ("llama", "supported: ", "did you mean"),
+        ("llama", "supported: ", "did you mean"),  # close to llama4, but a dense family
+        ("llama", "transformers knows it as a family without routed experts", None),
     ],
 )
 def test_unknown_family_message(model_type, expected, absent):
@@ -151,6 +152,7 @@ def test_unknown_family_message(model_type, expected, absent):
             ],
         ),
         ("mixtral", ["top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate"]),
+        ("llama4", ["the layers listed in moe_layers (when the config has it)"]),
     ],
 )
 def test_inspect_states_the_routing_rule(family, phrases, tiny_checkpoint):
@@ -162,6 +164,31 @@ def test_inspect_states_the_routing_rule(family, phrases, tiny_checkpoint):
     if family in ("jamba", "mixtral"):
         assert "group-limited" not in report.experts.routing
         assert "bias" not in report.experts.routing
+
+
+def test_a_list_of_moe_layers_decides_over_the_interleave_step(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.checkpoint import open_checkpoint
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "llama4"
+    shutil.copytree(tiny_checkpoint("llama4"), source)
+    config = json.loads((source / "config.json").read_text())
+    spec = builtin_specs()["llama4"]
+
+    def layers(text_config: dict) -> tuple[int, ...]:
+        config["text_config"].update(text_config)
+        (source / "config.json").write_text(json.dumps(config))
+        return resolve_layout(open_checkpoint(source), spec).experts.layers
+
+    assert layers({}) == (1, 3)
+    assert layers({"interleave_moe_layer_step": 1}) == (1, 3)  # moe_layers decides
+    with pytest.raises(ModelError, match=r"makes layers \[1\] MoE but router tensors exist"):
+        layers({"moe_layers": [1]})
+    del config["text_config"]["moe_layers"]
+    assert layers({"interleave_moe_layer_step": 2}) == (1, 3)  # without the list: the step
 
 
 def test_inspect_names_a_hybrids_attention_layers(tiny_checkpoint):

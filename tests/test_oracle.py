@@ -122,6 +122,23 @@ def test_shapes_grouped_mm_refuses_fall_back_to_eager_experts(tiny_checkpoint, t
     assert_exact(source, out, experts=removed(MIXTRAL_KEPT, 8))
 
 
+def test_llama4_heads_are_its_text_models_and_its_logits_come_from_its_language_model(
+    tiny_checkpoint,
+):
+    from mfprune.modules import find_o_projs
+
+    model, _ = load(tiny_checkpoint("llama4"))
+    text = model.language_model.model.layers
+    # the vision tower's layer 0 also has self_attn.o_proj; only the text model's count
+    assert find_o_projs(model) == {i: layer.self_attn.o_proj for i, layer in enumerate(text)}
+    ids = sample_ids(128, batch=2, seq=8)
+    with pytest.raises(AttributeError, match="image_outputs"), torch.no_grad():
+        model(input_ids=ids)  # the composite's own forward fails in transformers 5.24
+    with torch.no_grad():
+        want = model.language_model(input_ids=ids).logits
+    assert torch.equal(logits(model, ids), want)
+
+
 def test_a_token_classifier_loads_with_its_own_class_and_verifies(tmp_path):
     from transformers import MixtralForTokenClassification
 

@@ -33,6 +33,7 @@ from mfprune.cli import app
 from mfprune.errors import DataError, ModelError, StatsError
 from mfprune.loading import auto_model_class
 from mfprune.modules import find_o_projs, find_routers, moe_block, parent_of, routing_modules
+from mfprune.oracle import logits
 from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
 from mfprune.profiling.hooks import Recorder
@@ -113,13 +114,12 @@ def test_hooks_never_change_logits(family, model_dir, data, tokenizer):
     tokens = load_token_data(data, tokenizer, seq_len=SEQ_LEN)
     ids, mask = next(tokens.batches(batch_size=len(tokens.chunks), pad_id=0))  # all at once
     assert (mask == 0).any(), "the batch should hold padding"
-    with torch.no_grad():
-        plain = model(input_ids=ids, attention_mask=mask).logits
-        recorder = Recorder(model, layout)
-        with recorder.attached():
-            recorder.set_mask(mask)
-            hooked = model(input_ids=ids, attention_mask=mask).logits
-        again = model(input_ids=ids, attention_mask=mask).logits  # hooks are gone
+    plain = logits(model, ids, attention_mask=mask)  # (Llama 4: through its language_model)
+    recorder = Recorder(model, layout)
+    with recorder.attached():
+        recorder.set_mask(mask)
+        hooked = logits(model, ids, attention_mask=mask)
+    again = logits(model, ids, attention_mask=mask)  # hooks are gone
     assert torch.equal(plain, hooked)
     assert torch.equal(plain, again)
     experts = recorder.expert_stats("experts")
@@ -239,6 +239,9 @@ def _route_by_hand(
     if family == "jetmoe":
         value, index = F.linear(x, router.layer.weight).topk(k, dim=-1)
         return index, value.softmax(dim=-1)
+    if family in ("llama4", "llama4_text"):  # top-k on the logits, a sigmoid of the chosen
+        value, index = F.linear(x, router.weight).topk(k, dim=-1)
+        return index, value.sigmoid()
     if family == "deepseek_v3":
         scores = F.linear(x, router.weight).sigmoid()  # [T, E]
         choice = scores + router.e_score_correction_bias
@@ -287,6 +290,9 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
     if family == "nemotron_h":  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
+    if family in ("llama4", "llama4_text"):  # gate_up_proj [E, D, 2I], down_proj [E, I, D]
+        gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
+        return (ex.act_fn(gate) * up) @ ex.down_proj[e]
     gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
     act = ex.act_fn if hasattr(ex, "act_fn") else ACT2FN[config.hidden_act]  # LFM2: no key
     return F.linear(act(gate) * up, ex.down_proj[e])
@@ -365,7 +371,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
         block.reduce = spy(block.reduce, ("reduce", row))
     with torch.no_grad():
         for chunk in chunks:
-            model(input_ids=chunk.long()[None])
+            logits(model, chunk.long()[None])  # (Llama 4: through its language_model)
             for row, layer in enumerate(sorted(routers)):
                 name, router = routers[layer]
                 block = moe_block(model, name)

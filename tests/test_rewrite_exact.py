@@ -86,6 +86,7 @@ EXPERT_CASES = {
     "nemotron_h": (_half(1, 3), "n_routed_experts"),
     "hy_v3": (_half(1, 2), "num_experts"),  # bias on the MoE block (mlp.expert_bias on disk)
     "laguna": (_half(1, 2), "num_experts"),  # soft-capped logits; bias under mlp.experts.
+    "llama4_text": (_half(1, 3), "num_local_experts"),  # MoE layers from moe_layers
 }
 
 
@@ -149,6 +150,7 @@ HEAD_CASES = {
     "hy_v3": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),  # per-head-dim q/k norms
     # per-head softplus gate (g_proj rows); num_attention_heads_per_layer patched too
     "laguna": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
+    "llama4_text": ({0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]}, _half(1, 3)),
 }
 
 
@@ -260,30 +262,49 @@ def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_check
     assert (reference - logits(original, ids)).abs().max().item() > 1e-4
 
 
-# composite models (vision + text): counts under text_config, weights under
-# model.language_model., the vision tower carried over byte for byte
+# composite models (vision + text): counts under text_config, weights under the language
+# model's prefix, the tower carried over byte for byte.
+# family -> (count key, the tower's prefix, kept heads, the MoE layers)
 COMPOSITE_CASES = {
-    "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}),
+    "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # layer 0 is Gated DeltaNet: heads only in layer 1
-    "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}),
+    "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}, (0, 1)),
     # GLM-4.5V: V3 routing with groups, first layer dense, q/k/v biases
-    "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}),
+    "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}, (1, 2)),
+    # MoE in layers 1 and 3; the vision tower's layers have self_attn.{q,k,v,o}_proj too
+    # DeepSeek-V3 language model: MLA (KV heads == heads), groups, first layer dense
+    "kimi_k25": ("n_routed_experts", "vision_tower.", {0: [0, 1], 1: [1, 3], 2: [0, 2]}, (1, 2)),
+    # heads refused (NoPE layers widen wkv_b's per-head slice); consolidated names layers.N.*
+    "mistral_large4": ("n_routed_experts", "vision_encoder.", {}, (1, 2)),
+    # MLA heads in layer 1 only (layers 0 and 2: linear attention); layer 0 dense
+    "glm5_next": ("n_routed_experts", "model.visual.", {1: [1, 2]}, (1, 2)),
+    "llama4": (
+        "num_local_experts",
+        "vision_model.",
+        {0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]},
+        (1, 3),
+    ),
 }
+
+
+MLA_COMPOSITES = {"kimi_k25", "glm5_next"}
 
 
 @pytest.mark.parametrize("family", sorted(COMPOSITE_CASES))
 def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoint, tmp_path):
-    count_key, tower, heads = COMPOSITE_CASES[family]
+    count_key, tower, heads, moe_layers = COMPOSITE_CASES[family]
     source = tiny_checkpoint(family)
-    experts = _half(1, 2) if family == "glm4v_moe" else _half(0, 1)  # its layer 0 is dense
+    experts = _half(*moe_layers)
     out = tmp_path / "pruned"
     result = rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
     assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))
     assert_tensors_are_slices(source, out, experts=experts)
     assert set(config_diff(source, out)) == {"text_config"}  # nothing else in config.json
-    assert result.config_changes == {  # one query head per KV group: KV heads stay 2
+    mla = family in MLA_COMPOSITES  # one KV latent per head: KV heads go with the heads
+    assert result.config_changes == {  # else one query head per KV group: KV heads stay 2
         f"text_config.{count_key}": [8, 4],
-        "text_config.num_attention_heads": [4, 2],
+        **({"text_config.num_attention_heads": [4, 2]} if heads else {}),
+        **({"text_config.num_key_value_heads": [4, 2]} if mla else {}),
     }
 
     src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
@@ -381,3 +402,20 @@ def test_zaya_router_mlp_keeps_its_skip_class(tiny_checkpoint, tmp_path):
     names = [gate + "router_mlp.out_proj.weight", gate + "balancing_biases"]
     assert_stacked_sliced(source, out, kept=rows, names=names)
     assert_tensors_are_slices(source, out, experts=kept)  # fc1, fc2, down_proj: unchanged
+
+
+def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
+    from mfprune import tinymodels
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    tinymodels.build_model("kimi_k25").save_pretrained(source)  # layers saved as blocks
+    assert any(".model.blocks.1." in name for name in open_checkpoint(source).tensors)
+    with pytest.raises(ModelError, match="no MoE layer found"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
+
+
+def test_mistral_large4_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
+    plan = PrunePlan(heads={0: [0, 2], 1: [0, 2], 2: [0, 2]})
+    with pytest.raises(PlanError, match="NoPE layers"):
+        rewrite_checkpoint(tiny_checkpoint("mistral_large4"), plan, tmp_path / "o")

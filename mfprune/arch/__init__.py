@@ -71,5 +71,17 @@ def spec_for_config(config: dict[str, Any], *, arch_file: str | Path | None = No
         raise ArchError(f"unsupported model_type '{model_type}': {reason}", hint=hint)
     families = ", ".join(sorted(by_type))
     shown = f"'{model_type}'" if model_type else "missing"
+    if _known_to_transformers(str(model_type)):  # 'llama' is no typo of 'llama4': no suggestion
+        raise ArchError(
+            f"unsupported model_type {shown}: transformers knows it as a family without routed "
+            f"experts, and mfprune only prunes Mixture-of-Experts models; supported: {families}",
+            hint=hint,
+        )
     close = did_you_mean(str(model_type), by_type, cutoff=FAMILY_CUTOFF)
     raise ArchError(f"unsupported model_type {shown}{close}; supported: {families}", hint=hint)
+
+
+def _known_to_transformers(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING

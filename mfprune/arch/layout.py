@@ -230,6 +230,9 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers
     types = rules.layer_types(cfg)
     if types is not None and len(types) == num_layers:
         return types[layer] in rules.moe_layer_types
+    listed = cfg.get(rules.moe_layers_key) if rules.moe_layers_key else None
+    if isinstance(listed, list):
+        return layer in listed
     if layer < _int_key(cfg, rules.first_dense_key, 0):
         return False
     if rules.last_moe_key and layer > _int_key(cfg, rules.last_moe_key, layer):

@@ -38,7 +38,9 @@ class MoeLayers:
     string, one character per layer: Nemotron-H's ``hybrid_override_pattern``) with one entry
     per layer (``mlp_layer_types: ["dense", "sparse", ...]``), layer L is MoE exactly when its
     entry is one of ``moe_layer_types``; without ``num_layers_key`` in the config, that list's
-    length is the layer count (Nemotron-H's ``layers_block_type``). Otherwise a layer L is MoE
+    length is the layer count (Nemotron-H's ``layers_block_type``); when
+    ``config[moe_layers_key]`` is a list of layer indices (Llama 4's ``moe_layers: [1, 3, ...]``),
+    exactly the layers it lists are MoE. Otherwise a layer L is MoE
     unless ``L < config[first_dense_key]``, or ``L > config[last_moe_key]``, or
     ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
     config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
@@ -52,6 +54,7 @@ class MoeLayers:
     dense_layers_key: str | None = None
     layer_types_keys: tuple[str, ...] = ()  # the first present decides
     moe_layer_types: tuple[str, ...] = ("sparse",)
+    moe_layers_key: str | None = None  # a list of the MoE layers' indices (Llama 4)
 
     def layer_types(self, cfg: dict[str, Any]) -> list[str] | str | None:
         """The per-layer type list (or pattern string) of ``cfg``: the value of the first of
@@ -65,6 +68,8 @@ class MoeLayers:
     def describe(self) -> str:
         """The rule in words, with the config keys it reads."""
         parts = []
+        if self.moe_layers_key:
+            parts.append(f"the layers listed in {self.moe_layers_key} (when the config has it)")
         if self.first_dense_key:
             parts.append(f"layers from {self.first_dense_key} on")
         if self.last_moe_key:
@@ -238,6 +243,7 @@ _EXPERT_KEYS = {
     "sparse_offset_key",
     "layer_types_key",
     "moe_layer_types",
+    "moe_layers_key",
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
@@ -330,6 +336,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
             dense_layers_key=r.get(t, "dense_layers_key", where, str, None),
             layer_types_keys=_one_or_more(r, t, "layer_types_key", where),
             moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
+            moe_layers_key=r.get(t, "moe_layers_key", where, str, None),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),

@@ -13,6 +13,9 @@ They only read: the model's outputs are unchanged (a test checks the logits).
   runs once per slot, as in a plain forward; with transformers' default ``grouped_mm``
   implementation the result is bit-for-bit the module's own (same rows, same order, same
   reduction).
+* Llama 4: its experts module takes E copies of the tokens, each scaled by that expert's gate
+  (0 where it was not chosen); a hook on the router keeps the tokens and the routing, and one
+  on the experts runs their own forward once more on unscaled copies for each slot's E_i(x).
 * JetMoE (MLP experts and attention experts): its ``TopKGating`` router returns the routing in
   expert-sorted order ``(sorted slot ids, token of each slot, gate of each slot, slots per
   expert, logits)``, and the module's ``output_linear`` returns every slot's unweighted output
@@ -205,7 +208,11 @@ class Recorder:
             block = moe_block(self.model, name)
             experts = getattr(block, "experts", None)
             output_linear = getattr(block, "output_linear", None)
-            if isinstance(experts, nn.Module):
+            if isinstance(experts, nn.Module) and _takes_scaled_copies(experts):
+                routing = {}
+                self._plan.append((router, "post", _stash_router_io(routing)))
+                self._plan.append((experts, "post", self._scaled_copies_hook(sums, row, routing)))
+            elif isinstance(experts, nn.Module):
                 self._plan.append((experts, "slots", self._fused_hook(sums, row, experts)))
             elif isinstance(output_linear, nn.Module):
                 routing: dict[str, Any] = {}
@@ -239,6 +246,35 @@ class Recorder:
 
         return tap
 
+    def _scaled_copies_hook(self, sums: ExpertSums, row: int, routing: dict[str, Any]) -> Any:
+        """Llama 4: the experts module gets E copies of the tokens, copy e scaled by expert e's
+        gate (0 where e was not chosen), so E_i(x) is never computed. The hook runs the
+        module's own forward once more on unscaled copies (outputs unchanged) and reads each
+        chosen slot's ‖E_i(x)‖; the gates and choices come from the router."""
+
+        def hook(module: nn.Module, _args: tuple, _output: torch.Tensor) -> None:
+            if "x" not in routing:
+                raise RuntimeError(f"{type(module).__name__} ran before its router")
+            x, scores, logits = routing.pop("x"), routing.pop("scores"), routing.pop("logits")
+            rows, num_experts = scores.shape  # [T, E]
+            index = torch.topk(logits, sums.top_k, dim=1).indices  # [T, K]: the router's choice
+            gate = scores.gather(1, index)  # [T, K]
+            with torch.no_grad():
+                plain = module.forward(x.repeat(num_experts, 1)).view(num_experts, rows, -1)
+            slots = plain[index, torch.arange(rows, device=x.device).unsqueeze(1)]  # [T, K, D]
+            norm = torch.linalg.vector_norm(slots, dim=-1, dtype=torch.float32)  # [T, K]
+            index, gate, norm = self._real(index), self._real(gate), self._real(norm)
+            if index.shape[0]:
+                sums.add(
+                    row,
+                    expert=index.reshape(-1),
+                    gate=gate.reshape(-1),
+                    norm=norm.reshape(-1),
+                    tokens=index.shape[0],
+                )
+
+        return hook
+
     def _sorted_hook(self, sums: ExpertSums, row: int, routing: dict[str, Any]) -> Any:
         def hook(module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             if "token" not in routing:
@@ -271,8 +307,8 @@ class Recorder:
         """Hook every layer's ``self_attn.o_proj``: all layers, or the attention layers of a
         hybrid (Mamba / linear-attention layers have none); JetMoE has attention experts.
         Where the adapter names head tensors, only the layers holding them (``HeadLayout.
-        layers``): Kimi Linear's delta-attention layers have a ``self_attn.o_proj`` too, over
-        heads of another count."""
+        layers``): Kimi Linear's delta-attention and GLM-5 Next's linear-attention layers have a
+        ``self_attn.o_proj`` too, over heads of another count."""
         o_projs = find_o_projs(self.model)
         if layout.heads is not None and layout.spec.heads.tensors:
             o_projs = {L: m for L, m in o_projs.items() if L in layout.heads.layers}
@@ -318,6 +354,23 @@ def _stash_sorted_routing(routing: dict[str, Any]) -> Any:
         _sorted_ids, token, gate, per_expert, _logits = output
         rows = args[0].reshape(-1, args[0].shape[-1]).shape[0]  # T
         routing.update(token=token, gate=gate, n=list(per_expert), rows=rows)
+
+    return hook
+
+
+def _takes_scaled_copies(experts: nn.Module) -> bool:
+    """An experts module whose forward takes the tokens alone, as E gate-scaled copies
+    ``[E*T, D]`` (Llama 4), not ``(hidden, top_k_index, top_k_weights)``."""
+    return len(inspect.signature(experts.forward).parameters) == 1
+
+
+def _stash_router_io(routing: dict[str, Any]) -> Any:
+    """Llama 4 router hook: keep its input ``x`` [T, D] and its ``(scores, logits)``, each
+    [T, E] (scores: the sigmoid of the chosen logits, 0 elsewhere)."""
+
+    def hook(_module: nn.Module, args: tuple, output: tuple) -> None:
+        scores, logits = output
+        routing.update(x=args[0], scores=scores, logits=logits)
 
     return hook
 

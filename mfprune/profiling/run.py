@@ -158,6 +158,8 @@ class _Run:
             model = load_model(ckpt.root, dtype=self.dtype, device=self.device)
             recorder = Recorder(model, layout)
             decoder = model.base_model  # the decoder stack, without the LM head
+            if decoder is model:  # Llama 4's composite holds a whole causal LM: its decoder
+                decoder = model.get_decoder()
             if self.on_start is not None:
                 self.on_start(share)
             with torch.no_grad(), recorder.attached():
