@@ -106,6 +106,30 @@ _LLAMA4_TEXT: dict[str, Any] = {
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
+#: Hunyuan V4 (hy_v4, and the language model of hy_v4_vl)
+_HY_V4: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "index_n_heads": 2,
+    "index_head_dim": 16,
+    "index_topk": 8,
+    "hc_mult": 2,
+    "initializer_range": 0.02,
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
     "qwen2_moe": {
@@ -388,28 +412,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # MLA + indexer, hyper-connections (2 streams); layer 0 dense; its default special token
     # ids lie outside the tiny vocabulary; initializer_range 0.006 makes pruning barely move
     # the logits
-    "hy_v4": {
-        **_BASE,
-        "num_hidden_layers": 3,
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "num_key_value_heads": 4,
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 16,
-        "index_n_heads": 2,
-        "index_head_dim": 16,
-        "index_topk": 8,
-        "hc_mult": 2,
-        "initializer_range": 0.02,
-        "mlp_layer_types": ["dense", "sparse", "sparse"],
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
+    "hy_v4": _HY_V4,
     # A.X-K1: DeepSeek-V3 with a norm after the MoE block; A.X-K2: MLA + indexer, gated norms,
     # no expert groups (the light checkpoints' routing); its indexer keeps the default top-2048
     # keys (every key here: with 8 of them, padded batches select differently, a property of
@@ -547,6 +550,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "qwen3_5_moe": {
         "text_config": {**_BASE, **_SOFTMAX, **_QWEN_NEXT, "num_experts": 8},
         "vision_config": _QWEN_VISION,
+    },
+    # HY-V4 under text_config (multimodal RoPE sections: half the rotary width, 8 / 2), the vision
+    # tower saved as vit.*, the language model as model.layers.*; its indexer keeps every key
+    "hy_v4_vl": {
+        "text_config": {
+            **_HY_V4,
+            "index_topk": 2048,  # every key: its indexer's top-8 differs in padded batches
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 1, 1],
+            },
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "out_hidden_size": 64,
+            "patch_size": 8,
+            "max_image_size": 64,
+        },
     },
     # a DeepSeek-V3 language model (MLA, groups, first layer dense) and a one-block tower
     "kimi_k25": {

@@ -76,6 +76,8 @@ EXPERT_CASES = {
     "zaya": (_half(0, 1), "num_experts"),  # MLP router: its output rows + the skip class
     "flint": (_half(1, 2), "num_experts"),  # sigmoid router; shared expert; layer 0 dense
     "bailing_hybrid": (_half(1, 2), "num_experts"),  # V3 routing, bias saved as gate.expert_bias
+    # composite: HY-V4 under text_config, its vision tower (vit.*) byte for byte
+    "hy_v4_vl": (_half(1, 2), "text_config.n_routed_experts"),
     # per-layer type lists (mlp_layer_types); hybrids with linear attention
     "kimi_linear": (_half(1, 2), "num_experts"),  # V3 routing; KDA layers 0, 2; MLA layer 1
     "hy_v4": (_half(1, 2), "n_routed_experts"),  # fused experts; MLA + indexer
