@@ -207,7 +207,7 @@ def _route_by_hand(
     family: str, router: Any, x: torch.Tensor, config: Any, *, block: Any = None
 ) -> tuple[Any, Any]:
     """(top-k ids [T, K], routing weights [T, K]) computed from the router's weights."""
-    k = config.num_experts_per_tok
+    k = getattr(config, "top_k_experts", None) or config.num_experts_per_tok  # Gemma 4's key
     x = x.float()
     if family in ("mixtral", "qwen2_moe"):
         probs = F.linear(x, router.weight).softmax(dim=-1)
@@ -290,6 +290,10 @@ class _Sums:
                 self.reap_num[row, e] += g * norm
 
 
+#: Gemma 4: router and experts sit on the decoder layer, each with its own normed input
+ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text"}
+
+
 def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
     """Run each chunk alone (no padding) and sum routing and expert norms by hand."""
     model = load_model(path)
@@ -309,12 +313,20 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     inputs: dict[tuple[str, int], Any] = {}
     handles = []
     for row, layer in enumerate(sorted(routers)):
-        block = parent_of(model, routers[layer][0])
+        name, router = routers[layer]
+        block = parent_of(model, name)
         handles.append(
             block.register_forward_pre_hook(
                 lambda _m, a, row=row: inputs.__setitem__(("mlp", row), a[0])
             )
         )
+        if family in ROUTER_ON_THE_LAYER:  # the router's and the experts' inputs differ
+            for key, module in (("router", router), ("experts", block.experts)):
+                handles.append(
+                    module.register_forward_pre_hook(
+                        lambda _m, a, key=key, row=row: inputs.__setitem__((key, row), a[0])
+                    )
+                )
     for layer, o_proj in o_projs.items():
         handles.append(
             o_proj.register_forward_pre_hook(
@@ -341,7 +353,11 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 name, router = routers[layer]
                 block = parent_of(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                index, weight = _route_by_hand(family, router, x, config, block=block)
+                if family in ROUTER_ON_THE_LAYER:
+                    index, weight = _route_by_hand(family, router, inputs["router", row], config)
+                    x = inputs["experts", row]  # [T, D]
+                else:
+                    index, weight = _route_by_hand(family, router, x, config, block=block)
                 outs = torch.stack(
                     [
                         torch.stack(

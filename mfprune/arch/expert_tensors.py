@@ -100,7 +100,10 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
     modules = [p[: p.index("{expert}")] for p in prefixes]
     for st in spec.stacked:
         parent = fill(st.name).rsplit(".", 1)[0] + "."
-        if not parent.startswith(router_module):
+        # a module holding the router (Gemma 4's router.per_expert_scale beside router.proj and
+        # router.scale [D]; a block-level selection bias) is no expert module: its listed
+        # tensors are sliced, other leading-E ones refused, the rest carried
+        if not parent.startswith(router_module) and not router_module.startswith(parent):
             modules.append(parent)
     return ExpertRules(
         block=fill(block_of(spec)),
