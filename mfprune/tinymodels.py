@@ -103,6 +103,22 @@ _LLAMA4_TEXT: dict[str, Any] = {
     "interleave_moe_layer_step": 2,
 }
 
+#: Gemma 4's MoE language model: in every layer a dense MLP beside 8 routed experts (router
+#: on the decoder layer); no per-layer inputs.
+_GEMMA4_TEXT: dict[str, Any] = {
+    **_BASE,
+    "head_dim": 16,
+    "global_head_dim": 16,
+    "enable_moe_block": True,
+    "num_experts": 8,
+    "top_k_experts": 2,
+    "moe_intermediate_size": 32,
+    "hidden_size_per_layer_input": 0,
+    "vocab_size_per_layer_input": 128,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"],
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -645,6 +661,22 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "image_size": 16,
         },
     },
+    "gemma4_text": _GEMMA4_TEXT,
+    # a one-block vision tower, no audio tower
+    "gemma4": {
+        "text_config": _GEMMA4_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": 4,
+            "position_embedding_size": 64,
+        },
+        "audio_config": None,
+    },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {
         "text_config": _LLAMA4_TEXT,
@@ -682,6 +714,9 @@ _ZERO_INIT_STD: dict[str, float] = {
     "self_attn.gate_bias": 0.5,  # beam per-head output-gate bias (sliced per head)
     "self_attn.softmax_offset": 0.5,  # flint per-head attention sinks (sliced per head)
 }
+
+# Per-expert scales that start at one, redrawn at one plus noise of this std.
+_ONE_INIT_STD: dict[str, float] = {"router.per_expert_scale": 0.5}  # gemma4
 
 
 def make_config(family: str, **overrides: Any) -> PretrainedConfig:
@@ -733,6 +768,10 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
         for suffix, std in _ZERO_INIT_STD.items():
             if name.endswith(suffix):
                 draw(param, std)
+        for suffix, std in _ONE_INIT_STD.items():
+            if name.endswith(suffix):
+                draw(param, std)
+                param.add_(1.0)
     for name, buffer in model.named_buffers():
         if name.endswith("tid2eid"):  # DeepSeek-V4 hash layers: token -> K distinct experts
             pool = torch.tensor(HASHED_EXPERTS)

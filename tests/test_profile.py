@@ -226,7 +226,7 @@ def _route_by_hand(
         weight, index = F.linear(x, router.layer.weight).softmax(dim=-1).topk(ffn.moe_top_k)
         p = ffn.moe_normalize_expert_weights
         return index, weight / weight.norm(p=p, dim=-1, keepdim=True)
-    k = config.num_experts_per_tok
+    k = getattr(config, "top_k_experts", None) or config.num_experts_per_tok  # Gemma 4's key
     if family in ("mixtral", "qwen2_moe"):
         probs = F.linear(x, router.weight).softmax(dim=-1)
         weight, index = probs.topk(k, dim=-1)
@@ -319,6 +319,10 @@ class _Sums:
                 self.reap_num[row, e] += g * norm
 
 
+#: Gemma 4: router and experts sit on the decoder layer, each with its own normed input
+ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text"}
+
+
 def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
     """Run each chunk alone (no padding) and sum routing and expert norms by hand."""
     model = load_model(path)
@@ -338,7 +342,8 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     inputs: dict[tuple[str, int], Any] = {}
     handles = []
     for row, layer in enumerate(sorted(routers)):
-        block = moe_block(model, routers[layer][0])
+        name, router = routers[layer]
+        block = moe_block(model, name)
         handles.append(
             block.register_forward_pre_hook(
                 lambda _m, a, row=row: inputs.__setitem__(("mlp", row), a[0])
@@ -350,6 +355,13 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                     lambda m, _a, out, block=block: setattr(block, "gate_output", out)
                 )
             )
+        if family in ROUTER_ON_THE_LAYER:  # the router's and the experts' inputs differ
+            for key, module in (("router", router), ("experts", block.experts)):
+                handles.append(
+                    module.register_forward_pre_hook(
+                        lambda _m, a, key=key, row=row: inputs.__setitem__((key, row), a[0])
+                    )
+                )
     for layer, o_proj in o_projs.items():
         handles.append(
             o_proj.register_forward_pre_hook(
@@ -376,9 +388,13 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 name, router = routers[layer]
                 block = moe_block(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                index, weight = _route_by_hand(
-                    family, router, x, config, block=block, ids=chunk.long()
-                )
+                if family in ROUTER_ON_THE_LAYER:
+                    index, weight = _route_by_hand(family, router, inputs["router", row], config)
+                    x = inputs["experts", row]  # [T, D]
+                else:
+                    index, weight = _route_by_hand(
+                        family, router, x, config, block=block, ids=chunk.long()
+                    )
                 outs = torch.stack(
                     [
                         torch.stack(

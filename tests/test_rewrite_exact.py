@@ -89,6 +89,7 @@ EXPERT_CASES = {
     "hy_v3": (_half(1, 2), "num_experts"),  # bias on the MoE block (mlp.expert_bias on disk)
     "laguna": (_half(1, 2), "num_experts"),  # soft-capped logits; bias under mlp.experts.
     "llama4_text": (_half(1, 3), "num_local_experts"),  # MoE layers from moe_layers
+    "gemma4_text": (_half(0, 1), "num_experts"),  # router on the layer, per-expert scale
 }
 
 
@@ -280,6 +281,9 @@ COMPOSITE_CASES = {
     "mistral_large4": ("n_routed_experts", "vision_encoder.", {}, (1, 2)),
     # MLA heads in layer 1 only (layers 0 and 2: linear attention); layer 0 dense
     "glm5_next": ("n_routed_experts", "model.visual.", {1: [1, 2]}, (1, 2)),
+    # router and experts on the decoder layer, a per-expert scale; heads refused (per-layer
+    # head sizes)
+    "gemma4": ("num_experts", "model.vision_tower.", {}, (0, 1)),
     "llama4": (
         "num_local_experts",
         "vision_model.",
@@ -417,7 +421,13 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
 
 
-def test_mistral_large4_heads_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
-    plan = PrunePlan(heads={0: [0, 2], 1: [0, 2], 2: [0, 2]})
-    with pytest.raises(PlanError, match="NoPE layers"):
-        rewrite_checkpoint(tiny_checkpoint("mistral_large4"), plan, tmp_path / "o")
+@pytest.mark.parametrize(
+    ("family", "reason"),
+    [("mistral_large4", "NoPE layers"), ("gemma4", "global_head_dim")],  # (and gemma4_text)
+)
+def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint(family)
+    layers = json.loads((source / "config.json").read_text())["text_config"]["num_hidden_layers"]
+    plan = PrunePlan(heads={layer: [0, 2] for layer in range(layers)})
+    with pytest.raises(PlanError, match=reason):
+        rewrite_checkpoint(source, plan, tmp_path / "o")

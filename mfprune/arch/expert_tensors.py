@@ -110,8 +110,10 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
     modules = [p[: p.index("{expert}")] for p in prefixes]
     for st in spec.stacked:
         parent = fill(st.name).rsplit(".", 1)[0] + "."
-        # not the router's own module, nor one around it (Zaya's router MLP sits inside the
-        # module holding its balancing biases): those hold the router's other weights
+        # a module holding the router (Gemma 4's router.per_expert_scale beside router.proj and
+        # router.scale [D]; a block-level selection bias; Zaya's router MLP inside the module
+        # holding its balancing biases) is no expert module: its listed tensors are sliced,
+        # other leading-E ones refused, the rest carried
         if not parent.startswith(router_module) and not router_module.startswith(parent):
             modules.append(parent)
     return ExpertRules(
