@@ -119,6 +119,16 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "layer_types": ["sliding_attention", "full_attention"],
 }
 
+#: Aria's language model: every layer MoE (8 experts of width 32, top-2) with one shared
+#: expert (also 32 wide: intermediate_size x moe_num_shared_experts)
+_ARIA_TEXT: dict[str, Any] = {
+    **_BASE,
+    "intermediate_size": 32,
+    "moe_num_experts": 8,
+    "moe_topk": 2,
+    "moe_num_shared_experts": 1,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -676,6 +686,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "position_embedding_size": 64,
         },
         "audio_config": None,
+    },
+    "aria_text": _ARIA_TEXT,
+    # a one-block Idefics3 vision tower and a projector with one query size
+    "aria": {
+        "text_config": _ARIA_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        "projector_patch_to_query_dict": {4: 4},
     },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {

@@ -90,6 +90,7 @@ EXPERT_CASES = {
     "laguna": (_half(1, 2), "num_experts"),  # soft-capped logits; bias under mlp.experts.
     "llama4_text": (_half(1, 3), "num_local_experts"),  # MoE layers from moe_layers
     "gemma4_text": (_half(0, 1), "num_experts"),  # router on the layer, per-expert scale
+    "aria_text": (_half(0, 1), "moe_num_experts"),  # experts saved as experts.fc1 / fc2
 }
 
 
@@ -154,6 +155,7 @@ HEAD_CASES = {
     # per-head softplus gate (g_proj rows); num_attention_heads_per_layer patched too
     "laguna": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
     "llama4_text": ({0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]}, _half(1, 3)),
+    "aria_text": ({0: [1, 3], 1: [0, 2]}, _half(0, 1)),
 }
 
 
@@ -290,6 +292,8 @@ COMPOSITE_CASES = {
         {0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]},
         (1, 3),
     ),
+    # every layer MoE; the tower's and the projector's attention are not the decoder's
+    "aria": ("moe_num_experts", "vision_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
 }
 
 
