@@ -701,6 +701,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
         "projector_patch_to_query_dict": {4: 4},
     },
+    # sigmoid router + selection bias, a shared expert; layer 0 dense; a sliding-window layer
+    # on each side of a full-attention one (the masks need sliding_window); a one-block tower
+    "step3p7": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_hidden_layers": 3,
+            "n_routed_experts": 8,
+            "share_expert_dim": 32,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "sliding_window": 8,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+            "mlp_ratio": 1.0,
+        },
+    },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {
         "text_config": _LLAMA4_TEXT,

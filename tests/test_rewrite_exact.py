@@ -294,6 +294,8 @@ COMPOSITE_CASES = {
     ),
     # every layer MoE; the tower's and the projector's attention are not the decoder's
     "aria": ("moe_num_experts", "vision_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
+    # sigmoid + selection bias (moe.router_bias on disk); heads refused (sliding layers' count)
+    "step3p7": ("n_routed_experts", "vision_model.", {}, (1, 2)),
 }
 
 
@@ -427,7 +429,11 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "reason"),
-    [("mistral_large4", "NoPE layers"), ("gemma4", "global_head_dim")],  # (and gemma4_text)
+    [
+        ("mistral_large4", "NoPE layers"),
+        ("gemma4", "global_head_dim"),  # (and gemma4_text)
+        ("step3p7", "num_sliding_attention_heads"),
+    ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(family)
