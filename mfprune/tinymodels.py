@@ -129,6 +129,29 @@ _ARIA_TEXT: dict[str, Any] = {
     "moe_num_shared_experts": 1,
 }
 
+#: MiniMax-M3's language model: layer 0 dense, 8 experts (top-2) and a shared expert after;
+#: a lightning indexer in layer 1 that keeps every block (its top blocks differ in padded
+#: batches); its default special token ids lie outside the tiny vocabulary
+_MINIMAX_M3_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "head_dim": 16,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 32,  # the routed experts
+    "dense_intermediate_size": 64,
+    "shared_intermediate_size": 32,
+    "num_local_experts": 8,
+    "rotary_dim": 8,
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+    "layer_types": ["full_attention", "minimax_m3_sparse", "full_attention"],
+    "index_n_heads": 2,
+    "index_head_dim": 16,
+    "index_block_size": 4,
+    "index_topk_blocks": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -722,6 +745,22 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "patch_size": 8,
             "mlp_ratio": 1.0,
         },
+    },
+    "minimax_m3_vl_text": _MINIMAX_M3_TEXT,
+    # a one-block vision tower without patch merging
+    "minimax_m3_vl": {
+        "text_config": _MINIMAX_M3_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "temporal_patch_size": 1,
+            "spatial_merge_size": 1,
+            "image_size": 16,
+        },
+        "projector_hidden_size": 64,
     },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {

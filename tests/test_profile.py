@@ -295,6 +295,11 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
     if family in ("llama4", "llama4_text", "aria", "aria_text"):  # [E, D, 2I], [E, I, D]
         gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
         return (ex.act_fn(gate) * up) @ ex.down_proj[e]
+    if family in ("minimax_m3_vl", "minimax_m3_vl_text"):  # SwiGLU-OAI, halves not interleaved
+        gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = gate.clamp(max=ex.swiglu_limit), up.clamp(-ex.swiglu_limit, ex.swiglu_limit)
+        glu = gate * torch.sigmoid(gate * ex.swiglu_alpha)
+        return F.linear((up + 1) * glu, ex.down_proj[e])
     gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
     act = ex.act_fn if hasattr(ex, "act_fn") else ACT2FN[config.hidden_act]  # LFM2: no key
     return F.linear(act(gate) * up, ex.down_proj[e])

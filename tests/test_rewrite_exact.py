@@ -91,6 +91,7 @@ EXPERT_CASES = {
     "llama4_text": (_half(1, 3), "num_local_experts"),  # MoE layers from moe_layers
     "gemma4_text": (_half(0, 1), "num_experts"),  # router on the layer, per-expert scale
     "aria_text": (_half(0, 1), "moe_num_experts"),  # experts saved as experts.fc1 / fc2
+    "minimax_m3_vl_text": (_half(1, 2), "num_local_experts"),  # sigmoid + bias; layer 0 dense
 }
 
 
@@ -156,6 +157,8 @@ HEAD_CASES = {
     "laguna": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
     "llama4_text": ({0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]}, _half(1, 3)),
     "aria_text": ({0: [1, 3], 1: [0, 2]}, _half(0, 1)),
+    # a lightning indexer (heads of its own, untouched) in layer 1
+    "minimax_m3_vl_text": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
 }
 
 
@@ -296,6 +299,13 @@ COMPOSITE_CASES = {
     "aria": ("moe_num_experts", "vision_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # sigmoid + selection bias (moe.router_bias on disk); heads refused (sliding layers' count)
     "step3p7": ("n_routed_experts", "vision_model.", {}, (1, 2)),
+    # experts saved one by one (block_sparse_moe.experts.N.w1/w3/w2); indexer in layer 1
+    "minimax_m3_vl": (
+        "num_local_experts",
+        "vision_tower.",
+        {0: [1, 3], 1: [0, 2], 2: [0, 3]},
+        (1, 2),
+    ),
 }
 
 
