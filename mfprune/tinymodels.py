@@ -119,6 +119,39 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "layer_types": ["sliding_attention", "full_attention"],
 }
 
+#: Aria's language model: every layer MoE (8 experts of width 32, top-2) with one shared
+#: expert (also 32 wide: intermediate_size x moe_num_shared_experts)
+_ARIA_TEXT: dict[str, Any] = {
+    **_BASE,
+    "intermediate_size": 32,
+    "moe_num_experts": 8,
+    "moe_topk": 2,
+    "moe_num_shared_experts": 1,
+}
+
+#: MiniMax-M3's language model: layer 0 dense, 8 experts (top-2) and a shared expert after;
+#: a lightning indexer in layer 1 that keeps every block (its top blocks differ in padded
+#: batches); its default special token ids lie outside the tiny vocabulary
+_MINIMAX_M3_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "head_dim": 16,
+    "num_experts_per_tok": 2,
+    "intermediate_size": 32,  # the routed experts
+    "dense_intermediate_size": 64,
+    "shared_intermediate_size": 32,
+    "num_local_experts": 8,
+    "rotary_dim": 8,
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+    "layer_types": ["full_attention", "minimax_m3_sparse", "full_attention"],
+    "index_n_heads": 2,
+    "index_head_dim": 16,
+    "index_block_size": 4,
+    "index_topk_blocks": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -676,6 +709,93 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "position_embedding_size": 64,
         },
         "audio_config": None,
+    },
+    "aria_text": _ARIA_TEXT,
+    # a one-block Idefics3 vision tower and a projector with one query size
+    "aria": {
+        "text_config": _ARIA_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
+        "projector_patch_to_query_dict": {4: 4},
+    },
+    # sigmoid router + selection bias, a shared expert; layer 0 dense; a sliding-window layer
+    # on each side of a full-attention one (the masks need sliding_window); a one-block tower
+    "step3p7": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_hidden_layers": 3,
+            "n_routed_experts": 8,
+            "share_expert_dim": 32,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "sliding_window": 8,
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+            "mlp_ratio": 1.0,
+        },
+    },
+    "minimax_m3_vl_text": _MINIMAX_M3_TEXT,
+    # a one-block vision tower without patch merging
+    "minimax_m3_vl": {
+        "text_config": _MINIMAX_M3_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "temporal_patch_size": 1,
+            "spatial_merge_size": 1,
+            "image_size": 16,
+        },
+        "projector_hidden_size": 64,
+    },
+    # DeepSeek-V2 routing, group-limited (2 groups of 4, one per token); layer 0 dense;
+    # reference sliding windows; one-block SAM and CLIP towers
+    "unlimited_ocr": {
+        "text_config": {
+            **_BASE,
+            **_ROUTED_AFTER_DENSE,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "n_group": 2,
+            "topk_group": 1,
+            "topk_method": "group_limited_greedy",
+            "sliding_window": 8,
+        },
+        "vision_config": {
+            "sam_config": {
+                "hidden_size": 32,
+                "output_channels": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 16,
+                "window_size": 2,
+                "global_attn_indexes": [0],
+                "mlp_dim": 32,
+                "downsample_channels": [32, 32],
+            },
+            "encoder_config": {
+                "hidden_size": 32,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 16,
+            },
+        },
     },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {

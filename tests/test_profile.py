@@ -226,7 +226,9 @@ def _route_by_hand(
         weight, index = F.linear(x, router.layer.weight).softmax(dim=-1).topk(ffn.moe_top_k)
         p = ffn.moe_normalize_expert_weights
         return index, weight / weight.norm(p=p, dim=-1, keepdim=True)
-    k = getattr(config, "top_k_experts", None) or config.num_experts_per_tok  # Gemma 4's key
+    # Gemma 4's key, Aria's
+    k = getattr(config, "top_k_experts", None) or getattr(config, "moe_topk", None)
+    k = k or config.num_experts_per_tok
     if family in ("mixtral", "qwen2_moe"):
         probs = F.linear(x, router.weight).softmax(dim=-1)
         weight, index = probs.topk(k, dim=-1)
@@ -290,9 +292,14 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
     if family == "nemotron_h":  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
-    if family in ("llama4", "llama4_text"):  # gate_up_proj [E, D, 2I], down_proj [E, I, D]
+    if family in ("llama4", "llama4_text", "aria", "aria_text"):  # [E, D, 2I], [E, I, D]
         gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
         return (ex.act_fn(gate) * up) @ ex.down_proj[e]
+    if family in ("minimax_m3_vl", "minimax_m3_vl_text"):  # SwiGLU-OAI, halves not interleaved
+        gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = gate.clamp(max=ex.swiglu_limit), up.clamp(-ex.swiglu_limit, ex.swiglu_limit)
+        glu = gate * torch.sigmoid(gate * ex.swiglu_alpha)
+        return F.linear((up + 1) * glu, ex.down_proj[e])
     gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
     act = ex.act_fn if hasattr(ex, "act_fn") else ACT2FN[config.hidden_act]  # LFM2: no key
     return F.linear(act(gate) * up, ex.down_proj[e])

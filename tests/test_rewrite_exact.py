@@ -90,6 +90,8 @@ EXPERT_CASES = {
     "laguna": (_half(1, 2), "num_experts"),  # soft-capped logits; bias under mlp.experts.
     "llama4_text": (_half(1, 3), "num_local_experts"),  # MoE layers from moe_layers
     "gemma4_text": (_half(0, 1), "num_experts"),  # router on the layer, per-expert scale
+    "aria_text": (_half(0, 1), "moe_num_experts"),  # experts saved as experts.fc1 / fc2
+    "minimax_m3_vl_text": (_half(1, 2), "num_local_experts"),  # sigmoid + bias; layer 0 dense
 }
 
 
@@ -154,6 +156,9 @@ HEAD_CASES = {
     # per-head softplus gate (g_proj rows); num_attention_heads_per_layer patched too
     "laguna": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
     "llama4_text": ({0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]}, _half(1, 3)),
+    "aria_text": ({0: [1, 3], 1: [0, 2]}, _half(0, 1)),
+    # a lightning indexer (heads of its own, untouched) in layer 1
+    "minimax_m3_vl_text": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
 }
 
 
@@ -290,6 +295,20 @@ COMPOSITE_CASES = {
         {0: [1, 3], 1: [0, 2], 2: [1, 2], 3: [0, 3]},
         (1, 3),
     ),
+    # every layer MoE; the tower's and the projector's attention are not the decoder's
+    "aria": ("moe_num_experts", "vision_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
+    # sigmoid + selection bias (moe.router_bias on disk); heads refused (sliding layers' count)
+    "step3p7": ("n_routed_experts", "vision_model.", {}, (1, 2)),
+    # experts saved one by one (block_sparse_moe.experts.N.w1/w3/w2); indexer in layer 1
+    "minimax_m3_vl": (
+        "num_local_experts",
+        "vision_tower.",
+        {0: [1, 3], 1: [0, 2], 2: [0, 3]},
+        (1, 2),
+    ),
+    # DeepSeek-V2 routing with groups; experts one by one; the towers saved as model.sam_model.*
+    # and model.vision_model.* beside the language model's model.layers.*; heads refused
+    "unlimited_ocr": ("n_routed_experts", "model.vision_model.", {}, (1, 2)),
 }
 
 
@@ -423,7 +442,12 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "reason"),
-    [("mistral_large4", "NoPE layers"), ("gemma4", "global_head_dim")],  # (and gemma4_text)
+    [
+        ("mistral_large4", "NoPE layers"),
+        ("gemma4", "global_head_dim"),  # (and gemma4_text)
+        ("step3p7", "num_sliding_attention_heads"),
+        ("unlimited_ocr", "recomputes head_dim"),
+    ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(family)
