@@ -119,6 +119,34 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "layer_types": ["sliding_attention", "full_attention"],
 }
 
+#: Qwen3-Omni-MoE's thinker: a Qwen3-MoE language model (multimodal RoPE sections: half the
+#: head size, 16 / 2), a one-block vision tower and a one-layer audio tower. Its position ids
+#: read vision_start_token_id, which the config class lacks (the released configs carry it).
+_OMNI_THINKER: dict[str, Any] = {
+    "vision_start_token_id": 127,
+    "text_config": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_experts": 8,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],
+            "interleaved": True,
+        },
+    },
+    "vision_config": {**_QWEN_VISION, "deepstack_visual_indexes": [0]},
+    "audio_config": {
+        "encoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "d_model": 32,
+        "output_dim": 64,
+        "num_mel_bins": 16,
+        "downsample_hidden_size": 8,
+    },
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -661,6 +689,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "image_size": 16,
         },
     },
+    "qwen3_omni_moe_thinker": _OMNI_THINKER,
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

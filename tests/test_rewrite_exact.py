@@ -284,6 +284,8 @@ COMPOSITE_CASES = {
     # router and experts on the decoder layer, a per-expert scale; heads refused (per-layer
     # head sizes)
     "gemma4": ("num_experts", "model.vision_tower.", {}, (0, 1)),
+    # saved as model.layers.*, towers as visual.* and audio_tower.* (its layers have heads too)
+    "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
         "num_local_experts",
         "vision_model.",
