@@ -147,6 +147,45 @@ _OMNI_THINKER: dict[str, Any] = {
     },
 }
 
+#: Qwen3-Omni-MoE whole: the thinker above, a two-layer MoE talker (8 experts and a gated
+#: shared expert) with a one-layer code predictor, and a one-layer code2wav.
+_OMNI: dict[str, Any] = {
+    "thinker_config": _OMNI_THINKER,
+    "talker_config": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 32,
+            "rope_parameters": _OMNI_THINKER["text_config"]["rope_parameters"],
+        },
+        "code_predictor_config": {
+            **_BASE,
+            "vocab_size": 32,
+            "head_dim": 16,
+            "num_hidden_layers": 1,
+            "num_code_groups": 4,
+        },
+        "num_code_groups": 4,
+        "thinker_hidden_size": 64,
+        "accept_hidden_layer": 1,
+        "spatial_merge_size": 1,  # read by the talker, absent from its config class
+    },
+    "code2wav_config": {
+        "codebook_size": 32,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_quantizers": 4,
+        "upsample_rates": [2, 2],
+        "upsampling_ratios": [2],
+        "decoder_dim": 32,
+        "sliding_window": 8,
+    },
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -690,6 +729,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "qwen3_omni_moe_thinker": _OMNI_THINKER,
+    "qwen3_omni_moe": _OMNI,
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {
