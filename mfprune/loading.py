@@ -99,12 +99,25 @@ def model_class_for(config: dict[str, Any]) -> Any:
 def auto_model_class(model_type: str) -> type:
     """The transformers auto class that builds a ``model_type`` whole: for a composite (vision +
     text) model ``AutoModelForImageTextToText``, so its towers load too (a causal-LM class
-    would drop them); else ``AutoModelForCausalLM``."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    would drop them); for one that also speaks (Qwen3-Omni-MoE: thinker, talker, code2wav)
+    ``AutoModelForMultimodalLM``; else ``AutoModelForCausalLM``."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForMultimodalLM,
+    )
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+    )
 
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         return AutoModelForImageTextToText
+    if model_type in MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES and (
+        model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return AutoModelForMultimodalLM
     return AutoModelForCausalLM
 
 

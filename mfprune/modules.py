@@ -41,15 +41,28 @@ def is_router(module: nn.Module) -> bool:
     return bool(ROUTER_CLASS.search(type(module).__name__))
 
 
+def text_model(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that maps text ids to logits: ``model`` itself, unless its class
+    has no forward of its own and it holds a ``thinker`` (Qwen3-Omni-MoE: the thinker, a whole
+    causal LM, answers in text; its talker and code2wav only speak, from the thinker's
+    states, in ``generate``)."""
+    thinker = getattr(model, "thinker", None)
+    if isinstance(thinker, nn.Module) and type(model).forward is nn.Module.forward:
+        return thinker
+    return model
+
+
 def find_routers(model: nn.Module, *, attention: bool) -> dict[int, tuple[str, nn.Module]]:
-    """Map layer index -> ``(name, router)`` for the MLP (or attention) routers of ``model``.
+    """Map layer index -> ``(name, router)`` for the MLP (or attention) routers of ``model``'s
+    text model (``text_model``: Qwen3-Omni's talker has routers of its own, never pruned).
 
     Raises:
         ValueError: if one layer holds two routers of the same kind.
     """
     found: dict[int, tuple[str, nn.Module]] = {}
+    text = {id(m) for m in text_model(model).modules()}
     for name, module in model.named_modules():
-        if not is_router(module):
+        if not is_router(module) or id(module) not in text:
             continue
         layer = layer_index(name)
         in_attention = any(part in name.split(".") for part in _ATTENTION_PARTS)
@@ -83,8 +96,8 @@ def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
     where a layer holds one mixer, attention or another: Nemotron-H; layers without one are
     absent: JetMoE's attention is a mixture of attention experts). Only the language model's
     decoder is searched (``get_decoder``): Llama 4's vision tower has ``layers.N.self_attn.
-    o_proj`` too."""
-    get_decoder = getattr(model, "get_decoder", None)
+    o_proj`` too; Qwen3-Omni's talker, outside its thinker (``text_model``), too."""
+    get_decoder = getattr(text_model(model), "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     found: dict[int, nn.Linear] = {}
     for name, module in (decoder if isinstance(decoder, nn.Module) else model).named_modules():

@@ -44,7 +44,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mfprune.arch import ArchSpec, spec_for_config
-from mfprune.modules import RouterSite, adapter_routers, find_o_proj
+from mfprune.modules import RouterSite, adapter_routers, find_o_proj, text_model
 
 #: Ids to remove, per decoder-layer index.
 Pruned = Mapping[int, Sequence[int]]
@@ -89,7 +89,9 @@ def _forward(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
     object (``_BROKEN_OUTPUT``), its own ``language_model`` (a causal LM with the LM head)
     runs the tokens, from then on for every model of its class (the failed forward ran the
     layers: hooks saw them once more): on text alone that is the composite's whole
-    computation."""
+    computation. A composite without a forward of its own runs text through its thinker
+    (``text_model``: Qwen3-Omni-MoE)."""
+    model = text_model(model)
     if type(model) not in _RUN_LANGUAGE_MODEL:
         try:
             return model(**inputs).logits.float()

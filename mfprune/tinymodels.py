@@ -152,6 +152,73 @@ _MINIMAX_M3_TEXT: dict[str, Any] = {
     "eos_token_id": 2,
 }
 
+#: Qwen3-Omni-MoE's thinker: a Qwen3-MoE language model (multimodal RoPE sections: half the
+#: head size, 16 / 2), a one-block vision tower and a one-layer audio tower. Its position ids
+#: read vision_start_token_id, which the config class lacks (the released configs carry it).
+_OMNI_THINKER: dict[str, Any] = {
+    "vision_start_token_id": 127,
+    "text_config": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_experts": 8,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],
+            "interleaved": True,
+        },
+    },
+    "vision_config": {**_QWEN_VISION, "deepstack_visual_indexes": [0]},
+    "audio_config": {
+        "encoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "d_model": 32,
+        "output_dim": 64,
+        "num_mel_bins": 16,
+        "downsample_hidden_size": 8,
+    },
+}
+
+#: Qwen3-Omni-MoE whole: the thinker above, a two-layer MoE talker (8 experts and a gated
+#: shared expert) with a one-layer code predictor, and a one-layer code2wav.
+_OMNI: dict[str, Any] = {
+    "thinker_config": _OMNI_THINKER,
+    "talker_config": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 32,
+            "rope_parameters": _OMNI_THINKER["text_config"]["rope_parameters"],
+        },
+        "code_predictor_config": {
+            **_BASE,
+            "vocab_size": 32,
+            "head_dim": 16,
+            "num_hidden_layers": 1,
+            "num_code_groups": 4,
+        },
+        "num_code_groups": 4,
+        "thinker_hidden_size": 64,
+        "accept_hidden_layer": 1,
+        "spatial_merge_size": 1,  # read by the talker, absent from its config class
+    },
+    "code2wav_config": {
+        "codebook_size": 32,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_quantizers": 4,
+        "upsample_rates": [2, 2],
+        "upsampling_ratios": [2],
+        "decoder_dim": 32,
+        "sliding_window": 8,
+    },
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -694,6 +761,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "image_size": 16,
         },
     },
+    "qwen3_omni_moe_thinker": _OMNI_THINKER,
+    "qwen3_omni_moe": _OMNI,
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

@@ -82,13 +82,18 @@ def assert_tensors_are_slices(
     """Every output tensor with its source shape is byte-identical to its source tensor (a
     renumbered per-expert tensor to the kept expert it came from; numbers after the kept ones
     to the source's extra experts from ``num_experts`` on, LongCat's zero experts); dtypes
-    never change."""
+    never change. Only the adapter's decoder renumbers experts: Qwen3-Omni's talker (an MoE
+    beside the thinker) keeps its own."""
+    from mfprune.arch import spec_for_config
+
     src, dst = open_checkpoint(source), open_checkpoint(out)
+    router = spec_for_config(src.config).experts.router
+    stack = router.partition("layers.{layer}.")[0] + "layers." if "layers.{" in router else ""
     compared = 0
     for name, info in dst.tensors.items():
         origin = name
         m = _PER_EXPERT.match(name)
-        if m and experts and int(m.group(2)) in experts:
+        if m and experts and int(m.group(2)) in experts and name.startswith(stack):
             kept, i = experts[int(m.group(2))], int(m.group(3))
             old = kept[i] if i < len(kept) else num_experts + i - len(kept)
             origin = f"{m.group(1)}{old}{m.group(4)}"

@@ -16,6 +16,7 @@ from checks import (
 )
 
 from mfprune import PrunePlan, rewrite_checkpoint
+from mfprune.arch import spec_for_config
 from mfprune.checkpoint import open_checkpoint
 from mfprune.errors import PlanError
 from mfprune.oracle import logits, masked_logits, sample_ids
@@ -289,6 +290,10 @@ COMPOSITE_CASES = {
     # router and experts on the decoder layer, a per-expert scale; heads refused (per-layer
     # head sizes)
     "gemma4": ("num_experts", "model.vision_tower.", {}, (0, 1)),
+    # saved as model.layers.*, towers as visual.* and audio_tower.* (its layers have heads too)
+    "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
+    # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
+    "qwen3_omni_moe": ("num_experts", "talker.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
         "num_local_experts",
         "vision_model.",
@@ -324,18 +329,37 @@ def test_composite_model_prunes_its_language_model_exactly(family, tiny_checkpoi
     result = rewrite_checkpoint(source, PrunePlan(experts=experts, heads=heads), out)
     assert_exact(source, out, experts=removed(experts, 8), heads=removed(heads, 4))
     assert_tensors_are_slices(source, out, experts=experts)
-    assert set(config_diff(source, out)) == {"text_config"}  # nothing else in config.json
+    path = spec_for_config(open_checkpoint(source).config).config_path  # text_config mostly
+    assert set(config_diff(source, out)) == {path.split(".")[0]}  # nothing else in config.json
     mla = family in MLA_COMPOSITES  # one KV latent per head: KV heads go with the heads
     assert result.config_changes == {  # else one query head per KV group: KV heads stay 2
-        f"text_config.{count_key}": [8, 4],
-        **({"text_config.num_attention_heads": [4, 2]} if heads else {}),
-        **({"text_config.num_key_value_heads": [4, 2]} if mla else {}),
+        f"{path}.{count_key}": [8, 4],
+        **({f"{path}.num_attention_heads": [4, 2]} if heads else {}),
+        **({f"{path}.num_key_value_heads": [4, 2]} if mla else {}),
     }
 
     src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
     towers = sorted(name for name in src if name.startswith(tower))
     assert towers and towers == sorted(name for name in dst if name.startswith(tower))
     assert all(src[n].shape == dst[n].shape for n in towers)  # and bytes: assert_tensors_are_slices
+
+
+def test_qwen3_omni_talker_keeps_its_experts(tiny_checkpoint, tmp_path):
+    """Qwen3-Omni's talker is an MoE too, routed only while generate() speaks: a plan prunes
+    the thinker; the talker keeps every expert, its router rows and its count."""
+    source = tiny_checkpoint("qwen3_omni_moe")
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1)), out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["thinker_config"]["text_config"]["num_experts"] == 4
+    assert (
+        config["talker_config"] == json.loads((source / "config.json").read_text())["talker_config"]
+    )
+    src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
+    talker = sorted(n for n in src if n.startswith("talker."))
+    assert "talker.model.layers.1.mlp.experts.7.down_proj.weight" in talker
+    assert talker == sorted(n for n in dst if n.startswith("talker."))
+    assert dst["talker.model.layers.0.mlp.gate.weight"].shape == (8, 64)
 
 
 def test_composite_model_refuses_uneven_counts(tiny_checkpoint, tmp_path):
