@@ -268,6 +268,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "olmoe": {**_BASE, "num_experts": 8, "num_experts_per_tok": 2, "eos_token_id": 2},
     "deepseek_v2": {**_BASE, **_DEEPSEEK},
     "deepseek_v3": {**_BASE, **_DEEPSEEK, "n_group": 2, "topk_group": 1, "q_lora_rank": 16},
+    # softmax group-limited routing, scaled; default rope is YaRN (kept: it is the family's)
+    "mistral4": {
+        **_BASE,
+        **_DEEPSEEK,
+        "n_group": 2,
+        "topk_group": 1,
+        "q_lora_rank": 16,
+        "routed_scaling_factor": 2.5,
+        "pad_token_id": 0,
+    },
     "gpt_oss": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 16},
     "granitemoe": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
     "phimoe": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},

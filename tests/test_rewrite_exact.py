@@ -38,6 +38,7 @@ EXPERT_CASES = {
     "deepseek_v2": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
     # V3: 2 groups of 4, group score = top-2 sum: keep 2 per group
     "deepseek_v3": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
+    "mistral4": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
     "gpt_oss": ({0: [0, 1, 2, 7], 1: [2, 3, 5, 6]}, "num_local_experts"),
     "granitemoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
     "phimoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
@@ -130,6 +131,7 @@ HEAD_CASES = {
     "mixtral": ({0: [0, 1], 1: [2, 3]}, {}),  # GQA: a whole KV group goes
     "gpt_oss": ({0: [0, 2], 1: [1, 3]}, {}),  # per-head attention sinks are sliced too
     "deepseek_v3": ({1: [0, 2, 3], 2: [0, 1, 3], 0: [1, 2, 3]}, {}),  # MLA, KV heads == heads
+    "mistral4": ({1: [0, 2, 3], 2: [0, 1, 3], 0: [1, 2, 3]}, {}),  # MLA, KV heads == heads
     "qwen2_moe": ({0: [0, 1], 1: [0, 1]}, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}),  # q/k/v biases
     "glm4_moe": ({0: [0, 1], 1: [0, 1], 2: [2, 3]}, _half(1, 2)),
     "dots1": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, {}),  # per-head-dim q/k norms
