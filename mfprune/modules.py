@@ -15,6 +15,7 @@ oracle uses it; ``routing_modules`` gives the profiler the routing module around
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mfprune.arch.spec import ExpertSpec
+from mfprune.arch.spec import ArchSpec, ExpertSpec
 
 ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -41,15 +42,28 @@ def is_router(module: nn.Module) -> bool:
     return bool(ROUTER_CLASS.search(type(module).__name__))
 
 
+def text_model(model: nn.Module) -> nn.Module:
+    """The part of ``model`` that maps text ids to logits: ``model`` itself, unless its class
+    has no forward of its own and it holds a ``thinker`` (Qwen3-Omni-MoE: the thinker, a whole
+    causal LM, answers in text; its talker and code2wav only speak, from the thinker's
+    states, in ``generate``)."""
+    thinker = getattr(model, "thinker", None)
+    if isinstance(thinker, nn.Module) and type(model).forward is nn.Module.forward:
+        return thinker
+    return model
+
+
 def find_routers(model: nn.Module, *, attention: bool) -> dict[int, tuple[str, nn.Module]]:
-    """Map layer index -> ``(name, router)`` for the MLP (or attention) routers of ``model``.
+    """Map layer index -> ``(name, router)`` for the MLP (or attention) routers of ``model``'s
+    text model (``text_model``: Qwen3-Omni's talker has routers of its own, never pruned).
 
     Raises:
         ValueError: if one layer holds two routers of the same kind.
     """
     found: dict[int, tuple[str, nn.Module]] = {}
+    text = {id(m) for m in text_model(model).modules()}
     for name, module in model.named_modules():
-        if not is_router(module):
+        if not is_router(module) or id(module) not in text:
             continue
         layer = layer_index(name)
         in_attention = any(part in name.split(".") for part in _ATTENTION_PARTS)
@@ -83,8 +97,8 @@ def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
     where a layer holds one mixer, attention or another: Nemotron-H; layers without one are
     absent: JetMoE's attention is a mixture of attention experts). Only the language model's
     decoder is searched (``get_decoder``): Llama 4's vision tower has ``layers.N.self_attn.
-    o_proj`` too."""
-    get_decoder = getattr(model, "get_decoder", None)
+    o_proj`` too; Qwen3-Omni's talker, outside its thinker (``text_model``), too."""
+    get_decoder = getattr(text_model(model), "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     found: dict[int, nn.Linear] = {}
     for name, module in (decoder if isinstance(decoder, nn.Module) else model).named_modules():
@@ -158,7 +172,7 @@ def adapter_routers(
     """
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     config = model.config.get_text_config() if hasattr(model, "config") else None
-    top_k = getattr(config, spec.top_k_key, None)
+    top_k = spec.top_k or getattr(config, spec.top_k_key, None)
     if top_k is None and config is not None:  # a dotted key: in a sub-config (DBRX)
         from mfprune.arch.layout import config_value
 
@@ -189,6 +203,24 @@ def adapter_routers(
             top_k=top_k,
             bias=bias,
         )
+    return sites
+
+
+def stack_routers(
+    model: nn.Module, spec: ArchSpec, kind: ExpertSpec, layers: Iterable[int]
+) -> dict[int, RouterSite]:
+    """``adapter_routers`` for mfprune's layer numbers: in an encoder-decoder model (an adapter
+    with ``[[stacks]]``) each layer is found with its stack's templates at its index there
+    (``mfprune.arch.layout.stack_layouts``); sites keep mfprune's numbers."""
+    if not spec.stacks:
+        return adapter_routers(model, kind, layers)
+    from mfprune.arch.layout import in_stacks, stack_layouts
+
+    config = model.config.get_text_config().to_dict()
+    sites = {}
+    for stack, local in in_stacks(stack_layouts(spec, config), layers):
+        for index, site in adapter_routers(model, stack.spec, local).items():
+            sites[local[index]] = dataclasses.replace(site, layer=local[index])
     return sites
 
 

@@ -152,6 +152,73 @@ _MINIMAX_M3_TEXT: dict[str, Any] = {
     "eos_token_id": 2,
 }
 
+#: Qwen3-Omni-MoE's thinker: a Qwen3-MoE language model (multimodal RoPE sections: half the
+#: head size, 16 / 2), a one-block vision tower and a one-layer audio tower. Its position ids
+#: read vision_start_token_id, which the config class lacks (the released configs carry it).
+_OMNI_THINKER: dict[str, Any] = {
+    "vision_start_token_id": 127,
+    "text_config": {
+        **_BASE,
+        **_SOFTMAX,
+        "num_experts": 8,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [4, 2, 2],
+            "interleaved": True,
+        },
+    },
+    "vision_config": {**_QWEN_VISION, "deepstack_visual_indexes": [0]},
+    "audio_config": {
+        "encoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "d_model": 32,
+        "output_dim": 64,
+        "num_mel_bins": 16,
+        "downsample_hidden_size": 8,
+    },
+}
+
+#: Qwen3-Omni-MoE whole: the thinker above, a two-layer MoE talker (8 experts and a gated
+#: shared expert) with a one-layer code predictor, and a one-layer code2wav.
+_OMNI: dict[str, Any] = {
+    "thinker_config": _OMNI_THINKER,
+    "talker_config": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 32,
+            "rope_parameters": _OMNI_THINKER["text_config"]["rope_parameters"],
+        },
+        "code_predictor_config": {
+            **_BASE,
+            "vocab_size": 32,
+            "head_dim": 16,
+            "num_hidden_layers": 1,
+            "num_code_groups": 4,
+        },
+        "num_code_groups": 4,
+        "thinker_hidden_size": 64,
+        "accept_hidden_layer": 1,
+        "spatial_merge_size": 1,  # read by the talker, absent from its config class
+    },
+    "code2wav_config": {
+        "codebook_size": 32,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_quantizers": 4,
+        "upsample_rates": [2, 2],
+        "upsampling_ratios": [2],
+        "decoder_dim": 32,
+        "sliding_window": 8,
+    },
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -694,6 +761,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "image_size": 16,
         },
     },
+    "qwen3_omni_moe_thinker": _OMNI_THINKER,
+    "qwen3_omni_moe": _OMNI,
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {
@@ -847,6 +916,39 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "projector_output_dim": 64,
         },
     },
+    # encoder-decoder: every layer of both stacks sparse (num_sparse_* = 2: step 1); an expert
+    # takes at most 3 tokens per 24-token sequence, so tokens are dropped
+    "switch_transformers": {
+        "vocab_size": 128,
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 64,
+        "num_heads": 4,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_sparse_encoder_layers": 2,
+        "num_sparse_decoder_layers": 2,
+        "num_experts": 8,
+        "expert_capacity": 3,
+        "decoder_start_token_id": 0,
+    },
+    # encoder-decoder: layer 1 of each stack sparse (step 2), top-2; at inference an expert
+    # takes at most ceil(0.25 * tokens), so tokens are dropped
+    "nllb-moe": {
+        "vocab_size": 128,
+        "d_model": 64,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "num_experts": 8,
+        "encoder_sparse_step": 2,
+        "decoder_sparse_step": 2,
+        "moe_eval_capacity_token_fraction": 0.25,
+        "max_position_embeddings": 128,
+    },
 }
 
 #: The experts DeepSeek-V4's token -> expert tables name in tiny models: a hash layer can drop
@@ -891,8 +993,9 @@ def make_config(family: str, **overrides: Any) -> PretrainedConfig:
 _SELECTION_BIAS_STD = {"e_score_correction_bias": 0.5, "expert_bias": 0.5, "balancing_biases": 0.05}
 
 # routers whose class name the oracle's old rule did not know (HunYuanMoEV1Gate,
-# AfmoeTokenChoiceRouter, ZayaRouterMLP): their logits come from an nn.Linear child
-_OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter|RouterMLP)$")
+# AfmoeTokenChoiceRouter, ZayaRouterMLP, SwitchTransformersTop1Router, NllbMoeTop2Router):
+# their logits come from an nn.Linear child
+_OTHER_ROUTER = re.compile(r"(MoEV1Gate|TokenChoiceRouter|RouterMLP|Top1Router|Top2Router)$")
 
 
 def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
@@ -908,8 +1011,9 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
             # jetmoe's gating wraps .layer, longcat's router .classifier
             layer = getattr(module, "layer", None) or getattr(module, "classifier", None)
             draw((layer if isinstance(layer, nn.Linear) else module).weight, ROUTER_STD)
-        elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg, afmoe's
-            for child in ("wg", "gate", "out_proj"):  # router.gate, zaya's router_mlp.out_proj
+        elif _OTHER_ROUTER.search(type(module).__name__):  # hunyuan's gate.wg,
+            # afmoe's router.gate, zaya's router_mlp.out_proj, switch's router.classifier
+            for child in ("wg", "gate", "out_proj", "classifier"):
                 if isinstance(getattr(module, child, None), nn.Linear):
                     draw(getattr(module, child).weight, ROUTER_STD)
             for child in ("fc1", "fc2"):  # zaya's router MLP: wide enough to vary by token
@@ -942,16 +1046,23 @@ def _adapter_routing(model: PreTrainedModel) -> list[tuple[torch.Tensor, float]]
     family's adapter names, in every decoder layer that has them: Llama 4's router (an
     ``nn.Linear`` subclass), whatever a router class is called."""
     from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import stack_layouts
+    from mfprune.errors import ArchError
     from mfprune.modules import loaded_name
 
-    spec = spec_for_config(model.config.to_dict())
+    try:
+        spec = spec_for_config(model.config.to_dict())
+    except ArchError:  # a family kept for a test that mfprune refuses it (nllb-moe)
+        return []
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     # DBRX's n_layers, LongCat's num_layers: no num_hidden_layers (their routers are drawn above)
     num_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", None) or 0)
+    kinds = [(k, num_layers) for k in (spec.experts, spec.attention_experts) if k is not None]
+    if spec.stacks:  # encoder-decoder: each stack's templates over its own layers
+        stacks = stack_layouts(spec, model.config.to_dict())
+        kinds = [(s.spec, s.num_layers) for s in stacks]
     found = []
-    for kind in (spec.experts, spec.attention_experts):
-        if kind is None:
-            continue
+    for kind, num_layers in kinds:
         for layer in range(num_layers):
             for template, std in ((kind.router, ROUTER_STD), (kind.selection_bias, 0.5)):
                 name = loaded_name(model, template.format(layer=layer)) if template else ""

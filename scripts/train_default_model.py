@@ -12,9 +12,9 @@ trains, on CPU with two threads (~35 min on 2 shared cores):
 2. a Qwen3-MoE (stock ``transformers`` class) on the four domains mixed in equal proportion:
    every training sequence is a random window of one domain's token stream (documents joined
    as ``<s> text </s>``); AdamW, linear warmup then cosine decay, plus ``--aux-coef`` x the
-   Switch load-balancing loss of every layer (see ``per_layer_balance_loss``; the router logits
-   come from ``output_router_logits=True`` in the training forward only: the shipped config
-   leaves it off, so ``model(..., labels=...).loss`` is the plain LM loss);
+   Switch load-balancing loss of every layer over a global batch (see ``BalanceLoss``; the
+   router logits come from ``output_router_logits=True`` in the training forward only: the
+   shipped config leaves it off, so ``model(..., labels=...).loss`` is the plain LM loss);
 3. the per-domain held-out loss every ``--eval-every`` steps (on the shipped ``eval`` sets; it
    is only logged: no early stopping, no checkpoint selection).
 
@@ -246,25 +246,44 @@ def token_streams(train, tokenizer, max_chars: int, seed: int):
     return streams
 
 
-def per_layer_balance_loss(router_logits, top_k: int):
-    """Switch Transformer load-balancing loss, per layer, summed over layers: for each layer
-    E * sum_i f_i * P_i, with f_i the share of tokens whose top-k includes expert i (sums to k)
-    and P_i its mean router probability; k per layer when balanced.
+class BalanceLoss:
+    """Switch Transformer load-balancing loss per layer, summed over layers, with the expert
+    loads taken over a global batch: for each layer E * sum_i f_i * P_i, with P_i the mean
+    router probability of expert i over this step's tokens (the gradient flows through it) and
+    f_i the share of routing slots that expert i took (sums to k; k per layer when balanced)
+    over the last `window` steps, this one included (counts, no gradient).
+
+    `window=1` is the per-micro-batch loss: every step's mixed batch (a few sequences of each
+    domain) must spread evenly over the experts, so no expert can specialise in a domain. A
+    window of many steps only asks the experts to share the whole corpus evenly, which is the
+    global-batch balancing of Qwen3 (Qiu et al., 2025: "Demons in the Detail"); tokens of one
+    domain may then prefer their own experts.
 
     transformers' built-in `aux_loss` pools the routing of all layers before balancing, so a
     layer can leave experts unused as long as other layers make up for them: with it, a first
     run of this script ended with 13 of the 64 experts picked for almost no token."""
-    import torch
 
-    total = 0.0
-    for logits in router_logits:
-        probs = torch.softmax(logits.float(), dim=-1)
-        chosen = probs.topk(top_k, dim=-1).indices
-        f = torch.zeros_like(probs[0]).index_add_(
-            0, chosen.reshape(-1), torch.ones(chosen.numel(), dtype=probs.dtype)
-        )
-        total = total + probs.shape[-1] * (f / probs.shape[0] * probs.mean(0)).sum()
-    return total
+    def __init__(self, window: int):
+        from collections import deque
+
+        self.window = window
+        self.history = deque(maxlen=max(0, window - 1))  # [L, E] slot counts of earlier steps
+
+    def __call__(self, router_logits, top_k: int):
+        import torch
+
+        probs = [torch.softmax(lg.float(), dim=-1) for lg in router_logits]  # L x [T, E]
+        with torch.no_grad():
+            now = torch.stack(
+                [
+                    torch.bincount(p.topk(top_k, dim=-1).indices.reshape(-1), minlength=p.shape[1])
+                    for p in probs
+                ]
+            ).to(probs[0].dtype)  # [L, E]
+            counts = now + sum(self.history) if self.history else now
+            f = counts * top_k / counts.sum(-1, keepdim=True)  # [L, E], rows sum to k
+            self.history.append(now)
+        return sum(p.shape[-1] * (f[li] * p.mean(0)).sum() for li, p in enumerate(probs))
 
 
 def lr_at(step: int, args) -> float:
@@ -321,6 +340,7 @@ def train(args) -> None:
         eps=1e-8,
     )
     gen = np.random.default_rng(args.seed)
+    balance = BalanceLoss(args.balance_window)
     curve = []
     window = {"lm": [], "aux": []}
     t_train = time.time()
@@ -358,7 +378,7 @@ def train(args) -> None:
         out = model(input_ids=ids, output_router_logits=True)
         logits = out.logits[:, :-1]
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        aux_loss = per_layer_balance_loss(out.router_logits, config.num_experts_per_tok)
+        aux_loss = balance(out.router_logits, config.num_experts_per_tok)
         optim.zero_grad(set_to_none=True)
         (lm_loss + args.aux_coef * aux_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -405,6 +425,7 @@ def train(args) -> None:
             "clip": args.clip,
             "router_aux_loss_coef": args.aux_coef,
             "balance_loss": "Switch load-balancing loss per layer, summed over layers",
+            "balance_window_steps": args.balance_window,
             "domain_mix": "uniform (each sequence from one domain, domain drawn uniformly)",
             "vocab_size": len(tokenizer),
             "tokenizer_sample_chars_per_domain": args.tokenizer_chars,
@@ -421,8 +442,20 @@ def train(args) -> None:
         },
     }
     metrics["data"] = data_summary(data_manifest)
+    if args.compare_with:
+        metrics["before"] = earlier_model(args.compare_with)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     measure(args.out)
+
+
+def earlier_model(metrics_path: Path) -> dict:
+    """What the card compares this model with: an earlier model's balancing and measurements."""
+    old = json.loads(metrics_path.read_text())
+    return {
+        "balance_window_steps": old["training"].get("balance_window_steps", 1),
+        "eval_loss": old["eval_loss"],
+        "expert_usage_eval": old["expert_usage_eval"],
+    }
 
 
 def measure(out: Path) -> None:
@@ -548,7 +581,15 @@ def write_card(out: Path) -> None:
         f"{t['clip']}; plus {t['router_aux_loss_coef']} x the Switch Transformer load-balancing "
         "loss of each layer, summed over layers (transformers' built-in `aux_loss` pools all "
         "layers' routing before balancing, which let a quarter of the experts of layers 1-3 go "
-        "unused in a first run).",
+        "unused in a first run), "
+        + (
+            "with each step's expert loads: per micro-batch."
+            if t.get("balance_window_steps", 1) == 1
+            else f"with the expert loads of the last {t['balance_window_steps']} steps "
+            f"({t['balance_window_steps'] * t['batch'] * t['seq_len'] / 1e6:.1f} M tokens of "
+            "all four domains): global-batch balancing as in Qwen3, so the experts must share "
+            "the corpus evenly but a domain's tokens may keep to their own experts."
+        ),
         f"- {t['train_seconds'] / 60:.0f} min of training with its evaluations "
         f"({t['total_seconds'] / 60:.0f} min with the tokenizer and data loading) on "
         f"{t['machine']} shared with other work, {t['threads']} threads; torch "
@@ -586,7 +627,7 @@ def write_card(out: Path) -> None:
         )
     lines += ["", *plateau_lines(m["curve"]), ""]
     if "expert_usage_eval" in m:
-        lines += usage_lines(m["expert_usage_eval"])
+        lines += usage_lines(m["expert_usage_eval"], m.get("before"))
     lines += [
         "## Use",
         "",
@@ -604,38 +645,89 @@ def write_card(out: Path) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def usage_lines(usage: dict[str, list[list[float]]]) -> list[str]:
-    """Per domain and layer: how many experts take half of the routing slots (8 of 16 when
-    uniform), and the total-variation distance of the domain's expert usage from the mean."""
-    first = next(iter(usage.values()))
-    layers, experts = len(first), len(first[0])
-    mean = [
-        [sum(usage[d][li][e] for d in usage) / len(usage) for e in range(experts)]
-        for li in range(layers)
-    ]
-    lines = [
-        "## Expert usage",
-        "",
-        "Routing slots on the eval texts, per layer: the number of experts that take half of "
-        "the domain's slots (8 of 16 if uniform), and in brackets the total-variation distance "
-        "of the domain's expert distribution from the four-domain mean (0 = no preference). "
-        "`metrics.json` (`expert_usage_eval`) has every share.",
-        "",
-        "| domain | " + " | ".join(f"layer {li}" for li in range(layers)) + " |",
-        "|---|" + "---|" * layers,
-    ]
-    for d, per_layer in usage.items():
+def concentration(usage: dict[str, list[list[float]]]) -> dict[str, list[tuple[int, float]]]:
+    """Per domain and layer: (how many experts take half of the domain's routing slots, the
+    total-variation distance of the domain's expert distribution from the mean of the domains)."""
+    domains = list(usage)
+    out = {}
+    for d in domains:
         cells = []
-        for li, shares in enumerate(per_layer):
+        for li, shares in enumerate(usage[d]):
+            mean = [
+                sum(usage[o][li][e] for o in domains) / len(domains) for e in range(len(shares))
+            ]
             acc, k50 = 0.0, 0
             for share in sorted(shares, reverse=True):
                 acc, k50 = acc + share, k50 + 1
                 if acc >= 0.5:
                     break
-            tv = 0.5 * sum(abs(a - b) for a, b in zip(shares, mean[li], strict=True))
-            cells.append(f"{k50} ({tv:.2f})")
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+            cells.append((k50, 0.5 * sum(abs(a - b) for a, b in zip(shares, mean, strict=True))))
+        out[d] = cells
+    return out
+
+
+def usage_lines(usage: dict[str, list[list[float]]], before: dict | None) -> list[str]:
+    """The card's routing section: concentration per domain and layer (this model, and the
+    earlier one when there is one), then the load of every expert over the four domains."""
+    first = next(iter(usage.values()))
+    layers, experts = len(first), len(first[0])
+    header = ["| domain | " + " | ".join(f"layer {li}" for li in range(layers)) + " |"]
+    header.append("|---|" + "---|" * layers)
+
+    def table(u):
+        return [
+            f"| {d} | " + " | ".join(f"{k} ({tv:.2f})" for k, tv in cells) + " |"
+            for d, cells in concentration(u).items()
+        ]
+
+    def means(u):
+        cells = [c for per_layer in concentration(u).values() for c in per_layer]
+        return sum(k for k, _ in cells) / len(cells), sum(tv for _, tv in cells) / len(cells)
+
+    lines = [
+        "## Expert usage",
+        "",
+        "Routing slots on the eval texts, per layer: the number of experts that take half of "
+        f"the domain's slots ({experts // 2} of {experts} if uniform), and in brackets the "
+        "total-variation distance of the domain's expert distribution from the four-domain mean "
+        "(0 = no preference). `metrics.json` (`expert_usage_eval`) has every share.",
+        "",
+        *header,
+        *table(usage),
+        "",
+    ]
+    if before:
+        k_now, tv_now = means(usage)
+        k_old, tv_old = means(before["expert_usage_eval"])
+        w = before["balance_window_steps"]
+        lines += [
+            f"The same for the earlier default model, trained with the balancing loss over "
+            f"{'each step' if w == 1 else f'{w} steps'} (the per-micro-batch balancing that "
+            "spreads every domain over all experts):",
+            "",
+            *header,
+            *table(before["expert_usage_eval"]),
+            "",
+            f"Mean over domains and layers: {k_old:.1f} experts took half of a domain's slots "
+            f"before, {k_now:.1f} now; distance from the mean {tv_old:.2f} before, "
+            f"{tv_now:.2f} now.",
+            "",
+        ]
+    pooled = [
+        [sum(usage[d][li][e] for d in usage) / len(usage) for e in range(experts)]
+        for li in range(layers)
+    ]
+    lines += [
+        "Load over the whole corpus (the four domains' eval slots pooled; uniform "
+        f"{100 / experts:.2f}% per expert): "
+        + "; ".join(
+            f"layer {li} {100 * min(row):.1f}%-{100 * max(row):.1f}%"
+            for li, row in enumerate(pooled)
+        )
+        + ".",
+        "",
+    ]
+    return lines
 
 
 def plateau_lines(curve: list[dict]) -> list[str]:
@@ -667,6 +759,17 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--aux-coef", type=float, default=0.01)
+    ap.add_argument(
+        "--balance-window",
+        type=int,
+        default=64,
+        help="steps whose expert loads the balancing loss counts (1: per micro-batch)",
+    )
+    ap.add_argument(
+        "--compare-with",
+        type=Path,
+        help="metrics.json of an earlier model: the card shows its expert usage beside this one's",
+    )
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)

@@ -25,6 +25,7 @@ from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
 from mfprune.memory import check_fits, loaded_bytes
 from mfprune.modelcode import check_loadable
+from mfprune.modules import text_model
 from mfprune.profiling import distributed
 from mfprune.profiling.data import MIN_TOKENS, WHOLE, Shard, TokenData, load_token_data
 from mfprune.profiling.distributed import World
@@ -76,6 +77,7 @@ def profile_model(
     ckpt = open_checkpoint(model_dir)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
+    layout.require_one_stack("profiling")
     _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
     seq_len = resolve_seq_len(ckpt.config, seq_len)
     world = distributed.detect_world()
@@ -157,9 +159,10 @@ class _Run:
             check_loadable(ckpt.config, where=str(ckpt.root))  # --model-code / remote code
             model = load_model(ckpt.root, dtype=self.dtype, device=self.device)
             recorder = Recorder(model, layout)
-            decoder = model.base_model  # the decoder stack, without the LM head
-            if decoder is model:  # Llama 4's composite holds a whole causal LM: its decoder
-                decoder = model.get_decoder()
+            text = text_model(model)  # Qwen3-Omni: its thinker; others: the model
+            decoder = text.base_model  # the decoder stack, without the LM head
+            if decoder is text:  # Llama 4's composite holds a whole causal LM: its decoder
+                decoder = text.get_decoder()
             if self.on_start is not None:
                 self.on_start(share)
             with torch.no_grad(), recorder.attached():

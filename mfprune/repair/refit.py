@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from mfprune.errors import ModelError
-from mfprune.modules import find_routers, parent_of
+from mfprune.modules import find_routers, parent_of, text_model
 from mfprune.oracle import masking
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (input_ids [B, S], attention_mask [B, S])
@@ -285,7 +285,7 @@ def _block_input(
     earlier = {k: v for k, v in drop.items() if k < layer}
     try:
         with torch.no_grad(), masking(model, experts=earlier):
-            model.base_model(
+            text_model(model).base_model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
             )
     except _Stop:
