@@ -876,6 +876,41 @@ FAMILIES: dict[str, dict[str, Any]] = {
             },
         },
     },
+    # DeepSeek-V2 routing, group-limited (2 groups of 4, one per token); layer 0 dense;
+    # a one-block SAM encoder and a one-layer Qwen2-style vision encoder
+    "deepseek_ocr2": {
+        "text_config": {
+            **_BASE,
+            **_ROUTED_AFTER_DENSE,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "n_group": 2,
+            "topk_group": 1,
+            "topk_method": "group_limited_greedy",
+        },
+        "vision_config": {
+            "sam_config": {
+                "hidden_size": 32,
+                "output_channels": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 16,
+                "window_size": 2,
+                "global_attn_indexes": [0],
+                "mlp_dim": 32,
+                "downsample_channels": [32, 32],
+            },
+            "encoder_config": {
+                "vocab_size": 16,
+                "hidden_size": 32,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 64,
+            },
+        },
+    },
     "llama4_text": _LLAMA4_TEXT,
     "llama4": {
         "text_config": _LLAMA4_TEXT,

@@ -139,3 +139,31 @@ def test_an_adapter_that_does_not_know_the_mtp_key_is_refused(with_mtp, tmp_path
 def test_inspect_reports_mtp_layers(with_mtp):
     report = inspect_model(with_mtp)
     assert report.mtp_layers == [MTP]
+
+
+def test_step3p7_mtp_layers_under_text_config_follow_the_last_layer(tiny_checkpoint, tmp_path):
+    """Step 3.7 Flash appends its MTP layers as model.layers.N.* (num_nextn_predict_layers in
+    text_config); transformers ignores them on load. They keep the last MoE layer's experts."""
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("step3p7"), source)
+    tensors = load_file(source / "model.safetensors")
+    for name, t in list(tensors.items()):
+        if name.startswith("model.layers.2."):
+            tensors[name.replace("layers.2.", f"layers.{MTP}.")] = t.clone()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["text_config"]["num_nextn_predict_layers"] = 1
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=KEPT), out)
+    assert_experts_follow(source, out, kept={**KEPT, MTP: KEPT[2]})
+    pruned = load_file(out / "model.safetensors")
+    assert pruned[f"model.layers.{MTP}.moe.gate.weight"].shape[0] == 4
+    assert pruned[f"model.layers.{MTP}.moe.router_bias"].shape == (4,)
+    assert json.loads((out / "config.json").read_text())["text_config"]["n_routed_experts"] == 4
+    assert_exact(source, out, experts=removed(KEPT, 8), allow_unexpected=True)
+    dropped = tmp_path / "dropped"
+    rewrite_checkpoint(source, PrunePlan(experts=KEPT), dropped, drop_mtp=True)
+    config = json.loads((dropped / "config.json").read_text())["text_config"]
+    assert (config["n_routed_experts"], config["num_nextn_predict_layers"]) == (4, 0)
+    assert_exact(source, dropped, experts=removed(KEPT, 8))  # no unexpected keys left

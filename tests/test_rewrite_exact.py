@@ -316,6 +316,8 @@ COMPOSITE_CASES = {
     # DeepSeek-V2 routing with groups; experts one by one; the towers saved as model.sam_model.*
     # and model.vision_model.* beside the language model's model.layers.*; heads refused
     "unlimited_ocr": ("n_routed_experts", "model.vision_model.", {}, (1, 2)),
+    # the same language model; its vision encoder (model.qwen2_model.*) has layers.N.self_attn too
+    "deepseek_ocr2": ("n_routed_experts", "model.qwen2_model.", {}, (1, 2)),
 }
 
 
@@ -473,6 +475,7 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         ("gemma4", "global_head_dim"),  # (and gemma4_text)
         ("step3p7", "num_sliding_attention_heads"),
         ("unlimited_ocr", "recomputes head_dim"),
+        ("deepseek_ocr2", "recomputes head_dim"),
     ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):

@@ -42,7 +42,10 @@ def check_layer_count(ckpt: Checkpoint, spec: Any, num_layers: int) -> None:
     indices = {int(m.group(1)) for name in ckpt.tensors if (m := pattern.match(name))}
     if not indices:
         return
-    mtp = ckpt.config.get(spec.mtp_layers_key) if spec.mtp_layers_key else None
+    from mfprune.arch.layout import lm_config
+
+    cfg = lm_config(ckpt.config, spec)  # a composite model's MTP count sits in its text_config
+    mtp = cfg.get(spec.mtp_layers_key) if spec.mtp_layers_key else None
     extra = mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and mtp > 0 else 0
     found = max(indices) + 1
     if found != num_layers and not (extra and found == num_layers + extra):

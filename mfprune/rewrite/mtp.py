@@ -7,10 +7,11 @@ removes every tensor of every MTP layer and sets the config's MTP count to 0 ins
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from mfprune.arch.expert_tensors import group_by_layer, layer_prefix
-from mfprune.arch.layout import ModelLayout
+from mfprune.arch.layout import ModelLayout, lm_config
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import PlanError
 from mfprune.io.writer import OutTensor
@@ -48,5 +49,11 @@ def drop_actions(ckpt: Checkpoint, layout: ModelLayout, actions: dict[str, OutTe
 
 
 def dropped_config(config: dict[str, Any], layout: ModelLayout) -> dict[str, Any]:
+    """``config`` with the MTP count set to 0 where it was read (a composite model's
+    ``config_path``: Step 3.7 keeps it in text_config)."""
     key = layout.spec.mtp_layers_key
-    return {**config, key: 0} if key else config
+    if not key:
+        return config
+    root = copy.deepcopy(config)
+    lm_config(root, layout.spec)[key] = 0
+    return root
