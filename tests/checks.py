@@ -89,9 +89,13 @@ def assert_tensors_are_slices(
     beside the thinker) keeps its own. ``stack_first``: in an encoder-decoder model, a stack's
     name prefix -> the plan number of its layer 0 (``{"decoder.": 2}``)."""
     from mfprune.arch import spec_for_config
+    from mfprune.errors import ArchError
 
     src, dst = open_checkpoint(source), open_checkpoint(out)
-    router = spec_for_config(src.config).experts.router
+    try:
+        router = spec_for_config(src.config).experts.router
+    except ArchError:  # a model with its own adapter file (mfprune.seedmodels): one stack
+        router = ""
     stack = router.partition("layers.{layer}.")[0] + "layers." if "layers.{" in router else ""
     compared = 0
     for name, info in dst.tensors.items():
