@@ -186,6 +186,25 @@ _OMNI: dict[str, Any] = {
     },
 }
 
+#: Nemotron-H: one mixer per layer, Mamba-2 / MoE / attention / MoE; the layer list is the
+#: layer count (num_hidden_layers is not a config key), 2 groups of 4 experts
+_NEMOTRON_H: dict[str, Any] = {
+    **{k: v for k, v in _BASE.items() if k != "num_hidden_layers"},
+    "layers_block_type": ["linear_attention", "moe", "full_attention", "moe"],
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "moe_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32,
+    "head_dim": 16,
+    "mamba_num_heads": 4,
+    "mamba_head_dim": 32,
+    "ssm_state_size": 8,
+    "n_groups": 1,
+    "chunk_size": 16,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -535,24 +554,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
         "mlp_layer_types": ["dense", "sparse", "sparse"],
     },
-    # Nemotron-H: one mixer per layer, Mamba-2 / MoE / attention / MoE; the layer list is the
-    # layer count (num_hidden_layers is not a config key), 2 groups of 4 experts
-    "nemotron_h": {
-        **{k: v for k, v in _BASE.items() if k != "num_hidden_layers"},
-        "layers_block_type": ["linear_attention", "moe", "full_attention", "moe"],
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_group": 2,
-        "topk_group": 1,
-        "moe_intermediate_size": 32,
-        "moe_shared_expert_intermediate_size": 32,
-        "head_dim": 16,
-        "mamba_num_heads": 4,
-        "mamba_head_dim": 32,
-        "ssm_state_size": 8,
-        "n_groups": 1,
-        "chunk_size": 16,
-    },
+    "nemotron_h": _NEMOTRON_H,
     # Hunyuan V3: selection bias on the MoE block; layer 0 dense; initializer_range 0.006
     # makes pruning barely move the logits
     "hy_v3": {
@@ -609,6 +611,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_mtp_layers": 0,
         "pad_token_id": 0,
         "eos_token_id": 2,
+    },
+    # Nemotron-H (as above) under text_config and a one-block RADIO vision tower; no audio
+    # tower (its config is optional)
+    "nemotron_h_omni": {
+        "text_config": {**_NEMOTRON_H, "model_type": "nemotron_h"},
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 8,
+            "image_size": 16,
+            "max_img_size": 32,
+            "num_cls_tokens": 1,
+            "num_registers": 1,
+            "video_temporal_patch_size": 2,
+        },
+        "audio_config": None,
+        "vision_hidden_size": 32,
+        "projector_hidden_size": 64,
     },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {

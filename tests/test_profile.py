@@ -288,7 +288,7 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         up = gate_up[..., 1::2].clamp(min=-ex.limit, max=ex.limit)
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
-    if family == "nemotron_h":  # non-gated experts: down(act(up(x)))
+    if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
     if family in ("llama4", "llama4_text"):  # gate_up_proj [E, D, 2I], down_proj [E, I, D]
         gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
