@@ -751,6 +751,40 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "qwen3_omni_moe_thinker": _OMNI_THINKER,
     "qwen3_omni_moe": _OMNI,
+    # Muse Spark: experts at moe_hidden_size 32 between a pooling pair; layer 0 dense; sliding
+    # layers 0, 1, a full-attention NoPE layer 2; one-block vision tower, two-stage audio tower
+    "muse_spark": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_hidden_layers": 3,
+            "num_local_experts": 8,
+            "moe_hidden_size": 32,
+            "sliding_window": 8,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "bos_token_id": 1,  # the defaults lie outside the tiny vocabulary
+            "eos_token_id": 2,
+        },
+        "vision_config": {
+            "patch_size": 4,
+            "pos_emb_height": 4,
+            "pos_emb_width": 4,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "max_position_embeddings": 16,
+        },
+        "audio_config": {
+            "patch_sizes": [4, 2],
+            "hidden_sizes": [16, 32],
+            "depths": [1, 1],
+            "num_hidden_layers": 2,
+            "out_hidden_size": 64,
+        },
+        "out_hidden_size": 128,  # the tower's 32 after a 2 x 2 patch merge
+        "projector_hidden_size": 32,
+    },
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

@@ -312,6 +312,9 @@ COMPOSITE_CASES = {
     "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # Nemotron-H under text_config: Mamba-2, MoE, attention, MoE (heads in layer 2 only)
     "nemotron_h_omni": ("n_routed_experts", "vision_model.", {2: [0, 3]}, (1, 3)),
+    # sigmoid router on scaled logits + correction bias; experts between a pooling pair; heads
+    # refused (hidden_size must stay a multiple of the head count)
+    "muse_spark": ("num_local_experts", "model.vision_tower.", {}, (1, 2)),
     # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
     "qwen3_omni_moe": ("num_experts", "talker.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
@@ -472,7 +475,11 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     ("family", "reason"),
-    [("mistral_large4", "NoPE layers"), ("gemma4", "global_head_dim")],  # (and gemma4_text)
+    [
+        ("mistral_large4", "NoPE layers"),
+        ("gemma4", "global_head_dim"),  # (and gemma4_text)
+        ("muse_spark", "not a multiple of num_attention_heads"),
+    ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(family)
