@@ -205,6 +205,38 @@ _NEMOTRON_H: dict[str, Any] = {
     "chunk_size": 16,
 }
 
+#: Inkling 2's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
+#: attention-residual blocks of 2 layers, an MoE in every layer; the lm head unpadded.
+_INKLING2_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "unpadded_vocab_size": 128,
+    "head_dim": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "sliding_window_size": 8,
+    "d_rel": 8,
+    "rel_extent": 16,
+    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_layers_per_attn_res_block": 2,
+    "eos_token_id": 2,  # the default lies outside the tiny vocabulary
+}
+
+#: A one-block Inkling 2 vision tower projecting to the tiny language model's width.
+_INKLING2_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "patch_size": 4,
+    "posemb_grid_size": 4,
+    "projection_hidden_dim": 32,
+    "text_hidden_size": 64,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -785,6 +817,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "out_hidden_size": 128,  # the tower's 32 after a 2 x 2 patch merge
         "projector_hidden_size": 32,
     },
+    "inkling2": {"text_config": _INKLING2_TEXT, "vision_config": _INKLING2_VISION},
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

@@ -290,6 +290,8 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
     if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
+    if family in ("inkling2", "inkling2_loop"):  # a softcapped SwiGLU of (gate, up)
+        return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
     if family == "muse_spark":  # at moe_hidden_size, then one norm shared by every expert
         gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
         return ex.post_expert_norm(F.linear(ex.act_fn(gate) * up, ex.down_proj[e]))

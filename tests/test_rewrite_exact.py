@@ -315,6 +315,9 @@ COMPOSITE_CASES = {
     # sigmoid router on scaled logits + correction bias; experts between a pooling pair; heads
     # refused (hidden_size must stay a multiple of the head count)
     "muse_spark": ("num_local_experts", "model.vision_tower.", {}, (1, 2)),
+    # released names (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight); heads
+    # refused (per-layer-type head counts, per-head sinks and relative states)
+    "inkling2": ("n_routed_experts", "model.visual.", {}, (0, 1, 2)),
     # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
     "qwen3_omni_moe": ("num_experts", "talker.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
@@ -479,6 +482,7 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         ("mistral_large4", "NoPE layers"),
         ("gemma4", "global_head_dim"),  # (and gemma4_text)
         ("muse_spark", "not a multiple of num_attention_heads"),
+        ("inkling2", "swa_num_attention_heads"),
     ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
