@@ -219,6 +219,57 @@ _OMNI: dict[str, Any] = {
     },
 }
 
+#: Nemotron-H: one mixer per layer, Mamba-2 / MoE / attention / MoE; the layer list is the
+#: layer count (num_hidden_layers is not a config key), 2 groups of 4 experts
+_NEMOTRON_H: dict[str, Any] = {
+    **{k: v for k, v in _BASE.items() if k != "num_hidden_layers"},
+    "layers_block_type": ["linear_attention", "moe", "full_attention", "moe"],
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "moe_intermediate_size": 32,
+    "moe_shared_expert_intermediate_size": 32,
+    "head_dim": 16,
+    "mamba_num_heads": 4,
+    "mamba_head_dim": 32,
+    "ssm_state_size": 8,
+    "n_groups": 1,
+    "chunk_size": 16,
+}
+
+#: Inkling 2's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
+#: attention-residual blocks of 2 layers, an MoE in every layer; the lm head unpadded.
+_INKLING2_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "unpadded_vocab_size": 128,
+    "head_dim": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "sliding_window_size": 8,
+    "d_rel": 8,
+    "rel_extent": 16,
+    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_layers_per_attn_res_block": 2,
+    "eos_token_id": 2,  # the default lies outside the tiny vocabulary
+}
+
+#: A one-block Inkling 2 vision tower projecting to the tiny language model's width.
+_INKLING2_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "patch_size": 4,
+    "posemb_grid_size": 4,
+    "projection_hidden_dim": 32,
+    "text_hidden_size": 64,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -578,24 +629,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
         "mlp_layer_types": ["dense", "sparse", "sparse"],
     },
-    # Nemotron-H: one mixer per layer, Mamba-2 / MoE / attention / MoE; the layer list is the
-    # layer count (num_hidden_layers is not a config key), 2 groups of 4 experts
-    "nemotron_h": {
-        **{k: v for k, v in _BASE.items() if k != "num_hidden_layers"},
-        "layers_block_type": ["linear_attention", "moe", "full_attention", "moe"],
-        "n_routed_experts": 8,
-        "num_experts_per_tok": 2,
-        "n_group": 2,
-        "topk_group": 1,
-        "moe_intermediate_size": 32,
-        "moe_shared_expert_intermediate_size": 32,
-        "head_dim": 16,
-        "mamba_num_heads": 4,
-        "mamba_head_dim": 32,
-        "ssm_state_size": 8,
-        "n_groups": 1,
-        "chunk_size": 16,
-    },
+    "nemotron_h": _NEMOTRON_H,
     # Hunyuan V3: selection bias on the MoE block; layer 0 dense; initializer_range 0.006
     # makes pruning barely move the logits
     "hy_v3": {
@@ -652,6 +686,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "num_mtp_layers": 0,
         "pad_token_id": 0,
         "eos_token_id": 2,
+    },
+    # Nemotron-H (as above) under text_config and a one-block RADIO vision tower; no audio
+    # tower (its config is optional)
+    "nemotron_h_omni": {
+        "text_config": {**_NEMOTRON_H, "model_type": "nemotron_h"},
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 8,
+            "image_size": 16,
+            "max_img_size": 32,
+            "num_cls_tokens": 1,
+            "num_registers": 1,
+            "video_temporal_patch_size": 2,
+        },
+        "audio_config": None,
+        "vision_hidden_size": 32,
+        "projector_hidden_size": 64,
     },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
@@ -773,6 +826,41 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "qwen3_omni_moe_thinker": _OMNI_THINKER,
     "qwen3_omni_moe": _OMNI,
+    # Muse Spark: experts at moe_hidden_size 32 between a pooling pair; layer 0 dense; sliding
+    # layers 0, 1, a full-attention NoPE layer 2; one-block vision tower, two-stage audio tower
+    "muse_spark": {
+        "text_config": {
+            **_BASE,
+            **_SOFTMAX,
+            "num_hidden_layers": 3,
+            "num_local_experts": 8,
+            "moe_hidden_size": 32,
+            "sliding_window": 8,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "bos_token_id": 1,  # the defaults lie outside the tiny vocabulary
+            "eos_token_id": 2,
+        },
+        "vision_config": {
+            "patch_size": 4,
+            "pos_emb_height": 4,
+            "pos_emb_width": 4,
+            "num_attention_heads": 2,
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "max_position_embeddings": 16,
+        },
+        "audio_config": {
+            "patch_sizes": [4, 2],
+            "hidden_sizes": [16, 32],
+            "depths": [1, 1],
+            "num_hidden_layers": 2,
+            "out_hidden_size": 64,
+        },
+        "out_hidden_size": 128,  # the tower's 32 after a 2 x 2 patch merge
+        "projector_hidden_size": 32,
+    },
+    "inkling2": {"text_config": _INKLING2_TEXT, "vision_config": _INKLING2_VISION},
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

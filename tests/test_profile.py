@@ -293,8 +293,13 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         up = gate_up[..., 1::2].clamp(min=-ex.limit, max=ex.limit)
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
-    if family == "nemotron_h":  # non-gated experts: down(act(up(x)))
+    if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
+    if family in ("inkling2", "inkling2_loop"):  # a softcapped SwiGLU of (gate, up)
+        return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
+    if family == "muse_spark":  # at moe_hidden_size, then one norm shared by every expert
+        gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
+        return ex.post_expert_norm(F.linear(ex.act_fn(gate) * up, ex.down_proj[e]))
     if family in ("llama4", "llama4_text", "aria", "aria_text"):  # [E, D, 2I], [E, I, D]
         gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
         return (ex.act_fn(gate) * up) @ ex.down_proj[e]
@@ -331,6 +336,8 @@ class _Sums:
 
 #: Gemma 4: router and experts sit on the decoder layer, each with its own normed input
 ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text"}
+#: Muse Spark too:'s experts read the MoE block's input pooled to moe_hidden_size
+OWN_EXPERT_INPUT = ROUTER_ON_THE_LAYER | {"muse_spark"}
 
 
 def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
@@ -365,7 +372,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                     lambda m, _a, out, block=block: setattr(block, "gate_output", out)
                 )
             )
-        if family in ROUTER_ON_THE_LAYER:  # the router's and the experts' inputs differ
+        if family in OWN_EXPERT_INPUT:  # the router's and the experts' inputs differ
             for key, module in (("router", router), ("experts", block.experts)):
                 handles.append(
                     module.register_forward_pre_hook(
@@ -398,7 +405,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
                 name, router = routers[layer]
                 block = moe_block(model, name)
                 x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                if family in ROUTER_ON_THE_LAYER:
+                if family in OWN_EXPERT_INPUT:
                     index, weight = _route_by_hand(family, router, inputs["router", row], config)
                     x = inputs["experts", row]  # [T, D]
                 else:

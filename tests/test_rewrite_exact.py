@@ -185,6 +185,7 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
         ("jamba", 0, ""),
         ("kimi_linear", 2, "linear_attention"),
         ("nemotron_h", 1, ""),  # an MoE layer
+        ("nemotron_h_omni", 3, ""),  # an MoE layer of its language model
     ],
 )
 def test_heads_in_a_layer_without_attention_are_refused(
@@ -231,6 +232,28 @@ def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     out = tmp_path / "pruned"
     rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
     assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
+
+
+def test_nemotron_h_omni_released_config_form_is_exact(tiny_checkpoint, tmp_path):
+    # released checkpoints keep the language model's settings under llm_config (transformers
+    # reads it as text_config), with hybrid_override_pattern for the layer types
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("nemotron_h_omni"), source)
+    config = json.loads((source / "config.json").read_text())
+    text = config.pop("text_config")
+    del text["layers_block_type"]
+    config["llm_config"] = text | {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
+    assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
+    assert result.config_changes == {
+        "llm_config.n_routed_experts": [8, 4],
+        "llm_config.num_attention_heads": [4, 2],
+    }
+    assert "text_config" not in json.loads((out / "config.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -294,6 +317,14 @@ COMPOSITE_CASES = {
     "gemma4": ("num_experts", "model.vision_tower.", {}, (0, 1)),
     # saved as model.layers.*, towers as visual.* and audio_tower.* (its layers have heads too)
     "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
+    # Nemotron-H under text_config: Mamba-2, MoE, attention, MoE (heads in layer 2 only)
+    "nemotron_h_omni": ("n_routed_experts", "vision_model.", {2: [0, 3]}, (1, 3)),
+    # sigmoid router on scaled logits + correction bias; experts between a pooling pair; heads
+    # refused (hidden_size must stay a multiple of the head count)
+    "muse_spark": ("num_local_experts", "model.vision_tower.", {}, (1, 2)),
+    # released names (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight); heads
+    # refused (per-layer-type head counts, per-head sinks and relative states)
+    "inkling2": ("n_routed_experts", "model.visual.", {}, (0, 1, 2)),
     # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
     "qwen3_omni_moe": ("num_experts", "talker.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
@@ -476,6 +507,8 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         ("step3p7", "num_sliding_attention_heads"),
         ("unlimited_ocr", "recomputes head_dim"),
         ("deepseek_ocr2", "recomputes head_dim"),
+        ("muse_spark", "not a multiple of num_attention_heads"),
+        ("inkling2", "swa_num_attention_heads"),
     ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):

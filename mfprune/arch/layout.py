@@ -194,17 +194,32 @@ class ModelLayout:
             )
 
 
+def lm_config_path(config: dict[str, Any], spec: ArchSpec) -> str | None:
+    """Where ``config.json`` keeps the language model's keys: ``spec.config_path``, or the
+    first of its ``config_path_aliases`` that the config holds (a table) when it lacks it."""
+    for path in (spec.config_path, *spec.config_path_aliases) if spec.config_path else ():
+        cfg: Any = config
+        for part in path.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        if isinstance(cfg, dict):
+            return path
+    return spec.config_path
+
+
 def lm_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
     """The part of ``config.json`` that holds the language model's keys: the whole config, or
     for a composite model (vision + text) the sub-config at ``spec.config_path``
-    (``text_config``; dotted for deeper ones). The dict returned is ``config``'s own, so a
-    caller that patches it patches ``config``."""
+    (``text_config``; dotted for deeper ones; else an alias, ``lm_config_path``). The dict
+    returned is ``config``'s own, so a caller that patches it patches ``config``."""
     cfg = config
-    for part in spec.config_path.split(".") if spec.config_path else ():
+    path = lm_config_path(config, spec)
+    for part in path.split(".") if path else ():
         cfg = cfg.get(part) if isinstance(cfg, dict) else None
         if not isinstance(cfg, dict):
             raise ModelError(
-                f"config.json has no '{spec.config_path}' table ({spec.family} keeps its "
+                f"config.json has no '{spec.config_path}' table"
+                + "".join(f" (nor '{alias}')" for alias in spec.config_path_aliases)
+                + f" ({spec.family} keeps its "
                 "language model's settings there)",
                 hint="the config does not match the adapter; check config.json",
             )
@@ -216,7 +231,8 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     cfg = lm_config(ckpt.config, spec)
     if spec.stacks:
         return _resolve_stacks(ckpt, cfg, spec)
-    where = f"{spec.config_path}." if spec.config_path else ""
+    path = lm_config_path(ckpt.config, spec)
+    where = f"{path}." if path else ""
     num_layers = cfg.get(spec.num_layers_key)
     types = spec.experts.layers.layer_types(cfg)
     if num_layers is None and isinstance(types, list):  # Nemotron-H: the list is the count

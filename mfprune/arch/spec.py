@@ -207,6 +207,9 @@ class ArchSpec:
     attention_experts: ExpertSpec | None = None  # JetMoE / ModuleFormer mixture of attention
     num_layers_key: str = "num_hidden_layers"
     config_path: str | None = None  # composite models: the LM's keys sit under config[path]
+    # older names of that table, read when config_path is absent (Nemotron-H-Omni's released
+    # configs say llm_config where transformers writes text_config)
+    config_path_aliases: tuple[str, ...] = ()
     # multi-token-prediction layers (DeepSeek-V3 num_nextn_predict_layers): whole decoder
     # layers stored after the last one, at indices num_layers.., that transformers ignores
     mtp_layers_key: str | None = None
@@ -325,6 +328,7 @@ _TOP_KEYS = {
     "description",
     "num_layers_key",
     "config_path",
+    "config_path_aliases",
     "mtp_layers_key",
     "stacks",
     "experts",
@@ -581,6 +585,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         attention_experts=attention,
         num_layers_key=r.get(t, "num_layers_key", "adapter", str, "num_hidden_layers"),
         config_path=r.get(t, "config_path", "adapter", str, None),
+        config_path_aliases=r.names(t, "config_path_aliases", "adapter"),
         mtp_layers_key=r.get(t, "mtp_layers_key", "adapter", str, None),
         stacks=stacks,
         description=r.get(t, "description", "adapter", str, ""),
