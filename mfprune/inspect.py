@@ -127,7 +127,8 @@ def routing_rule(e: ExpertLayout) -> str:
     """How a token is routed over these experts, and what that means for pruning, in words."""
     spec = e.spec
     short = spec.router.rpartition(".")[0].replace("{layer}", "L")
-    parts = [f"each token picks top-{e.top_k} of {e.num_experts} experts scored by {short}"]
+    scored = "its layer's router" if e.stacks else short
+    parts = [f"each token picks top-{e.top_k} of {e.num_experts} experts scored by {scored}"]
     if spec.selection == "biased_score" and spec.selection_bias:
         bias = spec.selection_bias.replace("{layer}", "L")
         parts.append(
@@ -171,6 +172,23 @@ def routing_rule(e: ExpertLayout) -> str:
     if spec.shared:
         shared = ", ".join(p.replace("{layer}", "L") for p in spec.shared)
         parts.append(f"shared experts ({shared}) run on every token and are never pruned")
+    if e.capacity_unsupported:
+        parts.append(f"experts cannot be pruned: {e.capacity_unsupported}")
+    elif spec.capacity_keys:
+        keys = " / ".join(spec.capacity_keys)
+        parts.append(
+            f"an expert takes a fixed number of tokens at most ({keys}; kept as it is), so the "
+            "kept experts drop the same tokens"
+        )
+    if e.stacks:  # encoder-decoder: each stack's router and rule, and its layer numbers
+        for stack in e.stacks:
+            last = stack.first + stack.num_layers - 1
+            router = stack.spec.router.rpartition(".")[0].replace("{layer}", "L")
+            parts.append(
+                f"{stack.name} layers {stack.first}..{last} ({router}, L = layer - "
+                f"{stack.first}): MoE {stack.spec.layers.describe()}"
+            )
+        return "; ".join(parts)
     parts.append(f"MoE layers: {spec.layers.describe()}")
     return "; ".join(parts)
 

@@ -27,7 +27,8 @@ from mfprune.rewrite.config_patch import UNEVEN_KEY
 def load_pretrained(path: str | Path, **kwargs: Any):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` that also handles per-layer
     expert counts. A checkpoint saved from another head (``config.json``'s ``architectures``:
-    a token classifier, an image-text model) loads with its own class. Returns the model."""
+    a token classifier, an image-text model, an encoder-decoder model) loads with its own class
+    (``model_class_for``). Returns the model."""
     from mfprune.checkpoint import model_location
 
     path = model_location(path)  # "default": the embedded default model
@@ -100,16 +101,19 @@ def auto_model_class(model_type: str) -> type:
     """The transformers auto class that builds a ``model_type`` whole: for a composite (vision +
     text) model ``AutoModelForImageTextToText``, so its towers load too (a causal-LM class
     would drop them); for one that also speaks (Qwen3-Omni-MoE: thinker, talker, code2wav)
-    ``AutoModelForMultimodalLM``; else ``AutoModelForCausalLM``."""
+    ``AutoModelForMultimodalLM``; for an encoder-decoder model with no causal-LM class (Switch
+    Transformers, NLLB-MoE) ``AutoModelForSeq2SeqLM``; else ``AutoModelForCausalLM``."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
         AutoModelForMultimodalLM,
+        AutoModelForSeq2SeqLM,
     )
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
         MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
@@ -118,6 +122,11 @@ def auto_model_class(model_type: str) -> type:
         model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     ):
         return AutoModelForMultimodalLM
+    if (
+        model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return AutoModelForSeq2SeqLM
     return AutoModelForCausalLM
 
 

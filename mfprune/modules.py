@@ -15,6 +15,7 @@ oracle uses it; ``routing_modules`` gives the profiler the routing module around
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Iterable
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mfprune.arch.spec import ExpertSpec
+from mfprune.arch.spec import ArchSpec, ExpertSpec
 
 ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -171,7 +172,7 @@ def adapter_routers(
     """
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     config = model.config.get_text_config() if hasattr(model, "config") else None
-    top_k = getattr(config, spec.top_k_key, None)
+    top_k = spec.top_k or getattr(config, spec.top_k_key, None)
     if top_k is None and config is not None:  # a dotted key: in a sub-config (DBRX)
         from mfprune.arch.layout import config_value
 
@@ -202,6 +203,24 @@ def adapter_routers(
             top_k=top_k,
             bias=bias,
         )
+    return sites
+
+
+def stack_routers(
+    model: nn.Module, spec: ArchSpec, kind: ExpertSpec, layers: Iterable[int]
+) -> dict[int, RouterSite]:
+    """``adapter_routers`` for mfprune's layer numbers: in an encoder-decoder model (an adapter
+    with ``[[stacks]]``) each layer is found with its stack's templates at its index there
+    (``mfprune.arch.layout.stack_layouts``); sites keep mfprune's numbers."""
+    if not spec.stacks:
+        return adapter_routers(model, kind, layers)
+    from mfprune.arch.layout import in_stacks, stack_layouts
+
+    config = model.config.get_text_config().to_dict()
+    sites = {}
+    for stack, local in in_stacks(stack_layouts(spec, config), layers):
+        for index, site in adapter_routers(model, stack.spec, local).items():
+            sites[local[index]] = dataclasses.replace(site, layer=local[index])
     return sites
 
 

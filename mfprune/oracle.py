@@ -8,7 +8,8 @@ the *original* model, without touching its weights:
 * Pruned experts get a selection score of ``-inf`` in their router, so top-k never picks them and
   every softmax normaliser excludes them, exactly as if the router had fewer rows. Routers are
   found from the adapter (``mfprune.modules.adapter_routers``: the router weight's name through
-  transformers' key renamings), not by class name:
+  transformers' key renamings; in an encoder-decoder model, ``stack_routers``: each layer with
+  its stack's templates), not by class name:
 
   - the logits are always masked, so every softmax normaliser excludes the pruned experts as
     a router with fewer rows would;
@@ -44,7 +45,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mfprune.arch import ArchSpec, spec_for_config
-from mfprune.modules import RouterSite, adapter_routers, find_o_proj, text_model
+from mfprune.modules import RouterSite, find_o_proj, stack_routers, text_model
 
 #: Ids to remove, per decoder-layer index.
 Pruned = Mapping[int, Sequence[int]]
@@ -63,11 +64,15 @@ def logits(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain forward pass: ``model(input_ids).logits`` as float32, ``[B, T, V]``, without
-    gradients (``attention_mask``, ``[B, T]``, 0 at padding, when given).
+    gradients (``attention_mask``, ``[B, T]``, 0 at padding, when given). An encoder-decoder
+    model (``config.is_encoder_decoder``) reads ``input_ids`` in both stacks: the encoder's
+    input, and the decoder's (``decoder_input_ids``); the logits are the decoder's.
 
     Falls back to the ``eager`` experts implementation (for good) where ``grouped_mm`` refuses
     the model's shapes."""
     inputs = {"input_ids": input_ids.to(model.device), "use_cache": False}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"]
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask.to(model.device)
     with torch.no_grad():
@@ -165,7 +170,7 @@ def masking(
             kind_spec = spec.experts if kind == "experts" else spec.attention_experts
             if kind_spec is None:
                 raise ValueError(f"{kind}: the {spec.family} adapter has no {kind}")
-            sites = adapter_routers(model, kind_spec, pruned.keys())
+            sites = stack_routers(model, spec, kind_spec, pruned.keys())
             for layer, ids in pruned.items():
                 stack.enter_context(_mask_site(sites[layer], ids))
         if heads:

@@ -245,6 +245,11 @@ def _check_experts(
                 f"(hash routing) still sends tokens to: keep all {len(layout.pinned(layer))} "
                 "experts it names"
             )
+        if layout.capacity_unsupported and len(ids) < E:
+            problems.append(
+                f"{where}: the router's expert capacity would change with the expert count, so "
+                f"the pruned model would drop other tokens: {layout.capacity_unsupported}"
+            )
         if layout.n_group > 1 and layout.spec.groups_unsupported and len(ids) < E:
             problems.append(
                 f"{where}: group-limited routing (n_group = {layout.n_group}) cannot lose "
@@ -286,6 +291,12 @@ def _check_experts(
             f"hold one '{layout.count_key}', so every MoE layer must keep the same number "
             "(a layer absent from the plan keeps all); --allow-uneven writes per-layer counts "
             "that mfprune.load_pretrained loads"
+        )
+    elif len(set(counts.values())) > 1 and model.spec.stacks:
+        problems.append(
+            f"{kind}: kept counts differ across MoE layers, and per-layer counts are not "
+            f"supported for encoder-decoder models ({model.family}): keep the same number in "
+            "every MoE layer of both stacks"
         )
     elif len(set(counts.values())) > 1 and model.spec.config_path:
         problems.append(

@@ -69,7 +69,9 @@ def assert_exact(
 
 
 _ID_TABLE = re.compile(r"^.*layers\.(\d+)\..*\.tid2eid$")  # DeepSeek-V4: token -> expert ids
-_PER_EXPERT = re.compile(r"^(.*layers\.(\d+)\..*experts\.)(\d+)(\..*)$")
+# experts.3. (most families), experts.expert_3. (Switch Transformers, NLLB-MoE); layers.N. or
+# block.N. (T5's stacks)
+_PER_EXPERT = re.compile(r"^(.*(?:layers|block)\.(\d+)\..*experts\.(?:expert_)?)(\d+)(\..*)$")
 
 
 def assert_tensors_are_slices(
@@ -78,12 +80,14 @@ def assert_tensors_are_slices(
     *,
     experts: dict[int, list[int]] | None = None,
     num_experts: int = 8,
+    stack_first: dict[str, int] | None = None,
 ) -> None:
     """Every output tensor with its source shape is byte-identical to its source tensor (a
     renumbered per-expert tensor to the kept expert it came from; numbers after the kept ones
     to the source's extra experts from ``num_experts`` on, LongCat's zero experts); dtypes
     never change. Only the adapter's decoder renumbers experts: Qwen3-Omni's talker (an MoE
-    beside the thinker) keeps its own."""
+    beside the thinker) keeps its own. ``stack_first``: in an encoder-decoder
+    model, a stack's name prefix -> the plan number of its layer 0 (``{"decoder.": 2}``)."""
     from mfprune.arch import spec_for_config
 
     src, dst = open_checkpoint(source), open_checkpoint(out)
@@ -93,8 +97,9 @@ def assert_tensors_are_slices(
     for name, info in dst.tensors.items():
         origin = name
         m = _PER_EXPERT.match(name)
-        if m and experts and int(m.group(2)) in experts and name.startswith(stack):
-            kept, i = experts[int(m.group(2))], int(m.group(3))
+        first = next((n for p, n in (stack_first or {}).items() if name.startswith(p)), 0)
+        if m and experts and first + int(m.group(2)) in experts and name.startswith(stack):
+            kept, i = experts[first + int(m.group(2))], int(m.group(3))
             old = kept[i] if i < len(kept) else num_experts + i - len(kept)
             origin = f"{m.group(1)}{old}{m.group(4)}"
         assert origin in src.tensors, f"{name} has no source tensor"

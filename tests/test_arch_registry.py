@@ -98,7 +98,7 @@ def test_every_adapter_serves_a_transformers_family(moe_types):
 @pytest.mark.parametrize(
     ("model_type", "expected", "absent"),
     [
-        ("switch_transformers", "encoder-decoder MoE", "did you mean"),  # known: its reason
+        ("nllb-moe", "runs expert_0", "did you mean"),  # known: its reason
         ("doge", "product-key experts", "did you mean"),
         ("mixtrall", "did you mean 'mixtral'?", None),  # a typo: the close name
         ("falcon_mamba", "supported: ", "did you mean"),  # nothing close: no suggestion

@@ -479,3 +479,79 @@ def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkp
     plan = PrunePlan(heads={layer: [0, 2] for layer in range(layers)})
     with pytest.raises(PlanError, match=reason):
         rewrite_checkpoint(source, plan, tmp_path / "o")
+
+
+# encoder-decoder models: a plan numbers the encoder's layers first, then the decoder's;
+# (tiny-model overrides, kept experts per MoE layer, each stack's name prefix -> its first number)
+ENCODER_DECODER_CASES = {
+    # every layer of both stacks sparse; expert_capacity 3 drops tokens
+    "switch_transformers": (
+        {},
+        {0: [0, 2, 5, 7], 1: [1, 3, 4, 6], 2: [0, 1, 2, 7], 3: [2, 3, 5, 6]},
+        {"decoder.": 2},
+    ),
+    # T5's rule i % step == 1: encoder step 4 makes layer 1 sparse (not 3), decoder step 2 too
+    "switch_transformers-step4": (
+        {"num_layers": 4, "num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1},
+        {1: [0, 2, 5, 7], 5: [1, 3, 4, 6]},
+        {"decoder.": 4},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENCODER_DECODER_CASES))
+def test_encoder_decoder_expert_pruning_is_exact(case, tiny_checkpoint, tmp_path):
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+
+    overrides, kept, stack_first = ENCODER_DECODER_CASES[case]
+    source = tiny_checkpoint(case.split("-")[0], **overrides)
+    ckpt = open_checkpoint(source)
+    assert resolve_layout(ckpt, spec_for_config(ckpt.config)).experts.layers == tuple(kept)
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    assert_exact(source, out, experts=removed(kept, 8))
+    assert_tensors_are_slices(source, out, experts=kept, stack_first=stack_first)
+    assert result.config_changes == {"num_experts": [8, 4]}
+    assert config_diff(source, out) == {"num_experts": (8, 4)}  # expert_capacity stays
+
+
+def test_encoder_decoder_refusals(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("switch_transformers")
+    uneven = PrunePlan(experts={0: [0, 1, 2], 2: [0, 1, 2, 3, 4]})
+    with pytest.raises(PlanError, match="not supported for encoder-decoder models"):
+        rewrite_checkpoint(source, uneven, tmp_path / "o", allow_uneven=True)
+    with pytest.raises(PlanError, match="T5's q/k/v/o"):  # heads: the adapter's reason
+        rewrite_checkpoint(source, PrunePlan(heads={0: [0, 1]}), tmp_path / "o")
+    # no fixed capacity (a config.json transformers' own config class would refuse too)
+    import shutil
+
+    no_capacity = tmp_path / "no_capacity"
+    shutil.copytree(source, no_capacity)
+    config = json.loads((no_capacity / "config.json").read_text())
+    (no_capacity / "config.json").write_text(json.dumps(config | {"expert_capacity": None}))
+    with pytest.raises(PlanError, match=r"experts\[0\]: the router's expert capacity would change"):
+        rewrite_checkpoint(no_capacity, PrunePlan(experts=_half(0, 1, 2, 3)), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_nllb_moe_stays_refused_while_transformers_runs_two_experts(tiny_checkpoint):
+    # NllbMoeExperts.forward one-hot encodes the one-hot top-1 mask: only expert_0 and
+    # expert_1 ever run. When this fails, transformers computes NLLB-MoE properly: write its
+    # adapter ([[stacks]], top_k 2, capacity_keys) and drop it from unsupported.toml
+    from checks import load
+
+    from mfprune.arch import spec_for_config
+    from mfprune.errors import ArchError
+
+    model, _ = load(tiny_checkpoint("nllb-moe"))
+    ids = sample_ids(128, batch=2, seq=24)
+    before = logits(model, ids)
+    with torch.no_grad():
+        for stack in ("encoder", "decoder"):
+            experts = model.get_submodule(f"model.{stack}.layers.1.ffn.experts")
+            for e in range(2, 8):
+                experts[f"expert_{e}"].fc2.bias.fill_(5.0)
+    assert torch.equal(before, logits(model, ids))
+    with pytest.raises(ArchError, match="runs expert_0"):
+        spec_for_config(model.config.to_dict())

@@ -16,10 +16,65 @@ from mfprune.arch.expert_tensors import (
     sort_layer,
 )
 from mfprune.arch.id_tables import IdTable, resolve_id_tables
-from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor
+from mfprune.arch.spec import ArchSpec, ExpertSpec, HeadSpec, HeadTensor, Stack
 from mfprune.arch.sub_experts import SubExpertLayer, resolve_sub_experts
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ArchError, ModelError
+
+
+@dataclass(frozen=True)
+class StackLayout:
+    """One stack of an encoder-decoder model: its layers are ``first .. first + num_layers - 1``
+    in mfprune's numbering, ``0 .. num_layers - 1`` in its tensor names."""
+
+    name: str
+    first: int
+    num_layers: int
+    spec: ExpertSpec  # the stack's templates
+
+    def holds(self, layer: int) -> bool:
+        return self.first <= layer < self.first + self.num_layers
+
+
+def stack_layouts(spec: ArchSpec, cfg: dict[str, Any]) -> tuple[StackLayout, ...]:
+    """The stacks of ``spec`` numbered one after another from the layer counts in ``cfg`` (the
+    language model's config); () for a one-stack model."""
+    stacks, first = [], 0
+    for stack in spec.stacks:
+        count = _layer_count(cfg, stack)
+        stacks.append(StackLayout(stack.name, first, count, stack.experts))
+        first += count
+    return tuple(stacks)
+
+
+def in_stacks(
+    stacks: tuple[StackLayout, ...], layers: Any
+) -> list[tuple[StackLayout, dict[int, int]]]:
+    """Split mfprune layer numbers by stack: ``[(stack, {local index: layer})]``, stacks that
+    hold none left out. Raises ModelError for a number in no stack."""
+    wanted = sorted(set(layers))
+    outside = [L for L in wanted if not any(s.holds(L) for s in stacks)]
+    if outside:
+        total = sum(s.num_layers for s in stacks)
+        raise ModelError(
+            f"layer {outside[0]} is in no stack: the model has {total} layers ("
+            + ", ".join(f"{s.name} {s.first}..{s.first + s.num_layers - 1}" for s in stacks)
+            + ")",
+            hint="number an encoder-decoder model's layers encoder first, then decoder",
+        )
+    split = [(s, {L - s.first: L for L in wanted if s.holds(L)}) for s in stacks]
+    return [(s, local) for s, local in split if local]
+
+
+def _layer_count(cfg: dict[str, Any], stack: Stack) -> int:
+    value = cfg.get(stack.num_layers_key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelError(
+            f"config.json has no valid '{stack.num_layers_key}' (the {stack.name}'s layer "
+            f"count; got {value!r})",
+            hint="the config does not match the adapter; check config.json",
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -51,6 +106,11 @@ class ExpertLayout:
     sub_experts: Mapping[int, SubExpertLayer] | None = field(
         default=None, compare=False, repr=False
     )
+    # encoder-decoder models: the stacks the layers belong to (``layers`` counts across them)
+    stacks: tuple[StackLayout, ...] = ()
+    # why this config's expert capacity follows the expert count ('' when it does not): a plan
+    # that prunes experts is refused with it
+    capacity_unsupported: str = ""
 
     @property
     def all_layers(self) -> tuple[int, ...]:
@@ -121,6 +181,18 @@ class ModelLayout:
     def family(self) -> str:
         return self.spec.family
 
+    def require_one_stack(self, what: str) -> None:
+        """Refuse ``what`` (a step that hooks or rebuilds the model layer by layer: profiling,
+        repair) for an encoder-decoder model, which it does not know how to run."""
+        if self.experts.stacks:
+            stacks = " and ".join(s.name for s in self.experts.stacks)
+            raise ModelError(
+                f"{what} is not supported for encoder-decoder models ({self.family}: MoE layers "
+                f"in the {stacks}); it runs one decoder stack of a causal LM",
+                hint="prune with a plan (mfprune prune --plan FILE, or the plan's layer numbers: "
+                "encoder layers first, then decoder layers); verify checks the result exactly",
+            )
+
 
 def lm_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
     """The part of ``config.json`` that holds the language model's keys: the whole config, or
@@ -142,6 +214,8 @@ def lm_config(config: dict[str, Any], spec: ArchSpec) -> dict[str, Any]:
 def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     """Check the adapter against the config and the tensors; raise ModelError on a mismatch."""
     cfg = lm_config(ckpt.config, spec)
+    if spec.stacks:
+        return _resolve_stacks(ckpt, cfg, spec)
     where = f"{spec.config_path}." if spec.config_path else ""
     num_layers = cfg.get(spec.num_layers_key)
     types = spec.experts.layers.layer_types(cfg)
@@ -200,6 +274,65 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     return layout
 
 
+def _resolve_stacks(ckpt: Checkpoint, cfg: dict[str, Any], spec: ArchSpec) -> ModelLayout:
+    """An encoder-decoder model: each stack resolved as a one-stack model would be, then its
+    MoE layers renumbered after the previous stacks' (``stack_layouts``)."""
+    import dataclasses
+
+    from mfprune.arch.consistency import check_layer_count
+
+    stacks = stack_layouts(spec, cfg)
+    parts = []
+    for stack, layout in zip(spec.stacks, stacks, strict=True):
+        one = dataclasses.replace(
+            spec, experts=stack.experts, num_layers_key=stack.num_layers_key, stacks=()
+        )
+        check_layer_count(ckpt, one, layout.num_layers)
+        parts.append(_resolve_experts(ckpt, cfg, stack.experts, "experts", layout.num_layers))
+    counts = {(p.num_experts, p.top_k) for p in parts}
+    if len(counts) > 1:  # one config key: cannot happen unless the adapter's stacks differ
+        raise ArchError(
+            f"the stacks of {spec.family} route over different expert counts / top-k {counts}",
+            hint="every stack must read the same count_keys and top-k",
+        )
+    first = parts[0]
+    experts = dataclasses.replace(
+        first,
+        layers=tuple(s.first + L for s, p in zip(stacks, parts, strict=True) for L in p.layers),
+        tensors={
+            s.first + L: dataclasses.replace(lt, layer=s.first + L)
+            for s, p in zip(stacks, parts, strict=True)
+            for L, lt in p.tensors.items()
+        },
+        stacks=stacks,
+    )
+    layout = ModelLayout(
+        spec=spec,
+        num_layers=sum(s.num_layers for s in stacks),
+        experts=experts,
+        attention_experts=None,
+        heads=None,  # the adapter says why (heads.unsupported)
+    )
+    from mfprune.arch.consistency import check_config_against_weights
+
+    check_config_against_weights(ckpt, layout)
+    return layout
+
+
+def capacity_reason(cfg: dict[str, Any], spec: ExpertSpec) -> str:
+    """Why ``cfg``'s expert capacity follows the expert count ('' when one of the adapter's
+    ``capacity_keys`` holds a positive number, which fixes it)."""
+    if not spec.capacity_keys:
+        return ""
+    for key in spec.capacity_keys:
+        value = config_value(cfg, key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return ""
+    shown = ", ".join(f"{k} = {config_value(cfg, k)!r}" for k in spec.capacity_keys)
+    reason = spec.capacity_unsupported or "the expert capacity depends on the expert count"
+    return f"{reason} ({shown})"
+
+
 def config_value(cfg: dict[str, Any], key: str | None) -> Any:
     """``cfg[key]``, or None when absent; a dotted key reads a sub-config (DBRX keeps its
     expert count at ``ffn_config.moe_num_experts``)."""
@@ -241,7 +374,8 @@ def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers
     if isinstance(dense, list) and layer in dense:
         return False
     step = max(1, _int_key(cfg, rules.sparse_step_key, 1))
-    return layer % step == _int_key(cfg, rules.sparse_offset_key, step - 1)
+    fixed = rules.sparse_offset % step if rules.sparse_offset is not None else step - 1
+    return layer % step == _int_key(cfg, rules.sparse_offset_key, fixed)
 
 
 def _resolve_experts(
@@ -261,7 +395,8 @@ def _resolve_experts(
             f"config.json has none of {list(spec.count_keys)} ({kind} count)",
             hint="is this a Mixture-of-Experts checkpoint? mfprune only prunes MoE models",
         )
-    num_experts, top_k = _int_key(cfg, count_key, 0), _int_key(cfg, spec.top_k_key, 0)
+    num_experts = _int_key(cfg, count_key, 0)
+    top_k = spec.top_k or _int_key(cfg, spec.top_k_key, 0)
     with_router = [L for L in range(num_layers) if spec.router.format(layer=L) in tensors]
     if not with_router:
         raise ModelError(
@@ -380,6 +515,7 @@ def _resolve_experts(
         extended=frozenset(extended) if extra else frozenset(),
         id_tables=id_tables,
         sub_experts=sub_experts,
+        capacity_unsupported=capacity_reason(cfg, spec),
     )
 
 

@@ -43,8 +43,10 @@ class MoeLayers:
     exactly the layers it lists are MoE. Otherwise a layer L is MoE
     unless ``L < config[first_dense_key]``, or ``L > config[last_moe_key]``, or
     ``L in config[dense_layers_key]``, or ``L % config[sparse_step_key] !=
-    config[sparse_offset_key]`` (offset default: step - 1, Qwen-MoE's "every step-th layer") —
-    the rules of DeepSeek, Qwen-MoE and Jamba.
+    config[sparse_offset_key]`` (offset default: ``sparse_offset`` modulo the step where the
+    adapter fixes one — Switch Transformers' ``i % step == 1 or step == 1`` is ``sparse_offset =
+    1`` —, else step - 1, Qwen-MoE's "every step-th layer") — the rules of DeepSeek, Qwen-MoE and
+    Jamba.
     """
 
     first_dense_key: str | None = None
@@ -55,6 +57,7 @@ class MoeLayers:
     layer_types_keys: tuple[str, ...] = ()  # the first present decides
     moe_layer_types: tuple[str, ...] = ("sparse",)
     moe_layers_key: str | None = None  # a list of the MoE layers' indices (Llama 4)
+    sparse_offset: int | None = None  # a fixed offset (taken modulo the step): Switch's 1
 
     def layer_types(self, cfg: dict[str, Any]) -> list[str] | str | None:
         """The per-layer type list (or pattern string) of ``cfg``: the value of the first of
@@ -75,7 +78,10 @@ class MoeLayers:
         if self.last_moe_key:
             parts.append(f"up to {self.last_moe_key}")
         if self.sparse_step_key:
-            offset = self.sparse_offset_key or f"{self.sparse_step_key} - 1"
+            fixed = (
+                f"{self.sparse_offset} modulo the step" if self.sparse_offset is not None else ""
+            )
+            offset = self.sparse_offset_key or fixed or f"{self.sparse_step_key} - 1"
             parts.append(f"every {self.sparse_step_key}-th layer (starting at {offset})")
         if self.dense_layers_key:
             parts.append(f"except those listed in {self.dense_layers_key}")
@@ -140,6 +146,28 @@ class ExpertSpec:
     # tid2eid [V, K]): remapped to the kept experts' new numbers; a plan keeps every expert
     # they name. Layers without them are routed as usual.
     id_tables: tuple[str, ...] = ()
+    top_k: int | None = None  # a fixed top-k where no config key holds it (Switch: 1, NLLB: 2)
+    # routers with an expert capacity (tokens past it are dropped): the config keys any one of
+    # which, holding a positive number, fixes the capacity whatever the expert count; with none
+    # of them set the capacity follows E, so the pruned model drops other tokens than the
+    # masked original and a plan that prunes experts is refused with ``capacity_unsupported``
+    capacity_keys: tuple[str, ...] = ()
+    capacity_unsupported: str | None = None
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One layer stack of an encoder-decoder model (``[[stacks]]``: the encoder, the decoder).
+
+    Its layers are numbered after the previous stacks' (encoder 0..Le-1, decoder Le..), so a
+    plan, stats and scores name each MoE layer by one integer; ``{layer}`` in its templates is
+    the index inside the stack. ``experts`` is the adapter's ``[experts]`` table (the routing
+    facts both stacks share: counts, top-k, capacity) with this stack's templates and MoE-layer
+    rule laid over it."""
+
+    name: str
+    num_layers_key: str
+    experts: ExpertSpec
 
 
 @dataclass(frozen=True)
@@ -182,6 +210,9 @@ class ArchSpec:
     # multi-token-prediction layers (DeepSeek-V3 num_nextn_predict_layers): whole decoder
     # layers stored after the last one, at indices num_layers.., that transformers ignores
     mtp_layers_key: str | None = None
+    # encoder-decoder models: their layer stacks, in order (empty: one decoder stack, whose
+    # templates are [experts]'s and whose count is num_layers_key); ``experts`` is the first's
+    stacks: tuple[Stack, ...] = ()
     description: str = ""
     source: str = ""  # the file it came from
 
@@ -253,6 +284,29 @@ _EXPERT_KEYS = {
     "sub_experts",
     "extra_rows",
     "id_tables",
+    "top_k",
+    "sparse_offset",
+    "capacity_keys",
+    "capacity_unsupported",
+}
+# what a [[stacks]] entry may set: its name and layer count, and the keys of [experts] that
+# name tensors or decide which of its layers are MoE
+_STACK_KEYS = {
+    "name",
+    "num_layers_key",
+    "router",
+    "stacked",
+    "per_expert",
+    "shared",
+    "first_dense_key",
+    "sparse_step_key",
+    "dense_layers_key",
+    "last_moe_key",
+    "sparse_offset_key",
+    "sparse_offset",
+    "layer_types_key",
+    "moe_layer_types",
+    "moe_layers_key",
 }
 _SUB_EXPERT_KEYS = {"sets", "counts_key", "table_key", "layer_counts_key"}
 _HEAD_KEYS = {
@@ -272,6 +326,7 @@ _TOP_KEYS = {
     "num_layers_key",
     "config_path",
     "mtp_layers_key",
+    "stacks",
     "experts",
     "attention_experts",
     "heads",
@@ -337,6 +392,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
             layer_types_keys=_one_or_more(r, t, "layer_types_key", where),
             moe_layer_types=r.names(t, "moe_layer_types", where) or ("sparse",),
             moe_layers_key=r.get(t, "moe_layers_key", where, str, None),
+            sparse_offset=r.get(t, "sparse_offset", where, int, None),
         ),
         groups_key=r.get(t, "groups_key", where, str, None),
         topk_groups_key=r.get(t, "topk_groups_key", where, str, None),
@@ -347,7 +403,49 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         sub_experts=sub_experts,
         extra_rows=r.get(t, "extra_rows", where, (int, str), 0),
         id_tables=id_tables,
+        top_k=_positive(r, t, "top_k", where),
+        capacity_keys=r.names(t, "capacity_keys", where),
+        capacity_unsupported=r.get(t, "capacity_unsupported", where, str, None),
     )
+
+
+def _positive(r: _Reader, t: dict, key: str, where: str) -> int | None:
+    value = r.get(t, key, where, int, None)
+    if value is not None and value < 1:
+        r.problems.append(f"{where}.{key}: expected at least 1, got {value}")
+        return None
+    return value
+
+
+def _parse_stacks(r: _Reader, data: Any, experts: Any) -> tuple[Stack, ...]:
+    """``[[stacks]]``: each entry's templates and layer rule laid over ``[experts]``."""
+    if not isinstance(data, list) or not data:
+        r.problems.append("stacks: expected a non-empty list of tables ([[stacks]])")
+        return ()
+    shared = experts if isinstance(experts, dict) else {}
+    if "router" in shared:
+        r.problems.append(
+            "experts.router: with [[stacks]], each stack names its own router (and expert "
+            "tensors); [experts] holds what they share"
+        )
+    stacks, names = [], set()
+    for i, item in enumerate(data):
+        where = f"stacks[{i}]"
+        s = r.table(item, where, _STACK_KEYS)
+        name = r.get(s, "name", where, str)
+        count_key = r.get(s, "num_layers_key", where, str)
+        if name in names:
+            r.problems.append(f"{where}.name: '{name}' names two stacks")
+        names.add(name)
+        layer_keys = _STACK_KEYS - {"name", "num_layers_key"}
+        merged = {k: v for k, v in shared.items() if k not in layer_keys}
+        merged |= {k: v for k, v in s.items() if k in layer_keys}
+        spec = _parse_experts(r, merged, where)
+        if spec is None:
+            r.problems.append(f"{where}: missing required key 'router'")
+        if name is not None and count_key is not None and spec is not None:
+            stacks.append(Stack(name=name, num_layers_key=count_key, experts=spec))
+    return tuple(stacks)
 
 
 def _parse_sub_experts(r: _Reader, data: Any, where: str) -> SubExpertSpec | None:
@@ -446,7 +544,11 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
     t = r.table(data, "adapter", _TOP_KEYS)
     family = r.get(t, "family", "adapter", str)
     model_types = r.names(t, "model_types", "adapter")
-    experts = _parse_experts(r, t.get("experts"), "experts") if "experts" in t else None
+    stacks = _parse_stacks(r, t["stacks"], t.get("experts")) if "stacks" in t else ()
+    if stacks:  # every stack shares [experts]'s routing facts; the first stands for them
+        experts = stacks[0].experts
+    else:
+        experts = _parse_experts(r, t.get("experts"), "experts") if "experts" in t else None
     if "experts" not in t:
         problems.append("adapter: missing required table [experts]")
     attention = (
@@ -455,6 +557,15 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         else None
     )
     heads = _parse_heads(r, t.get("heads", {}), "heads")
+    if "stacks" in t:
+        for key in ("attention_experts", "mtp_layers_key", "num_layers_key"):
+            if key in t:
+                problems.append(f"adapter: {key} and [[stacks]] exclude each other")
+        if heads.unsupported is None:
+            problems.append(
+                "heads.unsupported: an adapter with [[stacks]] must say why its heads are not "
+                "pruned (head pruning knows one decoder stack)"
+            )
     if problems:
         raise ArchError(
             f"adapter {source} is invalid: " + "; ".join(problems),
@@ -471,6 +582,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         num_layers_key=r.get(t, "num_layers_key", "adapter", str, "num_hidden_layers"),
         config_path=r.get(t, "config_path", "adapter", str, None),
         mtp_layers_key=r.get(t, "mtp_layers_key", "adapter", str, None),
+        stacks=stacks,
         description=r.get(t, "description", "adapter", str, ""),
         source=source,
     )

@@ -77,6 +77,7 @@ def profile_model(
     ckpt = open_checkpoint(model_dir)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
+    layout.require_one_stack("profiling")
     _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
     seq_len = resolve_seq_len(ckpt.config, seq_len)
     world = distributed.detect_world()

@@ -114,6 +114,7 @@ def repaired_tensors(
     from mfprune.repair.tensors import find_down_tensors, write_repaired
 
     check_method(method, data)
+    layout.require_one_stack("--repair")
     start = time.perf_counter()
     experts = layout.experts
     if experts is None:
