@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,3 +217,40 @@ def test_readme_and_families_page_list_the_adapters():
     assert (root / "docs" / "families.md").read_text("utf-8") == families_page(), hint
     for family in builtin_specs():
         assert f"`{family}`" in readme
+
+
+def test_an_encoder_decoder_adapter_is_checked(tiny_checkpoint, tmp_path):
+    import shutil
+    import tomllib
+
+    from mfprune.arch import parse_spec
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.checkpoint import open_checkpoint
+    from mfprune.errors import ModelError
+
+    text = (
+        Path(__file__).parents[1] / "mfprune/arch/families/switch_transformers.toml"
+    ).read_text()
+    data = tomllib.loads(text)
+    bad = json.loads(json.dumps(data))  # a deep copy
+    bad["experts"]["router"] = "encoder.block.{layer}.layer.1.mlp.router.classifier.weight"
+    del bad["heads"]
+    bad["stacks"][1]["per_expert"] = ["decoder.block.{layer}.wi.weight"]
+    bad["stacks"][1]["num_layer_key"] = bad["stacks"][1].pop("num_layers_key")
+    with pytest.raises(ArchError) as err:
+        parse_spec(bad, source="bad.toml")
+    for fragment in (
+        "experts.router: with [[stacks]], each stack names its own router",
+        "heads.unsupported: an adapter with [[stacks]] must say why",
+        "stacks[1].per_expert: 'decoder.block.{layer}.wi.weight' has no {expert} placeholder",
+        "stacks[1]: unknown key 'num_layer_key' — did you mean 'num_layers_key'?",
+        "stacks[1]: missing required key 'num_layers_key'",
+    ):
+        assert fragment in str(err.value)
+    # a config that lies about a stack's layer count
+    source = tmp_path / "switch"
+    shutil.copytree(tiny_checkpoint("switch_transformers"), source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(config | {"num_decoder_layers": 3}))
+    with pytest.raises(ModelError, match="num_decoder_layers = 3 but the weights hold 2 layers"):
+        resolve_layout(open_checkpoint(source), parse_spec(data, source="ok.toml"))
