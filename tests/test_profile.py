@@ -786,3 +786,5 @@ def test_cli_profile_refuses_an_encoder_decoder_model(model_dir, data, tmp_path)
     result = run("profile", model_dir("switch_transformers"), "--data", data, "--out", out)
     assert_clean_error(result, "profiling is not supported for encoder-decoder models")
     assert not out.exists()
+    result = run("bench", model_dir("switch_transformers"))  # lm-eval and speed: causal LMs
+    assert_clean_error(result, "benching is not supported for encoder-decoder models")

@@ -189,8 +189,8 @@ class ModelLayout:
             raise ModelError(
                 f"{what} is not supported for encoder-decoder models ({self.family}: MoE layers "
                 f"in the {stacks}); it runs one decoder stack of a causal LM",
-                hint="prune with a plan (mfprune prune --plan FILE, or the plan's layer numbers: "
-                "encoder layers first, then decoder layers); verify checks the result exactly",
+                hint="prune it with a plan: mfprune prune MODEL --plan FILE --verify (the plan "
+                "numbers the encoder's layers first, then the decoder's: docs/plan-format.md)",
             )
 
 
