@@ -162,14 +162,24 @@ def _logits_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
 
 
 def adapter_routers(
-    model: nn.Module, spec: ExpertSpec, layers: Iterable[int]
+    model: nn.Module, spec: ExpertSpec, layers: Iterable[int], *, stacks: tuple = ()
 ) -> dict[int, RouterSite]:
     """The router of each of ``layers``, found from the adapter's tensor names (not by class).
+    ``stacks`` (``ExpertLayout.stacks``, an encoder-decoder model's): each layer is found with
+    its stack's templates at its index there; sites keep mfprune's numbers.
 
     Raises:
         ValueError: if a router weight (or the selection bias of a ``biased_score`` family)
             is not in the loaded model.
     """
+    if stacks:
+        from mfprune.arch.layout import in_stacks
+
+        sites = {}
+        for stack, local in in_stacks(stacks, layers):
+            for index, site in adapter_routers(model, stack.spec, local).items():
+                sites[local[index]] = dataclasses.replace(site, layer=local[index])
+        return sites
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     config = model.config.get_text_config() if hasattr(model, "config") else None
     top_k = spec.top_k or getattr(config, spec.top_k_key, None)
@@ -209,23 +219,18 @@ def adapter_routers(
 def stack_routers(
     model: nn.Module, spec: ArchSpec, kind: ExpertSpec, layers: Iterable[int]
 ) -> dict[int, RouterSite]:
-    """``adapter_routers`` for mfprune's layer numbers: in an encoder-decoder model (an adapter
-    with ``[[stacks]]``) each layer is found with its stack's templates at its index there
-    (``mfprune.arch.layout.stack_layouts``); sites keep mfprune's numbers."""
+    """``adapter_routers`` from the adapter alone (the oracle has no layout): an encoder-decoder
+    model's stacks are numbered from the loaded config (``mfprune.arch.layout.stack_layouts``)."""
     if not spec.stacks:
         return adapter_routers(model, kind, layers)
-    from mfprune.arch.layout import in_stacks, stack_layouts
+    from mfprune.arch.layout import stack_layouts
 
-    config = model.config.get_text_config().to_dict()
-    sites = {}
-    for stack, local in in_stacks(stack_layouts(spec, config), layers):
-        for index, site in adapter_routers(model, stack.spec, local).items():
-            sites[local[index]] = dataclasses.replace(site, layer=local[index])
-    return sites
+    stacks = stack_layouts(spec, model.config.get_text_config().to_dict())
+    return adapter_routers(model, kind, layers, stacks=stacks)
 
 
 def routing_modules(
-    model: nn.Module, spec: ExpertSpec, layers: Iterable[int]
+    model: nn.Module, spec: ExpertSpec, layers: Iterable[int], *, stacks: tuple = ()
 ) -> dict[int, tuple[str, nn.Module]]:
     """Map layer -> ``(name, module)`` of the module that routes each of ``layers``, found from
     the adapter: the module owning the router weight, or, when that is a bare ``nn.Linear``
@@ -236,7 +241,7 @@ def routing_modules(
         ValueError: as ``adapter_routers``.
     """
     found = {}
-    for layer, site in adapter_routers(model, spec, layers).items():
+    for layer, site in adapter_routers(model, spec, layers, stacks=stacks).items():
         name, module = site.name, site.module
         if type(module) is nn.Linear:  # a bare linear (PhiMoE's router subclasses nn.Linear)
             name = name.rpartition(".")[0]

@@ -38,9 +38,8 @@ from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
 from mfprune.profiling.hooks import Recorder
 
-# profiling refuses encoder-decoder models (test_cli_profile_refuses_an_encoder_decoder_model);
 # nllb-moe's tiny model only shows why it has no adapter (test_rewrite_exact.py)
-NOT_PROFILED = {"switch_transformers", "nllb-moe"}
+NOT_PROFILED = {"nllb-moe"}
 FAMILIES = sorted(set(tinymodels.FAMILIES) - NOT_PROFILED)
 SEQ_LEN = 16  # short chunks: long documents are cut, and batches mix lengths (padding)
 _ERROR_LINE = re.compile(r"^error: (?P<message>\S.*?) \(hint: (?P<hint>\S.*)\)$")
@@ -143,7 +142,8 @@ def test_counts_sum_to_tokens_times_top_k(family, model_dir, data):
         assert (s.tokens == real).all()
         extra = s.extra_slots if s.extra_slots is not None else 0  # LongCat's zero experts
         assert (s.count.sum(dim=1) + extra == real * s.top_k).all(), kind
-        assert (s.extra_slots is not None) == (family == "longcat_flash")
+        # slots to no expert: LongCat's zero experts; tokens Switch's expert capacity dropped
+        assert (s.extra_slots is not None) == (family in ("longcat_flash", "switch_transformers"))
         routed = s.count > 0
         assert (s.soft[~routed] == 0).all() and (s.ean[~routed] == 0).all()
         assert (s.ean[routed] > 0).all() and (s.soft[routed] > 0).all()
@@ -229,6 +229,12 @@ def _route_by_hand(
         weight, index = F.linear(x, router.layer.weight).softmax(dim=-1).topk(ffn.moe_top_k)
         p = ffn.moe_normalize_expert_weights
         return index, weight / weight.norm(p=p, dim=-1, keepdim=True)
+    if family == "switch_transformers":  # softmax, top-1; capacity per sequence (one chunk)
+        probs = F.linear(x, router.classifier.weight).softmax(dim=-1)  # [T, E]
+        weight, index = probs.max(dim=-1, keepdim=True)  # [T, 1]
+        one_hot = F.one_hot(index[:, 0], probs.shape[-1])  # [T, E]
+        kept = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1, keepdim=True) <= config.expert_capacity
+        return index, weight * kept  # weight 0: dropped, counted for no expert
     # Gemma 4's key, Aria's
     k = getattr(config, "top_k_experts", None) or getattr(config, "moe_topk", None)
     k = k or config.num_experts_per_tok
@@ -293,6 +299,9 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         up = gate_up[..., 1::2].clamp(min=-ex.limit, max=ex.limit)
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
+    if family == "switch_transformers":  # per-expert modules: wo(relu(wi(x)))
+        expert = ex[f"expert_{e}"]
+        return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)
     if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
     if family in ("inkling2", "inkling2_loop"):  # a softcapped SwiGLU of (gate, up)
@@ -325,8 +334,8 @@ class _Sums:
         for t in range(index.shape[0]):
             for k in range(index.shape[1]):
                 e, g = int(index[t, k]), float(weight[t, k])
-                if e >= self.count.shape[1]:  # LongCat's zero-compute experts: not counted
-                    continue
+                if e >= self.count.shape[1] or g == 0:  # LongCat's zero-compute experts,
+                    continue  # tokens Switch's capacity dropped: not counted
                 norm = float(outputs[t, k].double().norm())
                 self.count[row, e] += 1
                 self.soft[row, e] += g
@@ -348,7 +357,9 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     ckpt = open_checkpoint(path)
     layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
     E = layout.experts.num_experts
-    routers = routing_modules(model, layout.experts.spec, layout.experts.layers)
+    routers = routing_modules(
+        model, layout.experts.spec, layout.experts.layers, stacks=layout.experts.stacks
+    )
     o_projs = find_o_projs(model)
     if layout.heads is not None and layout.spec.heads.tensors:  # Kimi Linear: MLA layers only
         o_projs = {L: m for L, m in o_projs.items() if L in layout.heads.layers}
@@ -787,9 +798,17 @@ def test_a_bypassed_hook_is_an_error_not_silent_zeros(model_dir, data, monkeypat
         profile(model_dir("mixtral"), data)
 
 
-def test_cli_profile_refuses_an_encoder_decoder_model(model_dir, data, tmp_path):
-    # the profiler hooks one decoder stack of a causal LM; Switch Transformers prunes by plan
-    out = tmp_path / "stats.safetensors"
-    result = run("profile", model_dir("switch_transformers"), "--data", data, "--out", out)
-    assert_clean_error(result, "profiling is not supported for encoder-decoder models")
-    assert not out.exists()
+def test_cli_profiles_an_encoder_decoder_model_whole(model_dir, data, tmp_path):
+    # Switch Transformers: encoder layers 0, 1 and decoder layers 2, 3 in one stats file, the
+    # tokens the expert capacity dropped counted for no expert; layer by layer is refused
+    model, out = model_dir("switch_transformers"), tmp_path / "stats.safetensors"
+    common = ["--data", data, "--seq-len", SEQ_LEN, "--device", "cpu"]
+    assert run("profile", model, *common, "--out", out).exit_code == 0
+    stats = ProfileStats.load(out).experts
+    assert stats.layers == (0, 1, 2, 3)
+    assert (stats.extra_slots > 0).any()
+    assert (stats.count.sum(dim=1) + stats.extra_slots == stats.tokens).all()  # top-1
+    result = run("profile", model, *common, "--out", tmp_path / "s.st", "--sequential")
+    assert_clean_error(result, "--sequential profiling is not supported for encoder-decoder")
+    result = run("bench", model_dir("switch_transformers"))  # lm-eval and speed: causal LMs
+    assert_clean_error(result, "benching is not supported for encoder-decoder models")

@@ -182,15 +182,16 @@ class ModelLayout:
         return self.spec.family
 
     def require_one_stack(self, what: str) -> None:
-        """Refuse ``what`` (a step that hooks or rebuilds the model layer by layer: profiling,
-        repair) for an encoder-decoder model, which it does not know how to run."""
+        """Refuse ``what`` for an encoder-decoder model: a step that knows one decoder stack of
+        a causal LM (profiling layer by layer, repair, bench)."""
         if self.experts.stacks:
             stacks = " and ".join(s.name for s in self.experts.stacks)
             raise ModelError(
                 f"{what} is not supported for encoder-decoder models ({self.family}: MoE layers "
                 f"in the {stacks}); it runs one decoder stack of a causal LM",
-                hint="prune with a plan (mfprune prune --plan FILE, or the plan's layer numbers: "
-                "encoder layers first, then decoder layers); verify checks the result exactly",
+                hint="profile it whole (without --sequential) and prune from the stats, or with "
+                "a plan: mfprune prune MODEL --plan FILE --verify (layers numbered encoder first, "
+                "then decoder: docs/plan-format.md)",
             )
 
 

@@ -76,7 +76,8 @@ def run_bench(
     ckpt = open_checkpoint(model)
     base = open_checkpoint(baseline) if baseline is not None else None
     for target in filter(None, (ckpt, base)):  # an MoE model mfprune knows, before any work
-        resolve_layout(target, spec or spec_for_config(target.config))
+        layout = resolve_layout(target, spec or spec_for_config(target.config))
+        layout.require_one_stack("benching")  # its quality and speed runs feed a causal LM
     _check_options(quality, speed, gate, has_baseline=base is not None)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)

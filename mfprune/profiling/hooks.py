@@ -13,6 +13,11 @@ They only read: the model's outputs are unchanged (a test checks the logits).
   runs once per slot, as in a plain forward; with transformers' default ``grouped_mm``
   implementation the result is bit-for-bit the module's own (same rows, same order, same
   reduction).
+* Switch Transformers: its experts module takes a one-hot dispatch mask ``[T, 1, E]``, all
+  zeros where the expert capacity dropped the token, and the routing weight ``[T, 1]``; the
+  wrapper runs every token through its chosen expert once with weight 1 and returns the
+  weighted outputs (0 for a dropped token, as the module does); a dropped token's slot is
+  counted for no expert (``extra_slots``, like LongCat's zero experts).
 * Llama 4: its experts module takes E copies of the tokens, each scaled by that expert's gate
   (0 where it was not chosen); a hook on the router keeps the tokens and the routing, and one
   on the experts runs their own forward once more on unscaled copies for each slot's E_i(x).
@@ -160,6 +165,8 @@ class Recorder:
                     handles.append(module.register_forward_pre_hook(fn))
                 elif how == "slots":
                     handles.append(_wrap_forward(module, fn))
+                elif how == "dispatch":
+                    handles.append(_wrap_dispatch_forward(module, fn))
                 else:
                     handles.append(module.register_forward_hook(fn))
             yield self
@@ -196,7 +203,7 @@ class Recorder:
 
     def _plan_experts(self, kind: str, layout: ExpertLayout) -> None:
         try:  # from the adapter's router names, whatever the router class is called
-            routers = routing_modules(self.model, layout.spec, layout.layers)
+            routers = routing_modules(self.model, layout.spec, layout.layers, stacks=layout.stacks)
         except ValueError as exc:
             raise ModelError(
                 f"the loaded model does not hold the {kind} routers the checkpoint has: {exc}",
@@ -212,6 +219,8 @@ class Recorder:
                 routing = {}
                 self._plan.append((router, "post", _stash_router_io(routing)))
                 self._plan.append((experts, "post", self._scaled_copies_hook(sums, row, routing)))
+            elif isinstance(experts, nn.Module) and _takes_dispatch_mask(experts):
+                self._plan.append((experts, "dispatch", self._fused_hook(sums, row, experts)))
             elif isinstance(experts, nn.Module):
                 self._plan.append((experts, "slots", self._fused_hook(sums, row, experts)))
             elif isinstance(output_linear, nn.Module):
@@ -364,6 +373,14 @@ def _takes_scaled_copies(experts: nn.Module) -> bool:
     return len(inspect.signature(experts.forward).parameters) == 1
 
 
+def _takes_dispatch_mask(experts: nn.Module) -> bool:
+    """Switch Transformers' experts: ``(hidden [N, D], selected_experts [N, 1, E], routing
+    weights [N, 1])``, a one-hot dispatch mask that is all zeros where the expert capacity
+    dropped the token, not ``(hidden, top_k_index, top_k_weights)``."""
+    names = list(inspect.signature(experts.forward).parameters)
+    return len(names) == 3 and names[1] == "selected_experts"
+
+
 def _stash_router_io(routing: dict[str, Any]) -> Any:
     """Llama 4 router hook: keep its input ``x`` [T, D] and its ``(scores, logits)``, each
     [T, E] (scores: the sigmoid of the chosen logits, 0 elsewhere)."""
@@ -404,6 +421,29 @@ def _slot_outputs(inner: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.Te
             return inner(rows, ids.expand(-1, 2), pair)
         except Exception:
             raise exc from None
+
+
+def _wrap_dispatch_forward(module: nn.Module, tap: Any) -> _Restore:
+    """``_wrap_forward`` for an experts module fed a dispatch mask (``_takes_dispatch_mask``):
+    every token runs through its chosen expert once, with weight 1, for ``tap(index [N, 1],
+    weights [N, 1], slots [N, D])``; a token the capacity dropped has weight 0 there (no expert
+    processes it: the sums count it as a slot to no expert, like LongCat's zero experts) and
+    in the output, which is ``slots * weights`` as the module's own."""
+    previous = module.__dict__.get("forward")
+    inner = module.forward
+
+    def forward(hidden: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor) -> Any:
+        # hidden [N, D]; selected [N, 1, E] one-hot, zeros where dropped; weights [N, 1]
+        index = selected.argmax(dim=-1)  # [N, 1]
+        kept = selected.sum(dim=-1) > 0  # [N, 1]
+        every = torch.nn.functional.one_hot(index, selected.shape[-1]).to(selected.dtype)
+        slots = inner(hidden, every, torch.ones_like(weights))  # [N, D] unweighted
+        gate = weights * kept
+        tap(index, gate, slots)
+        return (slots * gate).to(hidden.dtype)
+
+    module.forward = forward
+    return _Restore(module, previous)
 
 
 def _wrap_forward(module: nn.Module, tap: Any) -> _Restore:

@@ -77,7 +77,8 @@ def profile_model(
     ckpt = open_checkpoint(model_dir)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
-    layout.require_one_stack("profiling")
+    if sequential:
+        layout.require_one_stack("--sequential profiling")
     _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
     seq_len = resolve_seq_len(ckpt.config, seq_len)
     world = distributed.detect_world()
@@ -161,18 +162,22 @@ class _Run:
             recorder = Recorder(model, layout)
             text = text_model(model)  # Qwen3-Omni: its thinker; others: the model
             decoder = text.base_model  # the decoder stack, without the LM head
-            if decoder is text:  # Llama 4's composite holds a whole causal LM: its decoder
+            encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+            if encoder_decoder:  # both stacks (Switch Transformers' base model is itself)
+                decoder = text
+            elif decoder is text:  # Llama 4's composite holds a whole causal LM: its decoder
                 decoder = text.get_decoder()
             if self.on_start is not None:
                 self.on_start(share)
             with torch.no_grad(), recorder.attached():
                 for ids, mask in batches:
                     recorder.set_mask(mask)
-                    decoder(
-                        input_ids=ids.to(self.device),
-                        attention_mask=mask.to(self.device),
-                        use_cache=False,
-                    )
+                    inputs = {"input_ids": ids.to(self.device)}
+                    if encoder_decoder:
+                        # both stacks read the tokens (the oracle's convention); the decoder
+                        # is causal, so right padding leaves the real positions alone
+                        inputs["decoder_input_ids"] = inputs["input_ids"]
+                    decoder(**inputs, attention_mask=mask.to(self.device), use_cache=False)
                     if self.on_batch is not None:
                         self.on_batch(int(mask.sum()))
         if world is not None:
