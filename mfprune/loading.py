@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -51,7 +53,7 @@ def load_pretrained(path: str | Path, **kwargs: Any):
             return _checked(loaded, path, asked_for_info)
         keys = [k for e in _expert_specs(config) for k in e.count_keys if k in config]
         per_layer = {int(layer): int(n) for layer, n in counts.items()}
-        with _per_layer_counts(config, keys, per_layer):
+        with _per_layer_counts(config, keys, per_layer, model_class):
             loaded = model_class.from_pretrained(path, **kwargs)
             return _checked(loaded, path, asked_for_info)
 
@@ -102,18 +104,22 @@ def auto_model_class(model_type: str) -> type:
     text) model ``AutoModelForImageTextToText``, so its towers load too (a causal-LM class
     would drop them); for one that also speaks (Qwen3-Omni-MoE: thinker, talker, code2wav)
     ``AutoModelForMultimodalLM``; for an encoder-decoder model with no causal-LM class (Switch
-    Transformers, NLLB-MoE) ``AutoModelForSeq2SeqLM``; else ``AutoModelForCausalLM``."""
+    Transformers, NLLB-MoE) ``AutoModelForSeq2SeqLM``; for one whose only head is a token
+    classifier (OpenAI's privacy filter) ``AutoModelForTokenClassification``; else
+    ``AutoModelForCausalLM``."""
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
         AutoModelForMultimodalLM,
         AutoModelForSeq2SeqLM,
+        AutoModelForTokenClassification,
     )
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
         MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
     )
 
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
@@ -127,6 +133,11 @@ def auto_model_class(model_type: str) -> type:
         and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     ):
         return AutoModelForSeq2SeqLM
+    if (
+        model_type in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+        and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ):
+        return AutoModelForTokenClassification
     return AutoModelForCausalLM
 
 
@@ -149,23 +160,37 @@ def _expert_specs(config: dict[str, Any]):
 
 
 @contextlib.contextmanager
-def _per_layer_counts(config: dict[str, Any], keys: list[str], counts: dict[int, int]) -> Iterator:
-    """Patch the family's decoder-layer class so layer L is built with ``counts[L]`` experts."""
+def _per_layer_counts(
+    config: dict[str, Any], keys: list[str], counts: dict[int, int], model_class: type
+) -> Iterator:
+    """Patch the family's decoder-layer class so layer L is built with ``counts[L]`` experts
+    (``model_class``: the class that loads the checkpoint, an auto class or the model's own)."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config_cls = type(AutoConfig.for_model(config["model_type"]))
-    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    mapping = getattr(model_class, "_model_mapping", None)  # an auto class: the one it builds
+    model_cls = mapping[config_cls] if mapping is not None else model_class
     module = sys.modules[model_cls.__module__]
     layer_cls = getattr(module, model_cls._no_split_modules[0])
     original = layer_cls.__init__
+    # the layer index is the argument after the config (whatever its name); a layer class that
+    # takes none (OpenAI's privacy filter) is built once per layer, in order: the n-th is layer n
+    params = [
+        p
+        for p in inspect.signature(original).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    index_name = params[2].name if len(params) > 2 else None
+    built = itertools.count()
 
-    def init(self, layer_config, layer_idx, *args, **kwargs):
+    def init(self, layer_config, *args, **kwargs):
+        given = (args[0] if args else kwargs[index_name]) if index_name else None
+        layer_idx = next(built) if index_name is None else given
         if layer_idx in counts:
             layer_config = copy.copy(layer_config)
             for key in keys:
                 setattr(layer_config, key, counts[layer_idx])
-        original(self, layer_config, layer_idx, *args, **kwargs)
+        original(self, layer_config, *args, **kwargs)
 
     layer_cls.__init__ = init
     try:

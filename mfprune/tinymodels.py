@@ -330,6 +330,18 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "pad_token_id": 0,
     },
     "gpt_oss": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2, "head_dim": 16},
+    # a bidirectional token classifier (33 labels) built like GPT-OSS; its default special
+    # token ids lie outside the tiny vocabulary
+    "openai_privacy_filter": {
+        **_BASE,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 32,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+    },
     "granitemoe": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
     "phimoe": {**_BASE, "num_local_experts": 8, "num_experts_per_tok": 2},
     # JetMoE defaults to initializer_range=0.01, which makes expert outputs (two products of

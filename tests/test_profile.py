@@ -299,6 +299,11 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         up = gate_up[..., 1::2].clamp(min=-ex.limit, max=ex.limit)
         glu = gate * torch.sigmoid(gate * ex.alpha)
         return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
+    if family == "openai_privacy_filter":  # GPT-OSS's, gate and up halves concatenated
+        gate, up = (x @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e]).chunk(2, dim=-1)
+        gate, up = gate.clamp(max=ex.limit), up.clamp(min=-ex.limit, max=ex.limit)
+        glu = gate * torch.sigmoid(gate * ex.alpha)
+        return ((up + 1) * glu) @ ex.down_proj[e] + ex.down_proj_bias[e]
     if family == "switch_transformers":  # per-expert modules: wo(relu(wi(x)))
         expert = ex[f"expert_{e}"]
         return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)

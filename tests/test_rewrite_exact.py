@@ -40,6 +40,8 @@ EXPERT_CASES = {
     "deepseek_v3": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
     "mistral4": ({1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}, "n_routed_experts"),
     "gpt_oss": ({0: [0, 1, 2, 7], 1: [2, 3, 5, 6]}, "num_local_experts"),
+    # a token classifier: its logits are per-token label scores [B, T, 33]
+    "openai_privacy_filter": (_half(0, 1), "num_local_experts"),
     "granitemoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
     "phimoe": ({0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}, "num_local_experts"),
     # V3 routing (sigmoid + correction bias, groups), first layer dense
@@ -115,6 +117,21 @@ def test_expert_pruning_is_exact(family, tiny_checkpoint, tmp_path):
     }
 
 
+def test_a_token_classifier_is_compared_on_its_label_logits(tiny_checkpoint, tmp_path):
+    """OpenAI's privacy filter has no LM head: the oracle compares its per-token label logits
+    [B, T, num_labels], and mfprune loads it with its own class."""
+    from checks import load
+
+    import mfprune
+
+    source = tiny_checkpoint("openai_privacy_filter")
+    model, _ = load(source)
+    assert type(model).__name__ == "OpenAIPrivacyFilterForTokenClassification"
+    assert type(mfprune.load_pretrained(source)) is type(model)
+    ids = sample_ids(model.config.vocab_size, batch=2, seq=24)
+    assert logits(model, ids).shape == (2, 24, model.config.num_labels)
+
+
 def test_jetmoe_mlp_and_attention_experts_are_exact(tiny_checkpoint, tmp_path):
     source = tiny_checkpoint("jetmoe")
     kept_mlp, kept_att = {0: [0, 1, 3], 1: [1, 2, 3]}, {0: [0, 2, 3], 1: [0, 1, 2]}
@@ -130,6 +147,7 @@ HEAD_CASES = {
     "qwen3_moe": ({0: [1, 3], 1: [0, 2]}, {}),  # GQA 4/2: one query head per KV group
     "mixtral": ({0: [0, 1], 1: [2, 3]}, {}),  # GQA: a whole KV group goes
     "gpt_oss": ({0: [0, 2], 1: [1, 3]}, {}),  # per-head attention sinks are sliced too
+    "openai_privacy_filter": ({0: [1, 3], 1: [0, 2]}, _half(0, 1)),  # sinks; bidirectional
     "deepseek_v3": ({1: [0, 2, 3], 2: [0, 1, 3], 0: [1, 2, 3]}, {}),  # MLA, KV heads == heads
     "mistral4": ({1: [0, 2, 3], 2: [0, 1, 3], 0: [1, 2, 3]}, {}),  # MLA, KV heads == heads
     "qwen2_moe": ({0: [0, 1], 1: [0, 1]}, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}),  # q/k/v biases
@@ -269,7 +287,9 @@ def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "openai_privacy_filter"]
+)
 def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_checkpoint, tmp_path):
     from checks import load
 
@@ -281,6 +301,7 @@ def test_uneven_expert_counts_load_with_mfprune_and_are_exact(family, tiny_check
         "qwen2_moe": {0: [0, 1], 1: [3, 4, 5, 6, 7]},
         "deepseek_v3": {1: [0, 2, 5, 7], 2: [0, 1, 2, 5, 6, 7]},
         "gpt_oss": {0: [0, 1, 2, 7], 1: [2, 3]},
+        "openai_privacy_filter": {0: [0, 1, 2, 7], 1: [2, 3]},  # its own class: a classifier
     }[family]
     out = tmp_path / "pruned"
     with pytest.raises(PlanError, match="allow-uneven"):
