@@ -125,8 +125,8 @@ def test_model_card_states_the_metrics():
 
 def test_every_expert_is_used():
     """The balancing loss (over a global batch, per layer) kept every expert in use: on the
-    eval texts of the four domains together, each expert of each layer takes at least 1% of the routing slots
-    (uniform: 6.25%)."""
+    eval texts of the four domains together, each expert of each layer takes at least 1% of
+    the routing slots (uniform: 6.25%)."""
     usage = METRICS["expert_usage_eval"]
     for layer in range(4):
         for expert in range(16):
