@@ -270,6 +270,43 @@ _INKLING2_VISION: dict[str, Any] = {
     "text_hidden_size": 64,
 }
 
+#: dots3.note's language model: layer 0 dense, 8 experts (2 groups of 4, one group per token)
+#: and a shared expert after; MLA with a per-head sigmoid gate, indexed (DSA) attention in
+#: layers 0 and 1 and a sliding-window layer 2 with its own head counts (per_layer_config);
+#: its default special token ids lie outside the tiny vocabulary
+_DOTS3_NOTE_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "num_key_value_heads": 4,
+    "moe_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 16,
+    "head_dim": 16,
+    "index_topk": 8,
+    "index_head_dim": 16,
+    "index_n_heads": 2,
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+    "sliding_window": 8,
+    "swa_num_attention_heads": 2,
+    "swa_num_key_value_heads": 2,
+    "swa_q_lora_rank": 16,
+    "swa_kv_lora_rank": 16,
+    "swa_head_dim": 16,
+    "swa_qk_nope_head_dim": 8,
+    "swa_v_head_dim": 16,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 #: Config kwargs per tiny model (keyed by the transformers ``model_type``; the adapter that
 #: serves it is found from that). Each dict is complete: pass it to
 #: ``AutoConfig.for_model(model_type, **kw)``.
@@ -888,6 +925,37 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "position_embedding_size": 64,
         },
         "audio_config": None,
+    },
+    "dots3_note_text": _DOTS3_NOTE_TEXT,
+    # a one-block vision tower that is an MoE itself (4 experts, its count in per_layer_config:
+    # carried over untouched) and a one-layer audio tower
+    "dots3_note": {
+        "text_config": _DOTS3_NOTE_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "spatial_merge_size": 1,
+            "adapter_merge_size": 1,
+            "adapter_in_dim": 32,
+            "adapter_out_dim": 64,
+            "pyramid_num_routed": [4],
+            "num_experts_per_tok": 2,
+        },
+        "audio_config": {
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "feature_size": 16,
+            "downsample_hidden_size": 8,
+            "adapter_input_size": 32,
+            "adapter_out_dim": 64,
+            "max_position_embeddings": 64,
+        },
     },
     "aria_text": _ARIA_TEXT,
     # a one-block Idefics3 vision tower and a projector with one query size

@@ -368,7 +368,10 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     o_projs = find_o_projs(model)
     if layout.heads is not None and layout.spec.heads.tensors:  # Kimi Linear: MLA layers only
         o_projs = {L: m for L, m in o_projs.items() if L in layout.heads.layers}
-    heads = config.num_attention_heads
+    try:
+        heads = config.num_attention_heads
+    except RuntimeError:  # per-layer head counts (dots.note 3): the profiler keeps no head stats
+        o_projs, heads = {}, 0
     mlp = _Sums(len(routers), E)
     moa = _Sums(len(routers), E)
     usage = torch.zeros(len(o_projs), heads, dtype=torch.float64)
@@ -817,3 +820,11 @@ def test_cli_profiles_an_encoder_decoder_model_whole(model_dir, data, tmp_path):
     assert_clean_error(result, "--sequential profiling is not supported for encoder-decoder")
     result = run("bench", model_dir("switch_transformers"))  # lm-eval and speed: causal LMs
     assert_clean_error(result, "benching is not supported for encoder-decoder models")
+
+
+def test_per_layer_head_counts_give_no_head_stats(model_dir, data):
+    # dots.note 3's sliding-window layers have their own head count (per_layer_config): its
+    # adapter refuses head pruning, and the profiler keeps expert stats only
+    stats = profile(model_dir("dots3_note"), data)
+    assert stats.heads is None
+    assert stats.experts is not None and stats.experts.layers == (1, 2)

@@ -96,6 +96,7 @@ EXPERT_CASES = {
     "gemma4_text": (_half(0, 1), "num_experts"),  # router on the layer, per-expert scale
     "aria_text": (_half(0, 1), "moe_num_experts"),  # experts saved as experts.fc1 / fc2
     "minimax_m3_vl_text": (_half(1, 2), "num_local_experts"),  # sigmoid + bias; layer 0 dense
+    "dots3_note_text": (_half(1, 2), "n_routed_experts"),  # V3 routing, groups; experts one by one
 }
 
 
@@ -274,11 +275,32 @@ def test_nemotron_h_omni_released_config_form_is_exact(tiny_checkpoint, tmp_path
     assert "text_config" not in json.loads((out / "config.json").read_text())
 
 
+def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
+    # released checkpoints keep the language model's settings at the top level of config.json
+    # (transformers builds text_config from them); the counts are patched there
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("dots3_note"), source)
+    config = json.loads((source / "config.json").read_text())
+    text = config.pop("text_config")
+    del text["model_type"]
+    (source / "config.json").write_text(json.dumps(config | text))
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), out)
+    assert_exact(source, out, experts=removed(_half(1, 2), 8))
+    assert result.config_changes == {"n_routed_experts": [8, 4]}
+    written = json.loads((out / "config.json").read_text())
+    assert "text_config" not in written
+    assert written["vision_config"] == config["vision_config"]  # the tower's experts stay
+
+
 @pytest.mark.parametrize(
     ("family", "reason"),
     [
         # its linear-attention layers also read num_attention_heads: pruning heads is not exact
         ("minimax", "lightning-attention layers take their head count"),
+        ("dots3_note_text", "swa_num_attention_heads"),  # sliding layers' own head count
     ],
 )
 def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
@@ -365,6 +387,10 @@ COMPOSITE_CASES = {
         {0: [1, 3], 1: [0, 2], 2: [0, 3]},
         (1, 2),
     ),
+    # V3 routing with groups; experts one by one (model.layers.N.mlp.experts.E.*); its vision
+    # tower is an MoE too (vision_encoder.blocks.0.mlp.experts.*), carried over whole; heads
+    # refused (sliding layers' head counts)
+    "dots3_note": ("n_routed_experts", "vision_encoder.", {}, (1, 2)),
     # DeepSeek-V2 routing with groups; experts one by one; the towers saved as model.sam_model.*
     # and model.vision_model.* beside the language model's model.layers.*; heads refused
     "unlimited_ocr": ("n_routed_experts", "model.vision_model.", {}, (1, 2)),
@@ -530,6 +556,7 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         ("deepseek_ocr2", "recomputes head_dim"),
         ("muse_spark", "not a multiple of num_attention_heads"),
         ("inkling2", "swa_num_attention_heads"),
+        ("dots3_note", "swa_num_attention_heads"),
     ],
 )
 def test_composite_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):

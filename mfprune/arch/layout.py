@@ -197,8 +197,11 @@ class ModelLayout:
 
 def lm_config_path(config: dict[str, Any], spec: ArchSpec) -> str | None:
     """Where ``config.json`` keeps the language model's keys: ``spec.config_path``, or the
-    first of its ``config_path_aliases`` that the config holds (a table) when it lacks it."""
+    first of its ``config_path_aliases`` that the config holds (a table) when it lacks it; the
+    alias ``""`` is the config's top level (dots.note 3's released configs)."""
     for path in (spec.config_path, *spec.config_path_aliases) if spec.config_path else ():
+        if not path:
+            return path
         cfg: Any = config
         for part in path.split("."):
             cfg = cfg.get(part) if isinstance(cfg, dict) else None

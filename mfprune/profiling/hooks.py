@@ -324,7 +324,17 @@ class Recorder:
         if not o_projs:
             return
         config = self.model.config.get_text_config()
-        heads = int(config.num_attention_heads)
+        try:
+            heads = int(config.num_attention_heads)
+        except RuntimeError as exc:  # per-layer head counts (dots.note 3's sliding layers)
+            if "per-layer attribute" not in str(exc):
+                raise
+            if layout.spec.heads.unsupported:  # nothing to plan from head stats: none kept
+                return
+            raise ModelError(
+                f"the {layout.spec.family} model's layers have different head counts",
+                hint="its adapter must refuse head pruning (heads.unsupported)",
+            ) from None
         self.head_layers = tuple(sorted(o_projs))
         self._head_usage = torch.zeros(len(o_projs), heads, dtype=acc, device=self.device)
         self._head_tokens = torch.zeros(len(o_projs), dtype=torch.int64, device=self.device)
