@@ -119,6 +119,20 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "layer_types": ["sliding_attention", "full_attention"],
 }
 
+#: A one-block SAM image encoder (the DeepSeek-OCR towers' first stage)
+_SAM_TOWER: dict[str, Any] = {
+    "hidden_size": 32,
+    "output_channels": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 16,
+    "window_size": 2,
+    "global_attn_indexes": [0],
+    "mlp_dim": 32,
+    "downsample_channels": [32, 32],
+}
+
 #: Aria's language model: every layer MoE (8 experts of width 32, top-2) with one shared
 #: expert (also 32 wide: intermediate_size x moe_num_shared_experts)
 _ARIA_TEXT: dict[str, Any] = {
@@ -1022,18 +1036,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "sliding_window": 8,
         },
         "vision_config": {
-            "sam_config": {
-                "hidden_size": 32,
-                "output_channels": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 16,
-                "window_size": 2,
-                "global_attn_indexes": [0],
-                "mlp_dim": 32,
-                "downsample_channels": [32, 32],
-            },
+            "sam_config": _SAM_TOWER,
             "encoder_config": {
                 "hidden_size": 32,
                 "intermediate_size": 32,
@@ -1056,18 +1059,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
             "topk_method": "group_limited_greedy",
         },
         "vision_config": {
-            "sam_config": {
-                "hidden_size": 32,
-                "output_channels": 16,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "image_size": 32,
-                "patch_size": 16,
-                "window_size": 2,
-                "global_attn_indexes": [0],
-                "mlp_dim": 32,
-                "downsample_channels": [32, 32],
-            },
+            "sam_config": _SAM_TOWER,
             "encoder_config": {
                 "vocab_size": 16,
                 "hidden_size": 32,

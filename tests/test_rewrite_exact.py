@@ -4,6 +4,8 @@ with the original model whose pruned experts / heads are masked."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +100,14 @@ EXPERT_CASES = {
     "minimax_m3_vl_text": (_half(1, 2), "num_local_experts"),  # sigmoid + bias; layer 0 dense
     "dots3_note_text": (_half(1, 2), "n_routed_experts"),  # V3 routing, groups; experts one by one
 }
+
+
+def _with_config(tiny: Path, source: Path, edit) -> Path:
+    """A copy of the tiny checkpoint ``tiny`` at ``source``, its config.json ``edit(config)``."""
+    shutil.copytree(tiny, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(edit(config)))
+    return source
 
 
 @pytest.mark.parametrize("family", sorted(EXPERT_CASES))
@@ -234,17 +244,15 @@ def test_axk2_with_expert_groups_refuses_expert_pruning(tiny_checkpoint, tmp_pat
 def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     # released checkpoints say num_hidden_layers and hybrid_override_pattern (one character
     # per layer: M Mamba-2, E MoE, * attention, - MLP), not layers_block_type
-    import shutil
 
     from mfprune.arch import spec_for_config
     from mfprune.arch.layout import resolve_layout
 
-    source = tmp_path / "src"
-    shutil.copytree(tiny_checkpoint("nemotron_h"), source)
-    config = json.loads((source / "config.json").read_text())
-    del config["layers_block_type"]
-    config |= {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
-    (source / "config.json").write_text(json.dumps(config))
+    def released(config):
+        del config["layers_block_type"]
+        return config | {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+
+    source = _with_config(tiny_checkpoint("nemotron_h"), tmp_path / "src", released)
     ckpt = open_checkpoint(source)
     layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
     assert (layout.num_layers, layout.experts.layers, layout.heads.layers) == (4, (1, 3), (2,))
@@ -256,15 +264,14 @@ def test_nemotron_h_released_config_form_is_exact(tiny_checkpoint, tmp_path):
 def test_nemotron_h_omni_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     # released checkpoints keep the language model's settings under llm_config (transformers
     # reads it as text_config), with hybrid_override_pattern for the layer types
-    import shutil
 
-    source = tmp_path / "src"
-    shutil.copytree(tiny_checkpoint("nemotron_h_omni"), source)
-    config = json.loads((source / "config.json").read_text())
-    text = config.pop("text_config")
-    del text["layers_block_type"]
-    config["llm_config"] = text | {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
-    (source / "config.json").write_text(json.dumps(config))
+    def released(config):
+        text = config.pop("text_config")
+        del text["layers_block_type"]
+        pattern = {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+        return config | {"llm_config": text | pattern}
+
+    source = _with_config(tiny_checkpoint("nemotron_h_omni"), tmp_path / "src", released)
     out = tmp_path / "pruned"
     result = rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
     assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
@@ -278,14 +285,14 @@ def test_nemotron_h_omni_released_config_form_is_exact(tiny_checkpoint, tmp_path
 def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     # released checkpoints keep the language model's settings at the top level of config.json
     # (transformers builds text_config from them); the counts are patched there
-    import shutil
 
-    source = tmp_path / "src"
-    shutil.copytree(tiny_checkpoint("dots3_note"), source)
+    def released(config):
+        text = config.pop("text_config")
+        del text["model_type"]
+        return config | text
+
+    source = _with_config(tiny_checkpoint("dots3_note"), tmp_path / "src", released)
     config = json.loads((source / "config.json").read_text())
-    text = config.pop("text_config")
-    del text["model_type"]
-    (source / "config.json").write_text(json.dumps(config | text))
     out = tmp_path / "pruned"
     result = rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), out)
     assert_exact(source, out, experts=removed(_half(1, 2), 8))
@@ -451,15 +458,14 @@ def test_composite_model_refuses_uneven_counts(tiny_checkpoint, tmp_path):
 
 
 def test_composite_config_that_lies_is_refused(tiny_checkpoint, tmp_path):
-    import shutil
 
     from mfprune.errors import ModelError
 
-    source = tmp_path / "src"
-    shutil.copytree(tiny_checkpoint("qwen3_vl_moe"), source)
-    config = json.loads((source / "config.json").read_text())
-    config["text_config"]["hidden_size"] = 96  # the weights are 64 wide
-    (source / "config.json").write_text(json.dumps(config))
+    def lying(config):
+        config["text_config"]["hidden_size"] = 96  # the weights are 64 wide
+        return config
+
+    source = _with_config(tiny_checkpoint("qwen3_vl_moe"), tmp_path / "src", lying)
     with pytest.raises(ModelError, match=r"config\.json says hidden_size = 96"):
         rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1)), tmp_path / "out")
     assert not (tmp_path / "out").exists()

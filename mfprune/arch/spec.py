@@ -263,9 +263,9 @@ class _Reader:
 
 
 _STACKED_KEYS = {"name", "axis", "optional", "rows"}
-_EXPERT_KEYS = {
-    "count_keys",
-    "top_k_key",
+# the keys of [experts] that name tensors or decide which layers are MoE: a [[stacks]] entry
+# may set these for its own layers
+_LAYER_KEYS = {
     "router",
     "stacked",
     "per_expert",
@@ -275,9 +275,14 @@ _EXPERT_KEYS = {
     "dense_layers_key",
     "last_moe_key",
     "sparse_offset_key",
+    "sparse_offset",
     "layer_types_key",
     "moe_layer_types",
     "moe_layers_key",
+}
+_EXPERT_KEYS = _LAYER_KEYS | {
+    "count_keys",
+    "top_k_key",
     "groups_key",
     "topk_groups_key",
     "group_score_topk",
@@ -288,29 +293,11 @@ _EXPERT_KEYS = {
     "extra_rows",
     "id_tables",
     "top_k",
-    "sparse_offset",
     "capacity_keys",
     "capacity_unsupported",
 }
-# what a [[stacks]] entry may set: its name and layer count, and the keys of [experts] that
-# name tensors or decide which of its layers are MoE
-_STACK_KEYS = {
-    "name",
-    "num_layers_key",
-    "router",
-    "stacked",
-    "per_expert",
-    "shared",
-    "first_dense_key",
-    "sparse_step_key",
-    "dense_layers_key",
-    "last_moe_key",
-    "sparse_offset_key",
-    "sparse_offset",
-    "layer_types_key",
-    "moe_layer_types",
-    "moe_layers_key",
-}
+# what a [[stacks]] entry may set: its name and layer count, and its layers' keys
+_STACK_KEYS = {"name", "num_layers_key"} | _LAYER_KEYS
 _SUB_EXPERT_KEYS = {"sets", "counts_key", "table_key", "layer_counts_key"}
 _HEAD_KEYS = {
     "count_key",
