@@ -1119,6 +1119,32 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "moe_eval_capacity_token_fraction": 0.25,
         "max_position_embeddings": 128,
     },
+    # kept for the test that shows why mfprune refuses it: a text bank (width 32) and a vision
+    # bank (width 16) of 8 experts each under one count, layer 1 MoE; multimodal RoPE sections
+    # add up to half the head size (16 / 2)
+    "ernie4_5_vl_moe": {
+        "text_config": {
+            **_BASE,
+            "head_dim": 16,
+            "moe_num_experts": 8,
+            "moe_k": 2,
+            "moe_intermediate_size": [32, 16],
+            "moe_num_shared_experts": 1,
+            "mlp_layer_types": ["dense", "sparse"],
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [3, 3, 2],
+            },
+        },
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 64,
+            "patch_size": 8,
+        },
+    },
 }
 
 #: The experts DeepSeek-V4's token -> expert tables name in tiny models: a hash layer can drop
@@ -1222,7 +1248,7 @@ def _adapter_routing(model: PreTrainedModel) -> list[tuple[torch.Tensor, float]]
 
     try:
         spec = spec_for_config(model.config.to_dict())
-    except ArchError:  # a family kept for a test that mfprune refuses it (nllb-moe)
+    except ArchError:  # kept for a test that mfprune refuses it (nllb-moe, ernie4_5_vl_moe)
         return []
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     # DBRX's n_layers, LongCat's num_layers: no num_hidden_layers (their routers are drawn above)

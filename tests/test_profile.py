@@ -30,7 +30,7 @@ from mfprune.arch import spec_for_config
 from mfprune.arch.layout import resolve_layout
 from mfprune.checkpoint import open_checkpoint
 from mfprune.cli import app
-from mfprune.errors import DataError, ModelError, StatsError
+from mfprune.errors import ArchError, DataError, ModelError, StatsError
 from mfprune.loading import auto_model_class
 from mfprune.modules import find_o_projs, find_routers, moe_block, parent_of, routing_modules
 from mfprune.oracle import logits
@@ -38,8 +38,9 @@ from mfprune.profiling import ProfileStats, Shard, merge_stats, profile_model
 from mfprune.profiling.data import Record, encode, load_token_data
 from mfprune.profiling.hooks import Recorder
 
-# nllb-moe's tiny model only shows why it has no adapter (test_rewrite_exact.py)
-NOT_PROFILED = {"nllb-moe"}
+# these tiny models only show why they have no adapter (test_rewrite_exact.py); ERNIE 4.5 VL's
+# refusal is tested below
+NOT_PROFILED = {"nllb-moe", "ernie4_5_vl_moe"}
 FAMILIES = sorted(set(tinymodels.FAMILIES) - NOT_PROFILED)
 SEQ_LEN = 16  # short chunks: long documents are cut, and batches mix lengths (padding)
 _ERROR_LINE = re.compile(r"^error: (?P<message>\S.*?) \(hint: (?P<hint>\S.*)\)$")
@@ -828,3 +829,16 @@ def test_per_layer_head_counts_give_no_head_stats(model_dir, data):
     stats = profile(model_dir("dots3_note"), data)
     assert stats.heads is None
     assert stats.experts is not None and stats.experts.layers == (1, 2)
+
+
+def test_ernie4_5_vl_moe_is_refused_before_loading(model_dir, data, tmp_path):
+    # one count sizes its text and vision expert banks: no adapter, so profile names the reason
+    # (unsupported.toml) before it loads the model, and the CLI says it on one line
+    model = model_dir("ernie4_5_vl_moe")
+    with pytest.raises(ArchError, match="sized by one count") as info:
+        profile(model, data)
+    assert "unsupported model_type 'ernie4_5_vl_moe'" in str(info.value)
+    out = tmp_path / "stats.safetensors"
+    result = run("profile", model, "--data", data, "--device", "cpu", "--out", out)
+    assert_clean_error(result, "ernie4_5_vl_moe", "sized by one count")
+    assert not out.exists()

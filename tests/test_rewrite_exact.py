@@ -647,3 +647,51 @@ def test_nllb_moe_stays_refused_while_transformers_runs_two_experts(tiny_checkpo
     assert torch.equal(before, logits(model, ids))
     with pytest.raises(ArchError, match="runs expert_0"):
         spec_for_config(model.config.to_dict())
+
+
+def test_ernie4_5_vl_moe_stays_refused_while_its_banks_share_one_count(tiny_checkpoint, tmp_path):
+    # ERNIE 4.5 VL saves a text bank (experts 0..7, width 32) and a vision bank (8..15, width
+    # 16) as one list, transposed routers and one [2, E] bias; text input never reaches the
+    # vision bank, so carrying it over would be exact, but one count (moe_num_experts) sizes
+    # both banks and the loader splits the list in equal halves: a text bank pruned to 7 beside
+    # the vision bank's 8 does not load. When this fails, write the adapter (text experts
+    # pruned, vision bank carried over) and drop the family from unsupported.toml
+    from checks import load
+    from safetensors.torch import load_file, save_file
+
+    from mfprune.errors import ArchError
+
+    source = tiny_checkpoint("ernie4_5_vl_moe")
+    tensors = load_file(source / "model.safetensors")
+    mlp = "model.layers.1.mlp."
+    assert tensors[f"{mlp}gate.weight"].shape == tensors[f"{mlp}gate.weight_1"].shape == (64, 8)
+    assert tensors[f"{mlp}moe_statics.e_score_correction_bias"].shape == (2, 8)
+    widths = [tensors[f"{mlp}experts.{e}.down_proj.weight"].shape[1] for e in range(16)]
+    assert widths == [32] * 8 + [16] * 8 and f"{mlp}experts.16.down_proj.weight" not in tensors
+
+    model, _ = load(source)
+    ids = sample_ids(128, batch=2, seq=24)
+    before = logits(model, ids)
+    vision = model.get_submodule("model.language_model.layers.1.mlp.vision_moe")
+    with torch.no_grad():  # text tokens: the vision bank and its router never run
+        vision.experts.down_proj.zero_()
+    assert torch.equal(before, logits(model, ids))
+
+    ragged = tmp_path / "ragged"  # text expert 7 dropped, the vision bank renumbered after it
+    shutil.copytree(source, ragged)
+    pruned = {}
+    for name, tensor in tensors.items():
+        if name.startswith(f"{mlp}experts."):
+            expert, rest = name[len(f"{mlp}experts.") :].split(".", 1)
+            if int(expert) != 7:
+                pruned[f"{mlp}experts.{int(expert) - (int(expert) > 7)}.{rest}"] = tensor
+        else:
+            pruned[name] = tensor[:, :7].contiguous() if name == f"{mlp}gate.weight" else tensor
+    save_file(pruned, ragged / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((ragged / "config.json").read_text())
+    config["text_config"]["moe_num_experts"] = 7
+    (ragged / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="conversion of the weights"):
+        load(ragged)
+    with pytest.raises(ArchError, match="sized by one count"):
+        spec_for_config(config)
