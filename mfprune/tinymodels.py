@@ -924,6 +924,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "projector_hidden_size": 32,
     },
     "inkling2": {"text_config": _INKLING2_TEXT, "vision_config": _INKLING2_VISION},
+    "inkling2_text": _INKLING2_TEXT,
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

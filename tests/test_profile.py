@@ -309,7 +309,7 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)
     if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
-    if family in ("inkling2", "inkling2_loop"):  # a softcapped SwiGLU of (gate, up)
+    if family in ("inkling2", "inkling2_text", "inkling2_loop"):  # softcapped SwiGLU (gate, up)
         return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
     if family == "muse_spark":  # at moe_hidden_size, then one norm shared by every expert
         gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)

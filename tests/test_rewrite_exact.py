@@ -99,6 +99,8 @@ EXPERT_CASES = {
     "aria_text": (_half(0, 1), "moe_num_experts"),  # experts saved as experts.fc1 / fc2
     "minimax_m3_vl_text": (_half(1, 2), "num_local_experts"),  # sigmoid + bias; layer 0 dense
     "dots3_note_text": (_half(1, 2), "n_routed_experts"),  # V3 routing, groups; experts one by one
+    # saved as released (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight)
+    "inkling2_text": (_half(0, 1, 2), "n_routed_experts"),
 }
 
 
@@ -308,6 +310,7 @@ def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
         # its linear-attention layers also read num_attention_heads: pruning heads is not exact
         ("minimax", "lightning-attention layers take their head count"),
         ("dots3_note_text", "swa_num_attention_heads"),  # sliding layers' own head count
+        ("inkling2_text", "swa_num_attention_heads"),  # and per-head sinks, relative states
     ],
 )
 def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
