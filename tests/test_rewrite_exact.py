@@ -101,6 +101,8 @@ EXPERT_CASES = {
     "dots3_note_text": (_half(1, 2), "n_routed_experts"),  # V3 routing, groups; experts one by one
     # saved as released (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight)
     "inkling2_text": (_half(0, 1, 2), "n_routed_experts"),
+    # gated shared expert; hyper-connections, PLE in layer 0, a QSA indexer in layer 1
+    "qwen4_exp_text": (_half(0, 1), "num_experts"),
 }
 
 
@@ -193,6 +195,8 @@ HEAD_CASES = {
     "aria_text": ({0: [1, 3], 1: [0, 2]}, _half(0, 1)),
     # a lightning indexer (heads of its own, untouched) in layer 1
     "minimax_m3_vl_text": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
+    # layer 0: Gated DeltaNet; q_proj rows = query + gate; the QSA indexer's heads stay
+    "qwen4_exp_text": ({1: [1, 3]}, _half(0, 1)),
 }
 
 
@@ -213,6 +217,7 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
     [
         ("qwen3_next", 0, "linear_attention"),
         ("lara_mini", 0, "linear_attention"),
+        ("qwen4_exp_text", 0, "linear_attention"),
         ("jamba", 0, ""),
         ("kimi_linear", 2, "linear_attention"),
         ("nemotron_h", 1, ""),  # an MoE layer
@@ -356,6 +361,8 @@ COMPOSITE_CASES = {
     "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # layer 0 is Gated DeltaNet: heads only in layer 1
     "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}, (0, 1)),
+    # the same, with hyper-connections, PLE (layer 0) and a QSA token indexer (layer 1)
+    "qwen4_exp": ("num_experts", "model.visual.", {1: [1, 3]}, (0, 1)),
     # GLM-4.5V: V3 routing with groups, first layer dense, q/k/v biases
     "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}, (1, 2)),
     # MoE in layers 1 and 3; the vision tower's layers have self_attn.{q,k,v,o}_proj too
