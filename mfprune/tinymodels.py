@@ -313,6 +313,28 @@ _QWEN4_EXP_TEXT: dict[str, Any] = {
     "eos_token_id": 2,  # PLE's n-gram context starts at eos
 }
 
+#: Inkling's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
+#: layer 0 dense, then 8 routed experts (top-2) and 2 shared experts, which the router scores
+#: too (rows 8 and 9)
+_INKLING_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "head_dim": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "sliding_window_size": 8,
+    "d_rel": 8,
+    "rel_extent": 16,
+    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 2,
+    "eos_token_id": 2,
+}
+
 #: dots3.note's language model: layer 0 dense, 8 experts (2 groups of 4, one group per token)
 #: and a shared expert after; MLA with a per-head sigmoid gate, indexed (DSA) attention in
 #: layers 0 and 1 and a sliding-window layer 2 with its own head counts (per_layer_config);
@@ -954,6 +976,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "inkling2": {"text_config": _INKLING2_TEXT, "vision_config": _INKLING2_VISION},
     "inkling2_text": _INKLING2_TEXT,
+    "inkling_text": _INKLING_TEXT,
+    # a two-layer vision tower (its layer plan needs a temporal patch of 2) and an audio tower
+    "inkling_mm_model": {
+        "text_config": _INKLING_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+        },
+        "audio_config": {"n_mel_bins": 8, "mel_vocab_size": 16},
+    },
     "qwen4_exp_text": _QWEN4_EXP_TEXT,
     "qwen4_exp": {
         "text_config": _QWEN4_EXP_TEXT,

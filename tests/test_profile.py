@@ -265,6 +265,15 @@ def _route_by_hand(
         if config.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return index, weight * config.routed_scaling_factor
+    if family in ("inkling_mm_model", "inkling_text"):  # sigmoid + bias over the routed rows;
+        logits_ = F.linear(x, router.weight.float())  # [T, E + S]: then a row per shared expert
+        E = router.num_experts
+        choice = logits_[:, :E].sigmoid() + router.e_score_correction_bias
+        index = choice.topk(k, dim=-1).indices
+        # the chosen experts' and the shared experts' sigmoids, normalised together
+        chosen = torch.cat([logits_[:, :E].gather(1, index), logits_[:, E:]], dim=-1)
+        weight = chosen.sigmoid() / chosen.sigmoid().sum(dim=-1, keepdim=True)
+        return index, weight[:, :k] * router.route_scale * router.global_scale
     if family == "zaya":  # MLP router fed the previous layer's router states: its own output,
         return block.gate_output[2].reshape(-1, k), block.gate_output[1].reshape(-1, k)
     # other families: the router's own output; a router that takes the selection bias kept on

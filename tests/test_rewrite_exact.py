@@ -103,6 +103,8 @@ EXPERT_CASES = {
     "inkling2_text": (_half(0, 1, 2), "n_routed_experts"),
     # gated shared expert; hyper-connections, PLE in layer 0, a QSA indexer in layer 1
     "qwen4_exp_text": (_half(0, 1), "num_experts"),
+    # router rows 8, 9 score the 2 shared experts: kept after the kept ones; layer 0 dense
+    "inkling_text": (_half(1, 2), "n_routed_experts"),
 }
 
 
@@ -316,6 +318,7 @@ def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
         ("minimax", "lightning-attention layers take their head count"),
         ("dots3_note_text", "swa_num_attention_heads"),  # sliding layers' own head count
         ("inkling2_text", "swa_num_attention_heads"),  # and per-head sinks, relative states
+        ("inkling_text", "swa_num_attention_heads"),  # and relative states, convolutions
     ],
 )
 def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
@@ -385,6 +388,8 @@ COMPOSITE_CASES = {
     # released names (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight); heads
     # refused (per-layer-type head counts, per-head sinks and relative states)
     "inkling2": ("n_routed_experts", "model.visual.", {}, (0, 1, 2)),
+    # the same names; router rows for the shared experts after the routed ones; layer 0 dense
+    "inkling_mm_model": ("n_routed_experts", "model.audio.", {}, (1, 2)),
     # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
     "qwen3_omni_moe": ("num_experts", "talker.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
@@ -514,6 +519,62 @@ def test_longcat_zero_experts_stay_after_the_kept_ones(tiny_checkpoint, tmp_path
     assert result.config_changes == {"n_routed_experts": [8, 4]}
 
 
+@pytest.mark.parametrize(
+    ("family", "layers", "bias", "carried"),
+    [  # carried per MoE layer: the shared experts' tensors and the router's global scale
+        ("inkling_text", "model.layers.", "gate.e_score_correction_bias", 3 + 1),
+        ("inkling_mm_model", "model.llm.layers.", "gate.bias", 2 + 1),  # released names
+    ],
+)
+def test_inkling_shared_expert_rows_stay_after_the_kept_ones(
+    family, layers, bias, carried, tiny_checkpoint, tmp_path
+):
+    """Inkling's router has 8 routed + 2 shared-expert rows: every plan keeps the shared rows
+    after the kept experts; the correction bias (routed experts only) loses the pruned
+    entries; the shared experts and the router's global scale are the source's bytes."""
+    from safetensors import safe_open
+
+    source = tiny_checkpoint(family)
+    kept = _half(1, 2)
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    mlp = layers + "{layer}.mlp."
+    rows = {layer: [*ids, 8, 9] for layer, ids in kept.items()}
+    assert_stacked_sliced(source, out, kept=rows, names=[mlp + "gate.weight"])
+    assert_stacked_sliced(source, out, kept=kept, names=[mlp + bias])
+    src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
+    moe = tuple(mlp.format(layer=layer) for layer in kept)
+    same = [
+        n
+        for n in src
+        if n.startswith(moe) and (".shared_experts." in n or n.endswith(".gate.global_scale"))
+    ]
+    assert len(same) == len(kept) * carried
+    for name in same:
+        with safe_open(src[name].file, "pt") as f, safe_open(dst[name].file, "pt") as g:
+            assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
+    path = "text_config." if family == "inkling_mm_model" else ""
+    assert result.config_changes == {f"{path}n_routed_experts": [8, 4]}  # n_shared_experts stays
+
+
+def test_a_carried_tensor_with_an_expert_axis_is_refused(tiny_checkpoint, tmp_path):
+    """The adapter carries Inkling's gate.global_scale [1] unchanged; one with a leading axis
+    of E would be per-expert, so the rewrite refuses it like any uncovered tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("inkling_text"), source)
+    tensors = load_file(source / "model.safetensors")
+    name = "model.layers.1.mlp.gate.global_scale"
+    tensors[name] = torch.ones(8)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"no adapter rule covers them: {name} \[8\]"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_deepseek_v4_keeps_every_expert_its_hash_table_names(tiny_checkpoint, tmp_path):
     """Layer 0 routes by tid2eid, whose values name experts 0, 2, 5, 7 only: a plan that drops
     one of them is refused with the layer and the ids, and a profile plan keeps them first."""
@@ -572,6 +633,7 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         ("deepseek_ocr2", "recomputes head_dim"),
         ("muse_spark", "not a multiple of num_attention_heads"),
         ("inkling2", "swa_num_attention_heads"),
+        ("inkling_mm_model", "swa_num_attention_heads"),
         ("dots3_note", "swa_num_attention_heads"),
     ],
 )
