@@ -311,6 +311,20 @@ def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     assert written["vision_config"] == config["vision_config"]  # the tower's experts stay
 
 
+def test_qwen4_exp_released_layer_types_are_exact(tiny_checkpoint, tmp_path):
+    # released configs call the indexed layers "full_attention" (transformers renames them)
+    def released(config):
+        return config | {"layer_types": ["linear_attention", "full_attention"]}
+
+    source = _with_config(tiny_checkpoint("qwen4_exp_text"), tmp_path / "src", released)
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1), heads={1: [0, 3]}), out)
+    assert_exact(source, out, experts=removed(_half(0, 1), 8), heads={1: [1, 2]})
+    assert json.loads((out / "config.json").read_text())["layer_types"][1] == "full_attention"
+    with pytest.raises(PlanError, match="layer 0 has no attention heads"):
+        rewrite_checkpoint(source, PrunePlan(heads={0: [0, 3]}), tmp_path / "o")
+
+
 @pytest.mark.parametrize(
     ("family", "reason"),
     [
