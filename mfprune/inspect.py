@@ -158,8 +158,8 @@ def routing_rule(e: ExpertLayout) -> str:
     if e.extra_rows:
         parts.append(
             f"{e.extra_rows} more router rows (extra_rows = {spec.extra_rows!r}) after the "
-            f"{e.num_experts} "
-            "experts are zero-compute experts that every plan keeps"
+            f"{e.num_experts} experts are no prunable experts (zero-compute or shared experts, "
+            "a skip class): every plan keeps them, after the kept experts"
         )
     if e.sub_experts:
         sub = e.sub_experts[e.layers[0]]

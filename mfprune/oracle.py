@@ -239,7 +239,14 @@ def _mask_router(router: nn.Module, ids: Sequence[int]) -> AbstractContextManage
 
 @contextmanager
 def _mask_correction_bias(bias: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
-    """DeepSeek-V3: add ``mask`` to the selection bias in place; restore it afterwards."""
+    """DeepSeek-V3: add ``mask`` to the selection bias in place; restore it afterwards. A
+    bias over the routed experts only, shorter than the router's rows (Inkling: the rows
+    after them score shared experts), takes the mask's first entries."""
+    n = bias.shape[-1]
+    if n < mask.numel():
+        if torch.isinf(mask[n:]).any():
+            raise ValueError(f"a pruned expert lies beyond the selection bias's {n} entries")
+        mask = mask[:n]
     saved = bias.detach().clone()
     try:
         with torch.no_grad():

@@ -284,6 +284,57 @@ _INKLING2_VISION: dict[str, Any] = {
     "text_hidden_size": 64,
 }
 
+#: Qwen4-Exp's language model: Gated DeltaNet in layer 0 (with hashed n-gram embeddings, PLE:
+#: 2 x 2 heads over a tiny n-gram vocabulary, saved in 2 shards), gated softmax attention with a
+#: QSA token indexer in layer 1 (its budget keeps every key: a top-k over blocks would differ
+#: in padded batches), 2 hyper-connection streams, an MoE with a gated shared expert in both
+_QWEN4_EXP_TEXT: dict[str, Any] = {
+    **_BASE,
+    **_SOFTMAX,
+    **_QWEN_NEXT,
+    "num_experts": 8,
+    "layer_types": ["linear_attention", "indexed_attention"],
+    "hc_count": 2,
+    "hc_lowrank": 16,
+    "ple_layer_ids": [1],  # one-indexed: layer 0
+    "heads_per_ngram": 2,
+    "ngram_vocab_size_base": 64,
+    "split_ngram_parts": 2,
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 16,
+    "indexer_budget": 2048,
+    "indexer_compress_ratio": 4,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [4, 2, 2],
+    },
+    "eos_token_id": 2,  # PLE's n-gram context starts at eos
+}
+
+#: Inkling's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
+#: layer 0 dense, then 8 routed experts (top-2) and 2 shared experts, which the router scores
+#: too (rows 8 and 9)
+_INKLING_TEXT: dict[str, Any] = {
+    **_BASE,
+    "num_hidden_layers": 3,
+    "head_dim": 16,
+    "swa_num_attention_heads": 4,
+    "swa_num_key_value_heads": 2,
+    "swa_head_dim": 16,
+    "sliding_window_size": 8,
+    "d_rel": 8,
+    "rel_extent": 16,
+    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+    "mlp_layer_types": ["dense", "sparse", "sparse"],
+    "moe_intermediate_size": 32,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 2,
+    "eos_token_id": 2,
+}
+
 #: dots3.note's language model: layer 0 dense, 8 experts (2 groups of 4, one group per token)
 #: and a shared expert after; MLA with a per-head sigmoid gate, indexed (DSA) attention in
 #: layers 0 and 1 and a sliding-window layer 2 with its own head counts (per_layer_config);
@@ -924,6 +975,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "projector_hidden_size": 32,
     },
     "inkling2": {"text_config": _INKLING2_TEXT, "vision_config": _INKLING2_VISION},
+    "inkling2_text": _INKLING2_TEXT,
+    "inkling_text": _INKLING_TEXT,
+    # a two-layer vision tower (its layer plan needs a temporal patch of 2) and an audio tower
+    "inkling_mm_model": {
+        "text_config": _INKLING_TEXT,
+        "vision_config": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 4,
+            "temporal_patch_size": 2,
+        },
+        "audio_config": {"n_mel_bins": 8, "mel_vocab_size": 16},
+    },
+    "qwen4_exp_text": _QWEN4_EXP_TEXT,
+    "qwen4_exp": {
+        "text_config": _QWEN4_EXP_TEXT,
+        "vision_config": {**_QWEN_VISION, "num_position_embeddings": 16},
+    },
     "gemma4_text": _GEMMA4_TEXT,
     # a one-block vision tower, no audio tower
     "gemma4": {

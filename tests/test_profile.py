@@ -266,6 +266,15 @@ def _route_by_hand(
         if config.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return index, weight * config.routed_scaling_factor
+    if family in ("inkling_mm_model", "inkling_text"):  # sigmoid + bias over the routed rows;
+        logits_ = F.linear(x, router.weight.float())  # [T, E + S]: then a row per shared expert
+        E = router.num_experts
+        choice = logits_[:, :E].sigmoid() + router.e_score_correction_bias
+        index = choice.topk(k, dim=-1).indices
+        # the chosen experts' and the shared experts' sigmoids, normalised together
+        chosen = torch.cat([logits_[:, :E].gather(1, index), logits_[:, E:]], dim=-1)
+        weight = chosen.sigmoid() / chosen.sigmoid().sum(dim=-1, keepdim=True)
+        return index, weight[:, :k] * router.route_scale * router.global_scale
     if family == "zaya":  # MLP router fed the previous layer's router states: its own output,
         return block.gate_output[2].reshape(-1, k), block.gate_output[1].reshape(-1, k)
     # other families: the router's own output; a router that takes the selection bias kept on
@@ -310,7 +319,7 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)
     if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
-    if family in ("inkling2", "inkling2_loop"):  # a softcapped SwiGLU of (gate, up)
+    if family in ("inkling2", "inkling2_text", "inkling2_loop"):  # softcapped SwiGLU (gate, up)
         return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
     if family == "muse_spark":  # at moe_hidden_size, then one norm shared by every expert
         gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)

@@ -99,6 +99,12 @@ EXPERT_CASES = {
     "aria_text": (_half(0, 1), "moe_num_experts"),  # experts saved as experts.fc1 / fc2
     "minimax_m3_vl_text": (_half(1, 2), "num_local_experts"),  # sigmoid + bias; layer 0 dense
     "dots3_note_text": (_half(1, 2), "n_routed_experts"),  # V3 routing, groups; experts one by one
+    # saved as released (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight)
+    "inkling2_text": (_half(0, 1, 2), "n_routed_experts"),
+    # gated shared expert; hyper-connections, PLE in layer 0, a QSA indexer in layer 1
+    "qwen4_exp_text": (_half(0, 1), "num_experts"),
+    # router rows 8, 9 score the 2 shared experts: kept after the kept ones; layer 0 dense
+    "inkling_text": (_half(1, 2), "n_routed_experts"),
 }
 
 
@@ -191,6 +197,8 @@ HEAD_CASES = {
     "aria_text": ({0: [1, 3], 1: [0, 2]}, _half(0, 1)),
     # a lightning indexer (heads of its own, untouched) in layer 1
     "minimax_m3_vl_text": ({0: [1, 3], 1: [0, 2], 2: [0, 3]}, _half(1, 2)),
+    # layer 0: Gated DeltaNet; q_proj rows = query + gate; the QSA indexer's heads stay
+    "qwen4_exp_text": ({1: [1, 3]}, _half(0, 1)),
 }
 
 
@@ -211,6 +219,7 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
     [
         ("qwen3_next", 0, "linear_attention"),
         ("lara_mini", 0, "linear_attention"),
+        ("qwen4_exp_text", 0, "linear_attention"),
         ("jamba", 0, ""),
         ("kimi_linear", 2, "linear_attention"),
         ("nemotron_h", 1, ""),  # an MoE layer
@@ -302,12 +311,28 @@ def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     assert written["vision_config"] == config["vision_config"]  # the tower's experts stay
 
 
+def test_qwen4_exp_released_layer_types_are_exact(tiny_checkpoint, tmp_path):
+    # released configs call the indexed layers "full_attention" (transformers renames them)
+    def released(config):
+        return config | {"layer_types": ["linear_attention", "full_attention"]}
+
+    source = _with_config(tiny_checkpoint("qwen4_exp_text"), tmp_path / "src", released)
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=_half(0, 1), heads={1: [0, 3]}), out)
+    assert_exact(source, out, experts=removed(_half(0, 1), 8), heads={1: [1, 2]})
+    assert json.loads((out / "config.json").read_text())["layer_types"][1] == "full_attention"
+    with pytest.raises(PlanError, match="layer 0 has no attention heads"):
+        rewrite_checkpoint(source, PrunePlan(heads={0: [0, 3]}), tmp_path / "o")
+
+
 @pytest.mark.parametrize(
     ("family", "reason"),
     [
         # its linear-attention layers also read num_attention_heads: pruning heads is not exact
         ("minimax", "lightning-attention layers take their head count"),
         ("dots3_note_text", "swa_num_attention_heads"),  # sliding layers' own head count
+        ("inkling2_text", "swa_num_attention_heads"),  # and per-head sinks, relative states
+        ("inkling_text", "swa_num_attention_heads"),  # and relative states, convolutions
     ],
 )
 def test_heads_are_refused_with_the_reason(family, reason, tiny_checkpoint, tmp_path):
@@ -353,6 +378,8 @@ COMPOSITE_CASES = {
     "qwen3_vl_moe": ("num_local_experts", "model.visual.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # layer 0 is Gated DeltaNet: heads only in layer 1
     "qwen3_5_moe": ("num_experts", "model.visual.", {1: [1, 3]}, (0, 1)),
+    # the same, with hyper-connections, PLE (layer 0) and a QSA token indexer (layer 1)
+    "qwen4_exp": ("num_experts", "model.visual.", {1: [1, 3]}, (0, 1)),
     # GLM-4.5V: V3 routing with groups, first layer dense, q/k/v biases
     "glm4v_moe": ("n_routed_experts", "model.visual.", {0: [0, 2], 1: [1, 3], 2: [0, 3]}, (1, 2)),
     # MoE in layers 1 and 3; the vision tower's layers have self_attn.{q,k,v,o}_proj too
@@ -375,6 +402,8 @@ COMPOSITE_CASES = {
     # released names (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight); heads
     # refused (per-layer-type head counts, per-head sinks and relative states)
     "inkling2": ("n_routed_experts", "model.visual.", {}, (0, 1, 2)),
+    # the same names; router rows for the shared experts after the routed ones; layer 0 dense
+    "inkling_mm_model": ("n_routed_experts", "model.audio.", {}, (1, 2)),
     # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
     "qwen3_omni_moe": ("num_experts", "talker.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     "llama4": (
@@ -504,6 +533,62 @@ def test_longcat_zero_experts_stay_after_the_kept_ones(tiny_checkpoint, tmp_path
     assert result.config_changes == {"n_routed_experts": [8, 4]}
 
 
+@pytest.mark.parametrize(
+    ("family", "layers", "bias", "carried"),
+    [  # carried per MoE layer: the shared experts' tensors and the router's global scale
+        ("inkling_text", "model.layers.", "gate.e_score_correction_bias", 3 + 1),
+        ("inkling_mm_model", "model.llm.layers.", "gate.bias", 2 + 1),  # released names
+    ],
+)
+def test_inkling_shared_expert_rows_stay_after_the_kept_ones(
+    family, layers, bias, carried, tiny_checkpoint, tmp_path
+):
+    """Inkling's router has 8 routed + 2 shared-expert rows: every plan keeps the shared rows
+    after the kept experts; the correction bias (routed experts only) loses the pruned
+    entries; the shared experts and the router's global scale are the source's bytes."""
+    from safetensors import safe_open
+
+    source = tiny_checkpoint(family)
+    kept = _half(1, 2)
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=kept), out)
+    mlp = layers + "{layer}.mlp."
+    rows = {layer: [*ids, 8, 9] for layer, ids in kept.items()}
+    assert_stacked_sliced(source, out, kept=rows, names=[mlp + "gate.weight"])
+    assert_stacked_sliced(source, out, kept=kept, names=[mlp + bias])
+    src, dst = open_checkpoint(source).tensors, open_checkpoint(out).tensors
+    moe = tuple(mlp.format(layer=layer) for layer in kept)
+    same = [
+        n
+        for n in src
+        if n.startswith(moe) and (".shared_experts." in n or n.endswith(".gate.global_scale"))
+    ]
+    assert len(same) == len(kept) * carried
+    for name in same:
+        with safe_open(src[name].file, "pt") as f, safe_open(dst[name].file, "pt") as g:
+            assert torch.equal(f.get_tensor(name), g.get_tensor(name)), name
+    path = "text_config." if family == "inkling_mm_model" else ""
+    assert result.config_changes == {f"{path}n_routed_experts": [8, 4]}  # n_shared_experts stays
+
+
+def test_a_carried_tensor_with_an_expert_axis_is_refused(tiny_checkpoint, tmp_path):
+    """The adapter carries Inkling's gate.global_scale [1] unchanged; one with a leading axis
+    of E would be per-expert, so the rewrite refuses it like any uncovered tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("inkling_text"), source)
+    tensors = load_file(source / "model.safetensors")
+    name = "model.layers.1.mlp.gate.global_scale"
+    tensors[name] = torch.ones(8)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=rf"no adapter rule covers them: {name} \[8\]"):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_deepseek_v4_keeps_every_expert_its_hash_table_names(tiny_checkpoint, tmp_path):
     """Layer 0 routes by tid2eid, whose values name experts 0, 2, 5, 7 only: a plan that drops
     one of them is refused with the layer and the ids, and a profile plan keeps them first."""
@@ -562,6 +647,7 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         ("deepseek_ocr2", "recomputes head_dim"),
         ("muse_spark", "not a multiple of num_attention_heads"),
         ("inkling2", "swa_num_attention_heads"),
+        ("inkling_mm_model", "swa_num_attention_heads"),
         ("dots3_note", "swa_num_attention_heads"),
     ],
 )

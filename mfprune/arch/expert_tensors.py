@@ -12,6 +12,9 @@ listed one by one; instead, in every MoE layer:
 * **stacked rule** — every tensor of an *expert module* (the module holding fused expert
   tensors, e.g. ``mlp.experts.``, or the module before ``{expert}``) whose leading axis has one
   entry per expert is sliced along that axis, like the adapter's listed ``stacked`` tensors;
+* **carried** — a tensor the adapter lists in ``carried`` (Inkling's ``gate.global_scale``
+  [1], shared by every expert) is copied unchanged, unless its leading axis has one entry per
+  expert;
 * **fail closed** — a tensor that looks per-expert (under the router module, under an expert
   module, a leading axis of E under the MoE block, or an ``experts.<n>.`` name elsewhere in the
   layer) and that no rule covers is *unknown*: a rewrite that prunes the layer refuses to start.
@@ -69,6 +72,7 @@ class ExpertRules:
     # sorts the tensors under them; anything else under their modules is unknown
     sub_prefixes: tuple[str, ...] = field(default=())
     id_tables: frozenset[str] = field(default=frozenset())  # values are expert ids (V4 hash)
+    carried: frozenset[str] = field(default=frozenset())  # shared by every expert: copied
 
 
 def expert_prefix(template: str) -> str:
@@ -127,6 +131,7 @@ def rules_for(spec: ExpertSpec, layer: int, *, others: Iterable[ExpertSpec] = ()
         others=tuple(fill(block_of(o)) for o in others),
         sub_prefixes=sub,
         id_tables=frozenset(fill(n) for n in spec.id_tables),
+        carried=frozenset(fill(n) for n in spec.carried),
     )
 
 
@@ -161,6 +166,11 @@ def sort_layer(
             continue
         if name in rules.id_tables:  # mfprune.arch.id_tables reads and remaps them
             continue
+        leading_e = bool(info.shape) and info.shape[0] == num_experts
+        if name in rules.carried:  # one value for every expert (Inkling's gate.global_scale)
+            if leading_e:
+                unknown.append(info)
+            continue
         if any(name.startswith(s) for s in rules.shared) or any(
             name.startswith(o) and not rules.block.startswith(o) for o in rules.others
         ):
@@ -176,7 +186,6 @@ def sort_layer(
             expert = int(match.group(index + 1))
             per_expert.setdefault(expert, []).append(ExpertTensor(info, rules.prefixes[index]))
             continue
-        leading_e = bool(info.shape) and info.shape[0] == num_experts
         if name.startswith(rules.router_module):
             unknown.append(info)
         elif any(name.startswith(m) for m in rules.modules):

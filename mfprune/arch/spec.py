@@ -128,6 +128,10 @@ class ExpertSpec:
     stacked: tuple[StackedTensor, ...] = ()  # fused expert tensors, router biases, score biases
     per_expert: tuple[str, ...] = ()  # legacy per-expert names with {expert}
     shared: tuple[str, ...] = ()  # name prefixes of shared experts (never pruned)
+    # tensors under the router module that every expert shares (Inkling's gate.global_scale
+    # [1], a scale on all routing weights): copied unchanged; one with a leading axis of E
+    # looks per-expert and is refused like any uncovered tensor
+    carried: tuple[str, ...] = ()
     layers: MoeLayers = MoeLayers()
     groups_key: str | None = None  # DeepSeek-V3 n_group: group-limited routing
     topk_groups_key: str | None = None
@@ -270,6 +274,7 @@ _LAYER_KEYS = {
     "stacked",
     "per_expert",
     "shared",
+    "carried",
     "first_dense_key",
     "sparse_step_key",
     "dense_layers_key",
@@ -360,6 +365,9 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
     id_tables = r.names(t, "id_tables", where)
     for name in id_tables:
         _check_template(r, name, f"{where}.id_tables", need_expert=False)
+    carried = r.names(t, "carried", where)
+    for name in carried:
+        _check_template(r, name, f"{where}.carried", need_expert=False)
     if sub_experts and per_expert:
         r.problems.append(
             f"{where}: per_expert and sub_experts exclude each other (a product expert's "
@@ -374,6 +382,7 @@ def _parse_experts(r: _Reader, data: Any, where: str) -> ExpertSpec | None:
         stacked=tuple(stacked),
         per_expert=per_expert,
         shared=r.names(t, "shared", where),
+        carried=carried,
         layers=MoeLayers(
             first_dense_key=r.get(t, "first_dense_key", where, str, None),
             last_moe_key=r.get(t, "last_moe_key", where, str, None),
