@@ -375,8 +375,8 @@ def prune(
         str,
         typer.Option(
             "--repair",
-            help="none (exact rewrite) or refit (kept experts' down projections refit on --data "
-            "so each pruned block reproduces the original's output)",
+            help="none (exact rewrite) or refit (kept experts refit on --data so each pruned "
+            "block reproduces the original's output)",
         ),
     ] = "none",
     repair_data: Annotated[
@@ -385,6 +385,15 @@ def prune(
     ] = None,
     max_tokens: Annotated[
         int | None, typer.Option("--max-tokens", help="calibrate --repair on at most N tokens")
+    ] = None,
+    refit_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--refit-steps",
+            help="--repair refit: gradient steps per layer refining the kept experts' gate, up "
+            "and down projections after the closed-form refit [default: 300; 0: closed form "
+            "only]",
+        ),
     ] = None,
     sequential: Annotated[
         bool,
@@ -438,6 +447,7 @@ def prune(
             repair=repair,
             data=repair_data,
             max_tokens=max_tokens,
+            refit_steps=refit_steps,
             sequential=sequential,
             on_repair_start=ticker.set_total,
             on_repair_batch=ticker.advance,
@@ -524,13 +534,17 @@ def _repair_table(repair: Any) -> Table:
         "error = Σ‖pruned block − original block‖² / Σ‖original block‖²",
         title_justify="left",
     )
-    for column in ("layer", "tokens", "error dropped", "error refit"):
+    refined = any(fit.refined is not None for fit in repair.layers)
+    columns = ["layer", "tokens", "error dropped", "error refit"]
+    for column in columns + (["refined (held-out tokens)"] if refined else []):
         table.add_column(column)
     for fit in repair.layers:
         after = "—" if fit.error_refit is None else f"{fit.error_refit / fit.target:.4f}"
-        table.add_row(
-            str(fit.layer), f"{fit.tokens:,}", f"{fit.error_dropped / fit.target:.4f}", after
-        )
+        row = [str(fit.layer), f"{fit.tokens:,}", f"{fit.error_dropped / fit.target:.4f}", after]
+        if refined:
+            r = fit.refined
+            row.append("—" if r is None else f"{r.error_before:.4f} → {r.error_after:.4f}")
+        table.add_row(*row)
     return table
 
 

@@ -106,6 +106,7 @@ def prune_model(
     repair: str = "none",
     data: str | Path | None = None,
     max_tokens: int | None = None,
+    refit_steps: int | None = None,
     sequential: bool = False,
     on_repair_start: Callable[[int], None] | None = None,
     on_repair_batch: Callable[[int], None] | None = None,
@@ -117,10 +118,20 @@ def prune_model(
     byte is written.
 
     ``repair``/``data``/``max_tokens``: the repair method and its calibration data (at most
-    ``max_tokens`` tokens of it); ``sequential``: one decoder layer in memory at a time;
-    ``on_repair_start`` gets the token passes the repair will make, ``on_repair_batch`` each
+    ``max_tokens`` tokens of it); ``refit_steps``: the refinement's steps per layer after the
+    closed form (``mfprune.repair``: default 300, 0 for the closed form only);
+    ``sequential``: one decoder layer in memory at a time; ``on_repair_start`` gets the token passes the repair will make, ``on_repair_batch`` each
     batch's tokens (progress)."""
     check_method(repair, data)
+    if refit_steps is not None and repair != "refit":
+        raise PlanError(
+            "--refit-steps is only read by --repair refit", hint="add --repair refit --data TASK"
+        )
+    if refit_steps is not None and refit_steps < 0:
+        raise PlanError(
+            f"--refit-steps must be 0 or more, not {refit_steps}",
+            hint="0 keeps the closed-form refit only; the default is 300",
+        )
     if sequential and repair == "none":
         raise PlanError(
             "--sequential is for --repair refit: a plain prune streams tensors and never loads "
@@ -170,6 +181,7 @@ def prune_model(
         "data": data,
         "max_tokens": max_tokens,
         "sequential": sequential,
+        **({} if refit_steps is None else {"steps": refit_steps}),
         "on_start": on_repair_start,
         "on_batch": on_repair_batch,
     }

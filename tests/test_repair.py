@@ -45,8 +45,11 @@ def pruned(model_dir, task, tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"{family}-{repair}")
             stats = folder / "stats.safetensors"
             run("profile", source, "--data", task, "--out", stats, "--format", "quiet")
-            extra = [] if repair == "plain" else ["--repair", repair]
+            # refit0: the closed form only (--refit-steps 0)
+            method = "refit" if repair == "refit0" else repair
+            extra = [] if repair == "plain" else ["--repair", method]
             extra += ["--data", task] if repair not in ("plain", "none") else []
+            extra += ["--refit-steps", "0"] if repair == "refit0" else []
             out = folder / "out"
             run("prune", source, "--profile", stats, "--keep-ratio", "0.5", "--out", out, *extra)
             cache[family, repair] = (source, out, stats)
@@ -103,10 +106,11 @@ def _block_errors(original, other, repaired, ids, mask) -> dict[int, tuple[float
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_refit_block_error_below_dropped(pruned, task, family):
-    """The refit block reproduces the original block better than the dropped block, on the
-    calibration tokens (measured here with the models' own modules, loaded from disk)."""
+    """The closed-form refit block reproduces the original block better than the dropped
+    block, on the calibration tokens (measured here with the models' own modules, loaded from
+    disk), by exactly the errors it reports."""
     source, plain, _ = pruned(family, "plain")
-    _, refit, _ = pruned(family, "refit")
+    _, refit, _ = pruned(family, "refit0")
     original, _ = load(source)
     dropped_model, _ = load(plain)
     repaired, info = load(refit)
@@ -122,14 +126,44 @@ def test_refit_block_error_below_dropped(pruned, task, family):
         dropped, refitted = errors[fit["layer"]]
         assert fit["error_dropped"] == pytest.approx(dropped, rel=1e-3)
         assert fit["error_refit"] == pytest.approx(refitted, rel=1e-2, abs=1e-6 * dropped)
+        assert fit["refined"] is None
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refinement_lowers_the_block_error_further(pruned, task, family):
+    """The default refit (closed form, then refine.py's gradient steps) ends at or below the
+    closed form's error on the calibration tokens, and never above it on the tokens it held
+    out; it changes the gate/up projections too."""
+    source, plain, _ = pruned(family, "plain")
+    _, closed, _ = pruned(family, "refit0")
+    _, refined, _ = pruned(family, "refit")
+    original, _ = load(source)
+    dropped_model, _ = load(plain)
+    ids, mask = _calibration_batch(source, task)
+    before = _block_errors(original, dropped_model, load(closed)[0], ids, mask)
+    after = _block_errors(original, dropped_model, load(refined)[0], ids, mask)
+    record = json.loads((refined / "mfprune_provenance.json").read_text())["repair"]
+    assert record["steps"] == 300
+    improved = 0
+    for fit in record["layers"]:
+        layer, r = fit["layer"], fit["refined"]
+        assert r["steps"] == 300 and 0 <= r["best_step"] <= 300
+        assert r["error_after"] <= r["error_before"], (family, layer, r)
+        (dropped, closed_error), (_, refined_error) = before[layer], after[layer]
+        assert refined_error < 0.9 * dropped, (family, layer, dropped, refined_error)
+        assert refined_error <= closed_error * 1.05 + 1e-9 * dropped, (family, layer)
+        improved += r["best_step"] > 0 and refined_error < closed_error
+    assert improved, f"{family}: the refinement improved no layer"
+
+
+@pytest.mark.parametrize("repair", ["refit0", "refit"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "granitemoe"])
-def test_refit_layout_matches_plain_prune(pruned, family):
+def test_refit_layout_matches_plain_prune(pruned, family, repair):
     """Same config, same tensor names, shapes and dtypes as the plain prune; every tensor but
-    the kept experts' down projections byte-identical to it."""
+    the kept experts' down projections (and, refined, their gate/up projections)
+    byte-identical to it."""
     _, plain, _ = pruned(family, "plain")
-    _, refit, _ = pruned(family, "refit")
+    _, refit, _ = pruned(family, repair)
     assert (plain / "config.json").read_bytes() == (refit / "config.json").read_bytes()
     assert (plain / "mfprune_plan.json").read_bytes() == (refit / "mfprune_plan.json").read_bytes()
     changed = []
@@ -148,7 +182,12 @@ def test_refit_layout_matches_plain_prune(pruned, family):
     assert changed, "refit changed no tensor"
     assert len(changed) == record["tensors_repaired"]
     down = ("down_proj", "w2", "output_linear")
-    assert all(any(d in name for d in down) for name in changed), changed
+    gate_up = ("gate_proj", "up_proj", "w1", "w3", "input_linear")
+    allowed = down if repair == "refit0" else down + gate_up
+    assert all(any(d in name for d in allowed) for name in changed), changed
+    assert any(any(d in name for d in down) for name in changed), changed
+    if repair == "refit":
+        assert any(any(g in name for g in gate_up) for name in changed), changed
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
@@ -210,6 +249,8 @@ def test_per_expert_solve_also_reduces_the_error(model_dir, task):
         (["--repair", "refit", "--data", "TASK", "--verify"], "--verify checks exact"),
         (["--repair", "refit", "--data", "TASK", "--plan-only"], "--plan-only writes no"),
         (["--sequential"], "--sequential is for --repair refit"),
+        (["--refit-steps", "10"], "--refit-steps is only read by --repair refit"),
+        (["--repair", "refit", "--data", "TASK", "--refit-steps", "-1"], "must be 0 or more"),
         (["--repair", "refit", "--data", "MISSING"], "does not exist"),
     ],
 )

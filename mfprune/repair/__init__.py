@@ -2,10 +2,12 @@
 
 * ``none`` (the default): the exact rewrite — the pruned checkpoint computes exactly what the
   original computes with the dropped experts masked out of their routers (``mfprune.oracle``).
-* ``refit``: the kept experts' down projections are refit, layer by layer on the task's
-  tokens, so that each pruned MoE block reproduces the original block's output (refit.py has
-  the objective and its shapes). Shapes, names and config are those of the plain prune; only
-  the kept experts' down-projection tensors differ.
+* ``refit``: layer by layer on the task's tokens, the kept experts are refit so that each
+  pruned MoE block reproduces the original block's output: their down projections in closed
+  form (ridge least squares, refit.py), then their gate, up and down projections together by
+  a few hundred steps of gradient descent on the same objective, early-stopped on calibration
+  tokens they do not fit (refine.py; ``steps=0`` stops at the closed form). Shapes, names and
+  config are those of the plain prune; only the kept experts' tensors differ.
 
 ``merge`` (folding dropped experts into kept ones, HC-SMoE / MC-SMoE style) is not offered: on
 the default model it did worse than dropping plus refit (docs/benchmarks.md).
@@ -32,6 +34,7 @@ from mfprune.plan import PrunePlan
 
 METHODS = ("none", "refit")
 DEFAULT_RIDGE = 1e-3
+DEFAULT_STEPS = 300  # refine.py's steps per layer after the closed form
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class RepairResult:
     tokens: int
     documents: int
     ridge: float
+    steps: int
     seconds: float
     layers: list[Any] = field(default_factory=list)  # mfprune.repair.refit.LayerFit
     tensors: dict[str, TensorInfo] = field(default_factory=dict)  # source name -> repaired
@@ -57,6 +61,7 @@ class RepairResult:
             "tokens": self.tokens,
             "documents": self.documents,
             "ridge": self.ridge,
+            "steps": self.steps,
             "seconds": round(self.seconds, 2),
             "tensors_repaired": len(self.tensors),
             "layers": [fit.to_dict() for fit in self.layers],
@@ -94,14 +99,16 @@ def repaired_tensors(
     batch_size: int = 8,
     device: str = "auto",
     ridge: float = DEFAULT_RIDGE,
+    steps: int = DEFAULT_STEPS,
     sequential: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[RepairResult]:
     """Repair ``ckpt`` pruned by ``plan``; the yielded result's ``tensors`` live in a temporary
     folder until the context ends. ``sequential``: one decoder layer in memory at a time
-    (sequential.py). ``on_start`` gets the number of token passes (tokens × repaired layers),
-    ``on_batch`` each batch's tokens."""
+    (sequential.py). ``steps``: refine.py's steps per layer (0: the closed form only).
+    ``on_start`` gets the number of token passes (per repaired layer: its tokens, and each
+    refinement step's tokens), ``on_batch`` each batch's (or step's) tokens."""
     from mfprune.profiling.data import load_token_data
     from mfprune.profiling.run import (
         _pad_id,
@@ -111,9 +118,11 @@ def repaired_tensors(
         resolve_seq_len,
     )
     from mfprune.repair.refit import refit_model
-    from mfprune.repair.tensors import find_down_tensors, write_repaired
+    from mfprune.repair.tensors import locate_repaired, write_repaired
 
     check_method(method, data)
+    if steps < 0:
+        raise MfpruneError(f"--refit-steps must be 0 or more, not {steps}", hint="try 300")
     layout.require_one_stack("--repair")
     start = time.perf_counter()
     experts = layout.experts
@@ -138,7 +147,7 @@ def repaired_tensors(
     if sequential:
         with _sequential_repair(
             ckpt, layout, plan, tokens, tokenizer, device=torch_device, batch_size=batch_size,
-            ridge=ridge, on_start=on_start, on_batch=on_batch,
+            ridge=ridge, steps=steps, on_start=on_start, on_batch=on_batch,
         ) as done:  # fmt: skip
             fits, replaced = done
             yield RepairResult(
@@ -148,6 +157,7 @@ def repaired_tensors(
                 tokens=tokens.tokens,
                 documents=tokens.documents,
                 ridge=ridge,
+                steps=steps,
                 seconds=time.perf_counter() - start,
                 layers=fits,
                 tensors=replaced,
@@ -162,19 +172,28 @@ def repaired_tensors(
     from mfprune.modules import find_routers, parent_of
 
     routers = find_routers(model, attention=False)
-    down = {layer: parent_of(model, routers[layer][0]).experts.down_proj for layer in kept}
     where = {
-        layer: find_down_tensors(ckpt, experts, layer, down[layer], kept[layer]) for layer in kept
+        layer: locate_repaired(
+            ckpt,
+            experts,
+            layer,
+            parent_of(model, routers[layer][0]).experts,
+            kept[layer],
+            refined=steps > 0,
+        )  # fmt: skip
+        for layer in kept
     }
     batches = list(tokens.batches(batch_size=batch_size, pad_id=_pad_id(tokenizer)))
     if on_start is not None:
-        on_start(tokens.tokens * len(kept))
-    fits = refit_model(model, kept=kept, batches=batches, ridge=ridge, on_batch=on_batch)
+        on_start(_passes(tokens.tokens, len(kept), steps))
+    fits = refit_model(
+        model, kept=kept, batches=batches, ridge=ridge, steps=steps, on_batch=on_batch
+    )
     with tempfile.TemporaryDirectory(prefix="mfprune-repair-") as tmp:
         replaced: dict[str, TensorInfo] = {}
         for layer in kept:
-            replaced.update(write_repaired(Path(tmp), where[layer], down[layer], kept[layer]))
-        del model, down
+            replaced.update(write_repaired(Path(tmp), layer, where[layer], kept[layer]))
+        del model, where
         yield RepairResult(
             method=method,
             data=str(data),
@@ -182,10 +201,18 @@ def repaired_tensors(
             tokens=tokens.tokens,
             documents=tokens.documents,
             ridge=ridge,
+            steps=steps,
             seconds=time.perf_counter() - start,
             layers=fits,
             tensors=replaced,
         )
+
+
+def _passes(tokens: int, layers: int, steps: int) -> int:
+    """Token passes of a repair (progress): per layer, its tokens and each refinement step's."""
+    from mfprune.repair.refine import step_tokens
+
+    return layers * (tokens + (steps * step_tokens(tokens) if steps else 0))
 
 
 @contextmanager
@@ -199,6 +226,7 @@ def _sequential_repair(
     device: Any,
     batch_size: int,
     ridge: float,
+    steps: int,
     on_start: Callable[[int], None] | None,
     on_batch: Callable[[int], None] | None,
 ) -> Iterator[tuple[list[Any], dict[str, TensorInfo]]]:
@@ -217,9 +245,9 @@ def _sequential_repair(
     model = build_skeleton(ckpt, dtype=checkpoint_dtype(ckpt), device=device)
     batches = list(tokens.batches(batch_size=batch_size, pad_id=_pad_id(tokenizer)))
     if on_start is not None:
-        on_start(tokens.tokens * len(kept))
+        on_start(_passes(tokens.tokens, len(kept), steps))
     with tempfile.TemporaryDirectory(prefix="mfprune-repair-") as tmp:
         yield refit_sequential(
             ckpt, model, experts, kept=kept, batches=batches, folder=Path(tmp), device=device,
-            ridge=ridge, on_batch=on_batch,
+            ridge=ridge, steps=steps, on_batch=on_batch,
         )  # fmt: skip

@@ -26,10 +26,16 @@ bounded on wide models. Experts that no calibration token reaches keep their wei
 
 Each layer costs one forward pass of the calibration batches up to that layer (the pass stops
 at the layer), so L layers cost about L/2 full passes.
+
+With ``steps`` > 0 (the default of ``mfprune prune --repair refit``), the closed form is only
+the start: refine.py then refines the kept experts' gate, up and down projections together by
+gradient descent on the same reconstruction, on a sample of the layer's tokens recorded during
+the same pass, before the next layer is refit on the refined layer's output.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +47,7 @@ from torch import nn
 from mfprune.errors import ModelError
 from mfprune.modules import find_routers, parent_of, text_model
 from mfprune.oracle import masking
+from mfprune.repair.refine import DEFAULT_LR, Refinement, Sample, refine_layer
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (input_ids [B, S], attention_mask [B, S])
 MAX_FEATURES = 8192  # K·I above this: per-expert normal equations
@@ -58,9 +65,11 @@ class LayerFit:
     error_dropped: float  # Σ_t ‖ŷ_t(W⁰) − y_t‖²: only dropping
     error_refit: float | None  # Σ_t ‖ŷ_t(W) − y_t‖² after the refit (joint solve only)
     joint: bool  # one joint solve (True) or one per expert
+    refined: Refinement | None = None  # the gradient refinement after the closed form
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, kept=list(self.kept))
+        refined = self.refined.to_dict() if self.refined else None
+        return dict(self.__dict__, kept=list(self.kept), refined=refined)
 
 
 class _Stop(Exception):
@@ -74,11 +83,15 @@ def refit_model(
     batches: Batches,
     ridge: float = 1e-3,
     max_features: int = MAX_FEATURES,
+    steps: int = 0,
+    lr: float = DEFAULT_LR,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[LayerFit]:
     """Refit, in place, the down projections of the kept experts of ``model`` (module
-    docstring). ``kept``: per MoE layer, the expert ids kept; layers that keep every expert are
-    left alone. ``on_batch`` is called after each batch of each layer with its real tokens."""
+    docstring), then, with ``steps`` > 0, refine their gate, up and down projections
+    (refine.py). ``kept``: per MoE layer, the expert ids kept; layers that keep every expert
+    are left alone. ``on_batch`` is called after each batch of each layer with its real
+    tokens."""
     drop = dropped_experts(model, kept)
     fits = []
     for layer in sorted(drop):
@@ -95,6 +108,8 @@ def refit_model(
                 inputs=inputs,
                 ridge=ridge,
                 max_features=max_features,
+                steps=steps,
+                lr=lr,
                 on_batch=on_batch,
             )
         )
@@ -127,15 +142,19 @@ def refit_layer(
     inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     ridge: float = 1e-3,
     max_features: int = MAX_FEATURES,
+    steps: int = 0,
+    lr: float = DEFAULT_LR,
     on_batch: Callable[[int], None] | None = None,
 ) -> LayerFit:
     """Refit layer ``layer``'s kept experts in place from ``inputs``: per batch, the MoE
-    block's input on the pruned path x [B, S, H] and the attention mask [B, S]. Earlier layers
-    must already be pruned and refit (in memory: masked; layer by layer: run that way)."""
+    block's input on the pruned path x [B, S, H] and the attention mask [B, S]; then, with
+    ``steps`` > 0, refine them (refine.py). Earlier layers must already be pruned and repaired
+    (in memory: masked; layer by layer: run that way)."""
     block = moe_block_of(model, layer)
     experts = _check_experts(block, layer)
     ids = sorted(int(k) for k in kept)
-    return _refit_layer(
+    sample = Sample() if steps > 0 else None
+    fit = _refit_layer(
         model,
         block=block,
         experts=experts,
@@ -145,8 +164,16 @@ def refit_layer(
         inputs=inputs,
         ridge=ridge,
         joint=len(ids) * experts.down_proj.shape[2] <= max_features,
+        sample=sample,
         on_batch=on_batch,
     )
+    if sample is None:
+        return fit
+    refined = refine_layer(
+        model, block, layer=layer, kept=ids, drop=list(drop), sample=sample, steps=steps, lr=lr,
+        on_step=on_batch,
+    )  # fmt: skip
+    return dataclasses.replace(fit, refined=refined)
 
 
 def _check_experts(block: nn.Module, layer: int) -> nn.Module:
@@ -187,6 +214,7 @@ def _refit_layer(
     inputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
     ridge: float,
     joint: bool,
+    sample: Sample | None,
     on_batch: Callable[[int], None] | None,
 ) -> LayerFit:
     down = experts.down_proj  # [E, H, I]
@@ -201,8 +229,11 @@ def _refit_layer(
         real = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [B*S]
         with torch.no_grad():
             with _capture(experts) as seen:
-                block(x)  # the original block: original routing
+                reference = block_output(block, x)  # the original block: original routing
             target = seen[-1].output  # [B*S, H]
+            if sample is not None:  # the block's input and whole output, for refine.py
+                flat = x.reshape(-1, x.shape[-1])
+                sample.add(flat[real], reference.reshape(-1, reference.shape[-1])[real])
             with _capture(experts) as seen, masking(model, experts={layer: drop}):
                 block(x)  # the pruned block
             pruned = seen[-1]
@@ -232,6 +263,12 @@ def _refit_layer(
         error_refit=error_refit,
         joint=joint,
     )
+
+
+def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The MoE block's output for ``x`` [B, S, H] (some blocks also return router logits)."""
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out
 
 
 @dataclass(frozen=True)

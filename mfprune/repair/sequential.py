@@ -4,7 +4,7 @@
 Every batch's hidden states [B, S, D] are kept on CPU between layers. For each decoder layer in
 turn, loaded from the safetensors: if it loses experts, the MoE block's input x [B, S, H] of
 every batch is recorded (a pre-hook that stops the layer there), the kept experts' down
-projections are refit from them exactly as in memory, the repaired tensors are written, and then
+experts are refit (and refined) from them exactly as in memory, the repaired tensors are written, and then
 every batch goes through the layer with its dropped experts masked — the pruned, repaired path
 the next layer is refit on. Peak memory: one layer's weights, every batch's hidden states and
 block inputs, one layer's normal equations.
@@ -24,7 +24,7 @@ from mfprune.checkpoint import Checkpoint
 from mfprune.io.reader import TensorInfo
 from mfprune.oracle import masking
 from mfprune.repair.refit import LayerFit, dropped_experts, moe_block_of, refit_layer
-from mfprune.repair.tensors import find_down_tensors, write_repaired
+from mfprune.repair.tensors import locate_repaired, write_repaired
 
 
 class _Stop(Exception):
@@ -41,6 +41,7 @@ def refit_sequential(
     folder: Path,
     device: torch.device,
     ridge: float,
+    steps: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[LayerFit], dict[str, TensorInfo]]:
     """Refit ``model`` (a meta skeleton of ``ckpt``) layer by layer; return the fits and the
@@ -56,16 +57,16 @@ def refit_sequential(
         if i not in drop:
             return None
         block = moe_block_of(model, i)
-        down = block.experts.down_proj  # [E, H, I], as loaded: matched to the disk first
-        where = find_down_tensors(ckpt, experts, i, down, kept[i])
+        # as loaded: matched to the disk before the repair changes them
+        where = locate_repaired(ckpt, experts, i, block.experts, kept[i], refined=steps > 0)
         inputs = [(_block_input(block, run, b), batches[b][1]) for b in range(len(batches))]
         fits.append(
             refit_layer(
                 model, layer=i, kept=kept[i], drop=drop[i], inputs=inputs, ridge=ridge,
-                on_batch=on_batch,
+                steps=steps, on_batch=on_batch,
             )
         )  # fmt: skip
-        replaced.update(write_repaired(folder, where, down, sorted(kept[i])))
+        replaced.update(write_repaired(folder, i, where, sorted(kept[i])))
         return masking(model, experts={i: drop[i]})  # the next layers see the pruned path
 
     runner.walk(batches, visit)
