@@ -120,8 +120,8 @@ def prune_model(
     ``repair``/``data``/``max_tokens``: the repair method and its calibration data (at most
     ``max_tokens`` tokens of it); ``refit_steps``: the refinement's steps per layer after the
     closed form (``mfprune.repair``: default 300, 0 for the closed form only);
-    ``sequential``: one decoder layer in memory at a time; ``on_repair_start`` gets the token passes the repair will make, ``on_repair_batch`` each
-    batch's tokens (progress)."""
+    ``sequential``: one decoder layer in memory at a time; ``on_repair_start`` gets the token
+    passes the repair will make, ``on_repair_batch`` each batch's tokens (progress)."""
     check_method(repair, data)
     if refit_steps is not None and repair != "refit":
         raise PlanError(

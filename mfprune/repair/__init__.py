@@ -172,15 +172,9 @@ def repaired_tensors(
     from mfprune.modules import find_routers, parent_of
 
     routers = find_routers(model, attention=False)
+    modules = {layer: parent_of(model, routers[layer][0]).experts for layer in kept}
     where = {
-        layer: locate_repaired(
-            ckpt,
-            experts,
-            layer,
-            parent_of(model, routers[layer][0]).experts,
-            kept[layer],
-            refined=steps > 0,
-        )  # fmt: skip
+        layer: locate_repaired(ckpt, experts, layer, modules[layer], kept[layer], refined=steps > 0)
         for layer in kept
     }
     batches = list(tokens.batches(batch_size=batch_size, pad_id=_pad_id(tokenizer)))
@@ -193,7 +187,7 @@ def repaired_tensors(
         replaced: dict[str, TensorInfo] = {}
         for layer in kept:
             replaced.update(write_repaired(Path(tmp), layer, where[layer], kept[layer]))
-        del model, where
+        del model, modules, where
         yield RepairResult(
             method=method,
             data=str(data),

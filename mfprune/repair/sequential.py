@@ -3,11 +3,11 @@
 
 Every batch's hidden states [B, S, D] are kept on CPU between layers. For each decoder layer in
 turn, loaded from the safetensors: if it loses experts, the MoE block's input x [B, S, H] of
-every batch is recorded (a pre-hook that stops the layer there), the kept experts' down
-experts are refit (and refined) from them exactly as in memory, the repaired tensors are written, and then
-every batch goes through the layer with its dropped experts masked — the pruned, repaired path
-the next layer is refit on. Peak memory: one layer's weights, every batch's hidden states and
-block inputs, one layer's normal equations.
+every batch is recorded (a pre-hook that stops the layer there), the kept experts are refit
+(and refined) from them exactly as in memory, the repaired tensors are written, and then every
+batch goes through the layer with its dropped experts masked — the pruned, repaired path the
+next layer is refit on. Peak memory: one layer's weights, every batch's hidden states and
+block inputs, one layer's normal equations and refinement sample (refine.py).
 """
 
 from __future__ import annotations
