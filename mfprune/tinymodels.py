@@ -252,6 +252,15 @@ _NEMOTRON_H: dict[str, Any] = {
     "chunk_size": 16,
 }
 
+#: A one-layer speech encoder of Nemotron-3.5-Transcribe (recognition, diarization, timestamps)
+_SPEECH_ENCODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_mel_bins": 8,
+}
+
 #: Inkling 2's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
 #: attention-residual blocks of 2 layers, an MoE in every layer; the lm head unpadded.
 _INKLING2_TEXT: dict[str, Any] = {
@@ -768,6 +777,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "audio_config": None,
         "vision_hidden_size": 32,
         "projector_hidden_size": 64,
+    },
+    # Nemotron-H (as above) under text_config beside one-layer speech recognition and
+    # diarization encoders and a one-layer word-timestamp head; the audio token outside the
+    # tiny vocabulary (as released: it has no embedding row)
+    "nemo_speechlm": {
+        "text_config": {**_NEMOTRON_H, "model_type": "nemotron_h"},
+        "audio_config": {
+            "asr_config": _SPEECH_ENCODER,
+            "diarization_config": {
+                "audio_config": _SPEECH_ENCODER,
+                "head_config": {"hidden_size": 16, "audio_hidden_size": 32},
+            },
+        },
+        "word_timestamp_config": {
+            **_SPEECH_ENCODER,
+            "vocab_size": 16,
+            "blank_token_id": 15,
+        },
+        "audio_token_id": 128,
     },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {

@@ -307,7 +307,7 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
     if family == "switch_transformers":  # per-expert modules: wo(relu(wi(x)))
         expert = ex[f"expert_{e}"]
         return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)
-    if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
+    if family in ("nemotron_h", "nemotron_h_omni", "nemo_speechlm"):  # non-gated: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
     if family in ("inkling2", "inkling2_loop"):  # a softcapped SwiGLU of (gate, up)
         return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])

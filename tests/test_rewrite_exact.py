@@ -215,6 +215,7 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
         ("kimi_linear", 2, "linear_attention"),
         ("nemotron_h", 1, ""),  # an MoE layer
         ("nemotron_h_omni", 3, ""),  # an MoE layer of its language model
+        ("nemo_speechlm", 1, ""),  # an MoE layer of its language model
     ],
 )
 def test_heads_in_a_layer_without_attention_are_refused(
@@ -369,6 +370,8 @@ COMPOSITE_CASES = {
     "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # Nemotron-H under text_config: Mamba-2, MoE, attention, MoE (heads in layer 2 only)
     "nemotron_h_omni": ("n_routed_experts", "vision_model.", {2: [0, 3]}, (1, 3)),
+    # the same, in NeMo's names (llm.model.layers.*), beside the speech encoders (perception.*)
+    "nemo_speechlm": ("n_routed_experts", "perception.", {2: [0, 3]}, (1, 3)),
     # sigmoid router on scaled logits + correction bias; experts between a pooling pair; heads
     # refused (hidden_size must stay a multiple of the head count)
     "muse_spark": ("num_local_experts", "model.vision_tower.", {}, (1, 2)),
