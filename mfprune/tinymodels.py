@@ -119,6 +119,25 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "layer_types": ["sliding_attention", "full_attention"],
 }
 
+#: Gemma 4's keys that DiffusionGemma's text config does not have
+_PER_LAYER_INPUTS = (
+    "enable_moe_block",
+    "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input",
+)
+
+#: A one-block Gemma 4 vision tower
+_GEMMA4_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "patch_size": 4,
+    "position_embedding_size": 64,
+}
+
 #: A one-block SAM image encoder (the DeepSeek-OCR towers' first stage)
 _SAM_TOWER: dict[str, Any] = {
     "hidden_size": 32,
@@ -956,17 +975,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # a one-block vision tower, no audio tower
     "gemma4": {
         "text_config": _GEMMA4_TEXT,
-        "vision_config": {
-            "hidden_size": 32,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "patch_size": 4,
-            "position_embedding_size": 64,
-        },
+        "vision_config": _GEMMA4_VISION,
         "audio_config": None,
+    },
+    # DiffusionGemma: Gemma 4's MoE language model (without the per-layer inputs, which it
+    # lacks) as encoder and decoder, tied; the Gemma 4 tower as above
+    "diffusion_gemma": {
+        "text_config": {k: v for k, v in _GEMMA4_TEXT.items() if k not in _PER_LAYER_INPUTS},
+        "vision_config": _GEMMA4_VISION,
     },
     "dots3_note_text": _DOTS3_NOTE_TEXT,
     # a one-block vision tower that is an MoE itself (4 experts, its count in per_layer_config:
@@ -1252,7 +1268,9 @@ def _adapter_routing(model: PreTrainedModel) -> list[tuple[torch.Tensor, float]]
         spec = spec_for_config(model.config.to_dict())
     except ArchError:  # a family kept for a test that mfprune refuses it (nllb-moe)
         return []
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every name of a tied tensor (DiffusionGemma's router is the encoder's and the decoder's)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors |= dict(model.named_buffers(remove_duplicate=False))
     # DBRX's n_layers, LongCat's num_layers: no num_hidden_layers (their routers are drawn above)
     num_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", None) or 0)
     kinds = [(k, num_layers) for k in (spec.experts, spec.attention_experts) if k is not None]

@@ -349,7 +349,7 @@ class _Sums:
 
 
 #: Gemma 4: router and experts sit on the decoder layer, each with its own normed input
-ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text"}
+ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text", "diffusion_gemma"}
 #: Muse Spark too:'s experts read the MoE block's input pooled to moe_hidden_size
 OWN_EXPERT_INPUT = ROUTER_ON_THE_LAYER | {"muse_spark"}
 
@@ -828,3 +828,21 @@ def test_per_layer_head_counts_give_no_head_stats(model_dir, data):
     stats = profile(model_dir("dots3_note"), data)
     assert stats.heads is None
     assert stats.experts is not None and stats.experts.layers == (1, 2)
+
+
+def test_cli_profiles_a_block_diffusion_model_through_its_encoder(model_dir, data, tmp_path):
+    # DiffusionGemma: the calibration tokens are routed in the encoder's (causal) pass, whose
+    # layers the decoder's tie; a profile prunes it exactly (--verify runs both passes, the
+    # canvas being the tokens); steps that run it as a causal LM are refused
+    model, stats = model_dir("diffusion_gemma"), tmp_path / "stats.safetensors"
+    common = ["--data", data, "--seq-len", SEQ_LEN, "--device", "cpu"]
+    assert run("profile", model, *common, "--out", stats).exit_code == 0
+    experts = ProfileStats.load(stats).experts
+    assert experts.layers == (0, 1) and (experts.count.sum(dim=1) == experts.tokens * 2).all()
+    prune = ["prune", model, "--profile", stats, "--keep", "4"]
+    assert run(*prune, "--out", tmp_path / "small", "--verify").exit_code == 0
+    result = run(*prune, "--out", tmp_path / "r", "--repair", "refit", "--data", data)
+    assert_clean_error(result, "--repair is not supported for block-diffusion models")
+    assert_clean_error(run("bench", model), "benching is not supported for block-diffusion")
+    result = run("profile", model, *common, "--out", tmp_path / "s.st", "--sequential")
+    assert_clean_error(result, "no causal-LM class to run layer by layer")

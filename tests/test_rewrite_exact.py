@@ -366,6 +366,9 @@ COMPOSITE_CASES = {
     # router and experts on the decoder layer, a per-expert scale; heads refused (per-layer
     # head sizes)
     "gemma4": ("num_experts", "model.vision_tower.", {}, (0, 1)),
+    # the same language model as encoder and block-diffusion decoder, tied (saved once, as
+    # model.decoder.layers.*); the oracle masks both passes' routers
+    "diffusion_gemma": ("num_experts", "model.encoder.vision_tower.", {}, (0, 1)),
     # saved as model.layers.*, towers as visual.* and audio_tower.* (its layers have heads too)
     "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # Nemotron-H under text_config: Mamba-2, MoE, attention, MoE (heads in layer 2 only)
@@ -560,6 +563,7 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
     [
         ("mistral_large4", "NoPE layers"),
         ("gemma4", "global_head_dim"),  # (and gemma4_text)
+        ("diffusion_gemma", "global_head_dim"),
         ("step3p7", "num_sliding_attention_heads"),
         ("unlimited_ocr", "recomputes head_dim"),
         ("deepseek_ocr2", "recomputes head_dim"),

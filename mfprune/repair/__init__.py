@@ -102,6 +102,7 @@ def repaired_tensors(
     folder until the context ends. ``sequential``: one decoder layer in memory at a time
     (sequential.py). ``on_start`` gets the number of token passes (tokens × repaired layers),
     ``on_batch`` each batch's tokens."""
+    from mfprune.modules import refuse_block_diffusion
     from mfprune.profiling.data import load_token_data
     from mfprune.profiling.run import (
         _pad_id,
@@ -115,6 +116,7 @@ def repaired_tensors(
 
     check_method(method, data)
     layout.require_one_stack("--repair")
+    refuse_block_diffusion(ckpt.config, "--repair")
     start = time.perf_counter()
     experts = layout.experts
     if experts is None:
