@@ -15,6 +15,7 @@ and pruning an expert changes the logits.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from mfprune.loading import auto_model_class
 from mfprune.modules import is_router
+
+Tensors = dict[str, torch.Tensor]
 
 _BASE: dict[str, Any] = {
     "vocab_size": 128,
@@ -1333,43 +1336,79 @@ def save_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.to(dtype).save_pretrained(path, **kwargs)
-    renames = _RELEASED_NAMES.get(str(model.config.model_type))
-    if renames:
-        _rename_tensors(path, renames)
+    released = _RELEASED_FORMS.get(str(model.config.model_type))
+    if released is not None:
+        _rewrite_shards(path, released)
     return path
 
 
-#: Where transformers' save_pretrained writes names that the family's released checkpoints do
-#: not use, (old prefix, released prefix) per family. Kimi K2.5: a rename meant for the vision
-#: tower (blocks -> layers) is reversed onto the language model's layers too.
-_RELEASED_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "kimi_k25": (("language_model.model.blocks.", "language_model.model.layers."),),
-}
+def _renamed(renames: tuple[tuple[str, str], ...]) -> Callable[[Tensors], Tensors]:
+    """A shard rewrite that renames tensors by prefix, ``(old prefix, new prefix)``."""
 
-
-def _rename_tensors(path: Path, renames: tuple[tuple[str, str], ...]) -> None:
-    """Rename the saved tensors of the checkpoint in ``path`` in place (tiny models only: each
-    shard is read whole), and their entries in the shard index."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    def renamed(name: str) -> str:
+    def rename(name: str) -> str:
         for old, new in renames:
             if name.startswith(old):
                 return new + name[len(old) :]
         return name
 
+    return lambda tensors: {rename(n): t for n, t in tensors.items()}
+
+
+_NEMO_EXPERT = re.compile(
+    r"^(llm\.model\.layers\.\d+\.mixer\.experts\.)(\d+)\.(up|down)_proj\.weight$"
+)
+
+
+def _nemo_stacked_experts(tensors: Tensors) -> Tensors:
+    """NeMo's export of Nemotron-3.5-Transcribe: each MoE layer's experts stacked, as
+    ``(num_experts, in_features, out_features)``: ``experts.gate_and_up_projs`` [E, D, I] (the
+    up projections: the experts are not gated) and ``experts.down_projs`` [E, I, D]."""
+    out: Tensors = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _NEMO_EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        stacked = "gate_and_up_projs" if match.group(3) == "up" else "down_projs"
+        stacks.setdefault(match.group(1) + stacked, {})[int(match.group(2))] = tensor
+    for name, experts in stacks.items():
+        if sorted(experts) != list(range(len(experts))):  # a layer split across shards
+            raise ValueError(f"{name}: experts {sorted(experts)} in one shard, not all")
+        out[name] = torch.stack([experts[e].T for e in range(len(experts))]).contiguous()
+    return out
+
+
+#: How the family's released checkpoints store what transformers' save_pretrained writes
+#: otherwise (for a model built from its config), as a rewrite of each shard's tensors. Kimi
+#: K2.5: a rename meant for the vision tower (blocks -> layers) is reversed onto the language
+#: model's layers too. Nemotron-3.5-Transcribe: NeMo's stacked experts (a model loaded from
+#: them saves them so again).
+_RELEASED_FORMS: dict[str, Callable[[Tensors], Tensors]] = {
+    "kimi_k25": _renamed((("language_model.model.blocks.", "language_model.model.layers."),)),
+    "nemo_speechlm": _nemo_stacked_experts,
+}
+
+
+def _rewrite_shards(path: Path, rewrite: Callable[[Tensors], Tensors]) -> None:
+    """Rewrite the saved tensors of the checkpoint in ``path`` in place, shard by shard (tiny
+    models only: each shard is read whole), and the shard index to match."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weight_map = {}
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             metadata, names = f.metadata(), f.keys()
-            tensors = {renamed(n): f.get_tensor(n) for n in names}
+            tensors = rewrite({n: f.get_tensor(n) for n in names})
         save_file(tensors, shard, metadata=metadata)
+        weight_map |= dict.fromkeys(tensors, shard.name)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {renamed(n): f for n, f in data["weight_map"].items()}
+        data["weight_map"] = weight_map
         index.write_text(json.dumps(data, indent=2))
 
 

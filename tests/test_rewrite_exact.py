@@ -283,6 +283,25 @@ def test_nemotron_h_omni_released_config_form_is_exact(tiny_checkpoint, tmp_path
     assert "text_config" not in json.loads((out / "config.json").read_text())
 
 
+def test_nemo_speechlm_released_config_form_is_exact(tiny_checkpoint, tmp_path):
+    # the released config.json gives the language model's layer types as
+    # hybrid_override_pattern (as transformers' own default text_config does)
+
+    def released(config):
+        del config["text_config"]["layers_block_type"]
+        pattern = {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+        return config | {"text_config": config["text_config"] | pattern}
+
+    source = _with_config(tiny_checkpoint("nemo_speechlm"), tmp_path / "src", released)
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
+    assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
+    assert result.config_changes == {
+        "text_config.n_routed_experts": [8, 4],
+        "text_config.num_attention_heads": [4, 2],
+    }
+
+
 def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
     # released checkpoints keep the language model's settings at the top level of config.json
     # (transformers builds text_config from them); the counts are patched there
@@ -556,6 +575,22 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
     assert any(".model.blocks.1." in name for name in open_checkpoint(source).tensors)
     with pytest.raises(ModelError, match="no MoE layer found"):
         rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
+
+
+def test_nemo_speechlm_with_experts_one_by_one_is_refused(tmp_path):
+    # a model built from its config saves its experts one by one; NVIDIA's export (and what a
+    # model loaded from it saves) stacks them, which is what the adapter names
+    from mfprune import tinymodels
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    tinymodels.build_model("nemo_speechlm").save_pretrained(source)
+    assert "llm.model.layers.1.mixer.experts.7.up_proj.weight" in open_checkpoint(source).tensors
+    with pytest.raises(
+        ModelError, match=r"layers\.1\.mixer\.experts\.gate_and_up_projs is missing"
+    ):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
