@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mfprune.arch.spec import ArchSpec, ExpertSpec
+from mfprune.errors import ModelError
 
 ROUTER_CLASS = re.compile(r"(TopKRouter|TopkRouter|TopKGating)$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -51,6 +52,29 @@ def text_model(model: nn.Module) -> nn.Module:
     if isinstance(thinker, nn.Module) and type(model).forward is nn.Module.forward:
         return thinker
     return model
+
+
+def is_block_diffusion(config: object) -> bool:
+    """A block-diffusion model (DiffusionGemma, its config says ``canvas_length``; a loaded
+    config or config.json's dict): an encoder, a causal LM over the prompt that writes a KV
+    cache, and a decoder that denoises a canvas of tokens over that cache, tying its every
+    layer weight to the encoder's."""
+    if isinstance(config, dict):
+        return config.get("canvas_length") is not None
+    return getattr(config, "canvas_length", None) is not None
+
+
+def refuse_block_diffusion(config: dict, what: str) -> None:
+    """Refuse ``what``, a step that runs a causal LM's forward (repair, bench), for a
+    block-diffusion model (``is_block_diffusion``)."""
+    if is_block_diffusion(config):
+        raise ModelError(
+            f"{what} is not supported for block-diffusion models ({config.get('model_type')}): "
+            "it runs a causal LM, and this model's decoder denoises a canvas over the prompt's "
+            "KV cache",
+            hint="prune it from a profile or a plan without it: mfprune prune MODEL --profile "
+            "STATS --verify",
+        )
 
 
 def find_routers(model: nn.Module, *, attention: bool) -> dict[int, tuple[str, nn.Module]]:
@@ -97,9 +121,16 @@ def find_o_projs(model: nn.Module) -> dict[int, nn.Linear]:
     where a layer holds one mixer, attention or another: Nemotron-H; layers without one are
     absent: JetMoE's attention is a mixture of attention experts). Only the language model's
     decoder is searched (``get_decoder``): Llama 4's vision tower has ``layers.N.self_attn.
-    o_proj`` too; Qwen3-Omni's talker, outside its thinker (``text_model``), too."""
-    get_decoder = getattr(text_model(model), "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
+    o_proj`` too; Qwen3-Omni's talker, outside its thinker (``text_model``), too. A
+    block-diffusion model's encoder is searched instead: its decoder's layers are the same
+    weights, and the profiler runs the encoder."""
+    text = text_model(model)
+    if is_block_diffusion(getattr(model, "config", None)):
+        encoder = text.get_encoder()
+        decoder = getattr(encoder, "language_model", encoder)  # not the vision tower
+    else:
+        get_decoder = getattr(text, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
     found: dict[int, nn.Linear] = {}
     for name, module in (decoder if isinstance(decoder, nn.Module) else model).named_modules():
         layer = layer_index(name)
@@ -143,6 +174,9 @@ class RouterSite:
     num_experts: int  # E: rows of the router weight
     top_k: int
     bias: torch.Tensor | None = None  # added to scores before top-k (sigmoid + bias families)
+    # other modules computing logits from the same (tied) router weight: DiffusionGemma's
+    # decoder layers, which share their every weight with the encoder's (``module``)
+    twins: tuple[nn.Module, ...] = ()
 
 
 def _logits_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
@@ -180,7 +214,9 @@ def adapter_routers(
             for index, site in adapter_routers(model, stack.spec, local).items():
                 sites[local[index]] = dataclasses.replace(site, layer=local[index])
         return sites
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every name of a tied tensor (DiffusionGemma saves the decoder's, which is the encoder's)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors |= dict(model.named_buffers(remove_duplicate=False))
     config = model.config.get_text_config() if hasattr(model, "config") else None
     top_k = spec.top_k or getattr(config, spec.top_k_key, None)
     if top_k is None and config is not None:  # a dotted key: in a sub-config (DBRX)
@@ -196,7 +232,9 @@ def adapter_routers(
                 f"layer {layer}: the adapter's router {spec.router.format(layer=layer)} "
                 f"(loaded as {weight_name}) is not in the model"
             )
-        module_name = weight_name.rpartition(".")[0]
+        # the first module holding the weight routes (the profiler hooks it); the others too
+        owners = [n.rpartition(".")[0] for n, t in tensors.items() if t is tensors[weight_name]]
+        module_name, others = owners[0], owners[1:]
         bias = None
         hashed = any(loaded_name(model, t.format(layer=layer)) in tensors for t in spec.id_tables)
         if spec.selection == "biased_score" and spec.selection_bias and not hashed:
@@ -212,6 +250,7 @@ def adapter_routers(
             num_experts=int(tensors[weight_name].shape[0]),
             top_k=top_k,
             bias=bias,
+            twins=tuple(_logits_module(model, name)[1] for name in others),
         )
     return sites
 

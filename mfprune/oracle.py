@@ -12,7 +12,8 @@ the *original* model, without touching its weights:
   its stack's templates), not by class name:
 
   - the logits are always masked, so every softmax normaliser excludes the pruned experts as
-    a router with fewer rows would;
+    a router with fewer rows would; where modules share (tie) the router weight, in each
+    (DiffusionGemma's encoder and decoder layers);
   - a family whose adapter says ``selection = "biased_score"`` (DeepSeek-V3: selection on
     ``sigmoid(logits) + e_score_correction_bias``, weights from the un-biased sigmoid; ERNIE
     4.5: ``softmax(logits) + bias`` in ``moe_statics``) also gets the mask on that bias
@@ -45,7 +46,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mfprune.arch import ArchSpec, spec_for_config
-from mfprune.modules import RouterSite, find_o_proj, stack_routers, text_model
+from mfprune.modules import (
+    RouterSite,
+    find_o_proj,
+    is_block_diffusion,
+    stack_routers,
+    text_model,
+)
 
 #: Ids to remove, per decoder-layer index.
 Pruned = Mapping[int, Sequence[int]]
@@ -66,12 +73,14 @@ def logits(
     """Plain forward pass: ``model(input_ids).logits`` as float32, ``[B, T, V]``, without
     gradients (``attention_mask``, ``[B, T]``, 0 at padding, when given). An encoder-decoder
     model (``config.is_encoder_decoder``) reads ``input_ids`` in both stacks: the encoder's
-    input, and the decoder's (``decoder_input_ids``); the logits are the decoder's.
+    input, and the decoder's (``decoder_input_ids``); the logits are the decoder's. So does a
+    block-diffusion model (``is_block_diffusion``): the prompt, then the canvas its decoder
+    denoises over the prompt's KV cache (else a random one), its logits the canvas's.
 
     Falls back to the ``eager`` experts implementation (for good) where ``grouped_mm`` refuses
     the model's shapes."""
     inputs = {"input_ids": input_ids.to(model.device), "use_cache": False}
-    if getattr(model.config, "is_encoder_decoder", False):
+    if getattr(model.config, "is_encoder_decoder", False) or is_block_diffusion(model.config):
         inputs["decoder_input_ids"] = inputs["input_ids"]
     if attention_mask is not None:
         inputs["attention_mask"] = attention_mask.to(model.device)
@@ -206,10 +215,11 @@ def _mask_site(site: RouterSite, ids: Sequence[int]) -> Iterator[None]:
     mask = _expert_mask(site.num_experts, site.top_k, ids)
     applied = [0]  # how many times the logits were masked
     with ExitStack() as stack:
-        if type(site.module).forward is nn.Linear.forward:  # a plain linear: logits out
-            stack.enter_context(_mask_linear_output(site.module, mask, applied))
-        else:
-            stack.enter_context(_mask_linear_call(site.module, mask, applied))
+        for module in (site.module, *site.twins):  # twins: the same weight, tied
+            if type(module).forward is nn.Linear.forward:  # a plain linear: logits out
+                stack.enter_context(_mask_linear_output(module, mask, applied))
+            else:
+                stack.enter_context(_mask_linear_call(module, mask, applied))
         if site.bias is not None:
             stack.enter_context(_mask_correction_bias(site.bias, mask))
         yield

@@ -15,6 +15,7 @@ and pruning an expert changes the logits.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from mfprune.loading import auto_model_class
 from mfprune.modules import is_router
+
+Tensors = dict[str, torch.Tensor]
 
 _BASE: dict[str, Any] = {
     "vocab_size": 128,
@@ -117,6 +120,25 @@ _GEMMA4_TEXT: dict[str, Any] = {
     "vocab_size_per_layer_input": 128,
     "sliding_window": 8,
     "layer_types": ["sliding_attention", "full_attention"],
+}
+
+#: Gemma 4's keys that DiffusionGemma's text config does not have
+_PER_LAYER_INPUTS = (
+    "enable_moe_block",
+    "hidden_size_per_layer_input",
+    "vocab_size_per_layer_input",
+)
+
+#: A one-block Gemma 4 vision tower
+_GEMMA4_VISION: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "patch_size": 4,
+    "position_embedding_size": 64,
 }
 
 #: A one-block SAM image encoder (the DeepSeek-OCR towers' first stage)
@@ -250,6 +272,15 @@ _NEMOTRON_H: dict[str, Any] = {
     "ssm_state_size": 8,
     "n_groups": 1,
     "chunk_size": 16,
+}
+
+#: A one-layer speech encoder of Nemotron-3.5-Transcribe (recognition, diarization, timestamps)
+_SPEECH_ENCODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_mel_bins": 8,
 }
 
 #: Inkling 2's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
@@ -820,6 +851,25 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "vision_hidden_size": 32,
         "projector_hidden_size": 64,
     },
+    # Nemotron-H (as above) under text_config beside one-layer speech recognition and
+    # diarization encoders and a one-layer word-timestamp head; the audio token outside the
+    # tiny vocabulary (as released: it has no embedding row)
+    "nemo_speechlm": {
+        "text_config": {**_NEMOTRON_H, "model_type": "nemotron_h"},
+        "audio_config": {
+            "asr_config": _SPEECH_ENCODER,
+            "diarization_config": {
+                "audio_config": _SPEECH_ENCODER,
+                "head_config": {"hidden_size": 16, "audio_hidden_size": 32},
+            },
+        },
+        "word_timestamp_config": {
+            **_SPEECH_ENCODER,
+            "vocab_size": 16,
+            "blank_token_id": 15,
+        },
+        "audio_token_id": 128,
+    },
     # composite: a one-block vision tower and the MoE language model under text_config
     "qwen3_vl_moe": {
         "text_config": {**_BASE, **_SOFTMAX, "num_experts": 8},
@@ -998,17 +1048,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
     # a one-block vision tower, no audio tower
     "gemma4": {
         "text_config": _GEMMA4_TEXT,
-        "vision_config": {
-            "hidden_size": 32,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "patch_size": 4,
-            "position_embedding_size": 64,
-        },
+        "vision_config": _GEMMA4_VISION,
         "audio_config": None,
+    },
+    # DiffusionGemma: Gemma 4's MoE language model (without the per-layer inputs, which it
+    # lacks) as encoder and decoder, tied; the Gemma 4 tower as above
+    "diffusion_gemma": {
+        "text_config": {k: v for k, v in _GEMMA4_TEXT.items() if k not in _PER_LAYER_INPUTS},
+        "vision_config": _GEMMA4_VISION,
     },
     "dots3_note_text": _DOTS3_NOTE_TEXT,
     # a one-block vision tower that is an MoE itself (4 experts, its count in per_layer_config:
@@ -1320,7 +1367,9 @@ def _adapter_routing(model: PreTrainedModel) -> list[tuple[torch.Tensor, float]]
         spec = spec_for_config(model.config.to_dict())
     except ArchError:  # kept for a test that mfprune refuses it (nllb-moe, ernie4_5_vl_moe)
         return []
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    # every name of a tied tensor (DiffusionGemma's router is the encoder's and the decoder's)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors |= dict(model.named_buffers(remove_duplicate=False))
     # DBRX's n_layers, LongCat's num_layers: no num_hidden_layers (their routers are drawn above)
     num_layers = int(getattr(model.config.get_text_config(), "num_hidden_layers", None) or 0)
     kinds = [(k, num_layers) for k in (spec.experts, spec.attention_experts) if k is not None]
@@ -1383,43 +1432,79 @@ def save_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.to(dtype).save_pretrained(path, **kwargs)
-    renames = _RELEASED_NAMES.get(str(model.config.model_type))
-    if renames:
-        _rename_tensors(path, renames)
+    released = _RELEASED_FORMS.get(str(model.config.model_type))
+    if released is not None:
+        _rewrite_shards(path, released)
     return path
 
 
-#: Where transformers' save_pretrained writes names that the family's released checkpoints do
-#: not use, (old prefix, released prefix) per family. Kimi K2.5: a rename meant for the vision
-#: tower (blocks -> layers) is reversed onto the language model's layers too.
-_RELEASED_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "kimi_k25": (("language_model.model.blocks.", "language_model.model.layers."),),
-}
+def _renamed(renames: tuple[tuple[str, str], ...]) -> Callable[[Tensors], Tensors]:
+    """A shard rewrite that renames tensors by prefix, ``(old prefix, new prefix)``."""
 
-
-def _rename_tensors(path: Path, renames: tuple[tuple[str, str], ...]) -> None:
-    """Rename the saved tensors of the checkpoint in ``path`` in place (tiny models only: each
-    shard is read whole), and their entries in the shard index."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    def renamed(name: str) -> str:
+    def rename(name: str) -> str:
         for old, new in renames:
             if name.startswith(old):
                 return new + name[len(old) :]
         return name
 
+    return lambda tensors: {rename(n): t for n, t in tensors.items()}
+
+
+_NEMO_EXPERT = re.compile(
+    r"^(llm\.model\.layers\.\d+\.mixer\.experts\.)(\d+)\.(up|down)_proj\.weight$"
+)
+
+
+def _nemo_stacked_experts(tensors: Tensors) -> Tensors:
+    """NeMo's export of Nemotron-3.5-Transcribe: each MoE layer's experts stacked, as
+    ``(num_experts, in_features, out_features)``: ``experts.gate_and_up_projs`` [E, D, I] (the
+    up projections: the experts are not gated) and ``experts.down_projs`` [E, I, D]."""
+    out: Tensors = {}
+    stacks: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _NEMO_EXPERT.match(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        stacked = "gate_and_up_projs" if match.group(3) == "up" else "down_projs"
+        stacks.setdefault(match.group(1) + stacked, {})[int(match.group(2))] = tensor
+    for name, experts in stacks.items():
+        if sorted(experts) != list(range(len(experts))):  # a layer split across shards
+            raise ValueError(f"{name}: experts {sorted(experts)} in one shard, not all")
+        out[name] = torch.stack([experts[e].T for e in range(len(experts))]).contiguous()
+    return out
+
+
+#: How the family's released checkpoints store what transformers' save_pretrained writes
+#: otherwise (for a model built from its config), as a rewrite of each shard's tensors. Kimi
+#: K2.5: a rename meant for the vision tower (blocks -> layers) is reversed onto the language
+#: model's layers too. Nemotron-3.5-Transcribe: NeMo's stacked experts (a model loaded from
+#: them saves them so again).
+_RELEASED_FORMS: dict[str, Callable[[Tensors], Tensors]] = {
+    "kimi_k25": _renamed((("language_model.model.blocks.", "language_model.model.layers."),)),
+    "nemo_speechlm": _nemo_stacked_experts,
+}
+
+
+def _rewrite_shards(path: Path, rewrite: Callable[[Tensors], Tensors]) -> None:
+    """Rewrite the saved tensors of the checkpoint in ``path`` in place, shard by shard (tiny
+    models only: each shard is read whole), and the shard index to match."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weight_map = {}
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             metadata, names = f.metadata(), f.keys()
-            tensors = {renamed(n): f.get_tensor(n) for n in names}
+            tensors = rewrite({n: f.get_tensor(n) for n in names})
         save_file(tensors, shard, metadata=metadata)
+        weight_map |= dict.fromkeys(tensors, shard.name)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())
-        data["weight_map"] = {renamed(n): f for n, f in data["weight_map"].items()}
+        data["weight_map"] = weight_map
         index.write_text(json.dumps(data, indent=2))
 
 

@@ -317,7 +317,7 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
     if family == "switch_transformers":  # per-expert modules: wo(relu(wi(x)))
         expert = ex[f"expert_{e}"]
         return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)
-    if family in ("nemotron_h", "nemotron_h_omni"):  # non-gated experts: down(act(up(x)))
+    if family in ("nemotron_h", "nemotron_h_omni", "nemo_speechlm"):  # non-gated: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
     if family in ("inkling2", "inkling2_text", "inkling2_loop"):  # softcapped SwiGLU (gate, up)
         return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
@@ -359,7 +359,7 @@ class _Sums:
 
 
 #: Gemma 4: router and experts sit on the decoder layer, each with its own normed input
-ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text"}
+ROUTER_ON_THE_LAYER = {"gemma4", "gemma4_text", "diffusion_gemma"}
 #: Muse Spark too:'s experts read the MoE block's input pooled to moe_hidden_size
 OWN_EXPERT_INPUT = ROUTER_ON_THE_LAYER | {"muse_spark"}
 
@@ -851,3 +851,21 @@ def test_ernie4_5_vl_moe_is_refused_before_loading(model_dir, data, tmp_path):
     result = run("profile", model, "--data", data, "--device", "cpu", "--out", out)
     assert_clean_error(result, "ernie4_5_vl_moe", "sized by one count")
     assert not out.exists()
+
+
+def test_cli_profiles_a_block_diffusion_model_through_its_encoder(model_dir, data, tmp_path):
+    # DiffusionGemma: the calibration tokens are routed in the encoder's (causal) pass, whose
+    # layers the decoder's tie; a profile prunes it exactly (--verify runs both passes, the
+    # canvas being the tokens); steps that run it as a causal LM are refused
+    model, stats = model_dir("diffusion_gemma"), tmp_path / "stats.safetensors"
+    common = ["--data", data, "--seq-len", SEQ_LEN, "--device", "cpu"]
+    assert run("profile", model, *common, "--out", stats).exit_code == 0
+    experts = ProfileStats.load(stats).experts
+    assert experts.layers == (0, 1) and (experts.count.sum(dim=1) == experts.tokens * 2).all()
+    prune = ["prune", model, "--profile", stats, "--keep", "4"]
+    assert run(*prune, "--out", tmp_path / "small", "--verify").exit_code == 0
+    result = run(*prune, "--out", tmp_path / "r", "--repair", "refit", "--data", data)
+    assert_clean_error(result, "--repair is not supported for block-diffusion models")
+    assert_clean_error(run("bench", model), "benching is not supported for block-diffusion")
+    result = run("profile", model, *common, "--out", tmp_path / "s.st", "--sequential")
+    assert_clean_error(result, "no causal-LM class to run layer by layer")

@@ -224,6 +224,7 @@ def test_head_pruning_is_exact(family, tiny_checkpoint, tmp_path):
         ("kimi_linear", 2, "linear_attention"),
         ("nemotron_h", 1, ""),  # an MoE layer
         ("nemotron_h_omni", 3, ""),  # an MoE layer of its language model
+        ("nemo_speechlm", 1, ""),  # an MoE layer of its language model
     ],
 )
 def test_heads_in_a_layer_without_attention_are_refused(
@@ -289,6 +290,25 @@ def test_nemotron_h_omni_released_config_form_is_exact(tiny_checkpoint, tmp_path
         "llm_config.num_attention_heads": [4, 2],
     }
     assert "text_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_nemo_speechlm_released_config_form_is_exact(tiny_checkpoint, tmp_path):
+    # the released config.json gives the language model's layer types as
+    # hybrid_override_pattern (as transformers' own default text_config does)
+
+    def released(config):
+        del config["text_config"]["layers_block_type"]
+        pattern = {"num_hidden_layers": 4, "hybrid_override_pattern": "ME*E"}
+        return config | {"text_config": config["text_config"] | pattern}
+
+    source = _with_config(tiny_checkpoint("nemo_speechlm"), tmp_path / "src", released)
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3), heads={2: [1, 2]}), out)
+    assert_exact(source, out, experts=removed(_half(1, 3), 8), heads={2: [0, 3]})
+    assert result.config_changes == {
+        "text_config.n_routed_experts": [8, 4],
+        "text_config.num_attention_heads": [4, 2],
+    }
 
 
 def test_dots3_note_released_config_form_is_exact(tiny_checkpoint, tmp_path):
@@ -392,10 +412,15 @@ COMPOSITE_CASES = {
     # router and experts on the decoder layer, a per-expert scale; heads refused (per-layer
     # head sizes)
     "gemma4": ("num_experts", "model.vision_tower.", {}, (0, 1)),
+    # the same language model as encoder and block-diffusion decoder, tied (saved once, as
+    # model.decoder.layers.*); the oracle masks both passes' routers
+    "diffusion_gemma": ("num_experts", "model.encoder.vision_tower.", {}, (0, 1)),
     # saved as model.layers.*, towers as visual.* and audio_tower.* (its layers have heads too)
     "qwen3_omni_moe_thinker": ("num_experts", "audio_tower.", {0: [1, 3], 1: [0, 2]}, (0, 1)),
     # Nemotron-H under text_config: Mamba-2, MoE, attention, MoE (heads in layer 2 only)
     "nemotron_h_omni": ("n_routed_experts", "vision_model.", {2: [0, 3]}, (1, 3)),
+    # the same, in NeMo's names (llm.model.layers.*), beside the speech encoders (perception.*)
+    "nemo_speechlm": ("n_routed_experts", "perception.", {2: [0, 3]}, (1, 3)),
     # sigmoid router on scaled logits + correction bias; experts between a pooling pair; heads
     # refused (hidden_size must stay a multiple of the head count)
     "muse_spark": ("num_local_experts", "model.vision_tower.", {}, (1, 2)),
@@ -637,11 +662,28 @@ def test_kimi_k25_as_transformers_saves_it_is_refused(tmp_path):
         rewrite_checkpoint(source, PrunePlan(experts=_half(1, 2)), tmp_path / "out")
 
 
+def test_nemo_speechlm_with_experts_one_by_one_is_refused(tmp_path):
+    # a model built from its config saves its experts one by one; NVIDIA's export (and what a
+    # model loaded from it saves) stacks them, which is what the adapter names
+    from mfprune import tinymodels
+    from mfprune.errors import ModelError
+
+    source = tmp_path / "src"
+    tinymodels.build_model("nemo_speechlm").save_pretrained(source)
+    assert "llm.model.layers.1.mixer.experts.7.up_proj.weight" in open_checkpoint(source).tensors
+    with pytest.raises(
+        ModelError, match=r"layers\.1\.mixer\.experts\.gate_and_up_projs is missing"
+    ):
+        rewrite_checkpoint(source, PrunePlan(experts=_half(1, 3)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("family", "reason"),
     [
         ("mistral_large4", "NoPE layers"),
         ("gemma4", "global_head_dim"),  # (and gemma4_text)
+        ("diffusion_gemma", "global_head_dim"),
         ("step3p7", "num_sliding_attention_heads"),
         ("unlimited_ocr", "recomputes head_dim"),
         ("deepseek_ocr2", "recomputes head_dim"),

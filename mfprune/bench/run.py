@@ -69,6 +69,7 @@ def run_bench(
     The returned report's ``gate`` says whether the gate passed; raising is the caller's call.
     """
     set_offline()
+    from mfprune.modules import refuse_block_diffusion
     from mfprune.profiling.run import resolve_device, resolve_dtype
 
     say = on_stage or (lambda _line: None)
@@ -78,6 +79,7 @@ def run_bench(
     for target in filter(None, (ckpt, base)):  # an MoE model mfprune knows, before any work
         layout = resolve_layout(target, spec or spec_for_config(target.config))
         layout.require_one_stack("benching")  # its quality and speed runs feed a causal LM
+        refuse_block_diffusion(target.config, "benching")
     _check_options(quality, speed, gate, has_baseline=base is not None)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)

@@ -25,7 +25,7 @@ from mfprune.checkpoint import Checkpoint, open_checkpoint
 from mfprune.errors import DataError, MfpruneError, ModelError
 from mfprune.memory import check_fits, loaded_bytes
 from mfprune.modelcode import check_loadable
-from mfprune.modules import text_model
+from mfprune.modules import is_block_diffusion, text_model
 from mfprune.profiling import distributed
 from mfprune.profiling.data import MIN_TOKENS, WHOLE, Shard, TokenData, load_token_data
 from mfprune.profiling.distributed import World
@@ -165,6 +165,8 @@ class _Run:
             encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
             if encoder_decoder:  # both stacks (Switch Transformers' base model is itself)
                 decoder = text
+            elif is_block_diffusion(model.config):  # DiffusionGemma: the causal prompt pass
+                decoder = text.get_encoder()  # (the decoder's layers are its weights, tied)
             elif decoder is text:  # Llama 4's composite holds a whole causal LM: its decoder
                 decoder = text.get_decoder()
             if self.on_start is not None:

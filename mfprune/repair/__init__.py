@@ -109,6 +109,7 @@ def repaired_tensors(
     (sequential.py). ``steps``: refine.py's steps per layer (0: the closed form only).
     ``on_start`` gets the number of token passes (per repaired layer: its tokens, and each
     refinement step's tokens), ``on_batch`` each batch's (or step's) tokens."""
+    from mfprune.modules import refuse_block_diffusion
     from mfprune.profiling.data import load_token_data
     from mfprune.profiling.run import (
         _pad_id,
@@ -124,6 +125,7 @@ def repaired_tensors(
     if steps < 0:
         raise MfpruneError(f"--refit-steps must be 0 or more, not {steps}", hint="try 300")
     layout.require_one_stack("--repair")
+    refuse_block_diffusion(ckpt.config, "--repair")
     start = time.perf_counter()
     experts = layout.experts
     if experts is None:
