@@ -64,6 +64,7 @@ CRITERIA = ("frequency", "soft", "ean", "reap", "random")
 KEEP = (0.75, 0.5, 0.25)
 GLOBAL = (0.5, 0.25)
 GLOBAL_CRITERIA = ("soft", "reap")
+CLOSED_FORM = "soft + refit (closed form)"
 GOALS = {(0.5, "uniform"): 1.05, (0.5, "global"): 1.03, (0.25, "uniform"): 1.20}
 GOALS[(0.25, "global")] = 1.20
 
@@ -182,6 +183,8 @@ def plan(bench: Bench, stats: Any, criterion: str, budget: dict[str, float], see
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mfprune.repair import DEFAULT_STEPS
+
     start = time.perf_counter()
     bench = Bench(args)
     log(
@@ -232,11 +235,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for keep in (0.5, 0.25):
             for task in bench.domains:
                 p = plan(bench, stats[task], "soft", {"keep_ratio": keep})
-                refit, cost = refit_kept(bench, task, p)
-                r = bench.ratios(bench.losses(bench.dropped_of(p), model=refit))
-                record(task, "uniform", keep, "soft + refit", task, r)
-                costs.append({"task": task, "keep": keep, **cost})
-                del refit
+                for steps, name in ((0, CLOSED_FORM), (DEFAULT_STEPS, "soft + refit")):
+                    refit, cost = refit_kept(bench, task, p, steps=steps)
+                    r = bench.ratios(bench.losses(bench.dropped_of(p), model=refit))
+                    record(task, "uniform", keep, name, task, r)
+                    costs.append({"task": task, "keep": keep, "steps": steps, **cost})
+                    del refit
             log(f"refit {keep:.0%}: done ({time.perf_counter() - start:.0f}s)")
         with tempfile.TemporaryDirectory() as tmp:  # as a user runs it: `mfprune prune` twice
             processes = [cli_costs(stats["code"], "code", keep, Path(tmp)) for keep in (0.5, 0.25)]
@@ -336,10 +340,11 @@ def merge_into_kept(bench: Bench, stats: Any, the_plan: Any) -> Any:
     return model
 
 
-def refit_kept(bench: Bench, task: str, the_plan: Any) -> tuple[Any, dict[str, Any]]:
+def refit_kept(bench: Bench, task: str, the_plan: Any, *, steps: int) -> tuple[Any, dict[str, Any]]:
     """A copy of the model whose kept experts are refit by ``mfprune.repair`` on the task's
-    profile texts, batched as ``mfprune prune --repair refit`` batches them; and what the refit
-    cost (wall time, peak RSS rise, tokens)."""
+    profile texts, batched as ``mfprune prune --repair refit`` batches them (``steps``: the
+    refinement's steps per layer, 0 for the closed form only); and what the refit cost (wall
+    time, tokens)."""
     import copy
 
     from mfprune.profiling.data import load_token_data
@@ -359,7 +364,7 @@ def refit_kept(bench: Bench, task: str, the_plan: Any) -> tuple[Any, dict[str, A
         tokens = load_token_data(data, bench.tokenizer, seq_len=512)
     batches = list(tokens.batches(batch_size=8, pad_id=_pad_id(bench.tokenizer)))
     start = time.perf_counter()
-    refit_model(model, kept=kept, batches=batches)
+    refit_model(model, kept=kept, batches=batches, steps=steps)
     return model, {"seconds": round(time.perf_counter() - start, 2), "tokens": tokens.tokens}
 
 
@@ -573,7 +578,8 @@ def repair_text(result: dict[str, Any], summary: dict[tuple, Any], domains: list
         "random": "random (mean of seeds)",
         "soft": "drop (soft)",
         "soft + merge": "merge (soft)",
-        "soft + refit": "drop + refit (soft)",
+        CLOSED_FORM: "drop + refit, closed form only (soft; `--refit-steps 0`)",
+        "soft + refit": "drop + refit (soft; the default, closed form + 300 steps)",
     }
     for keep in (0.5, 0.25):
         for criterion, label in names.items():
@@ -585,20 +591,25 @@ def repair_text(result: dict[str, Any], summary: dict[tuple, Any], domains: list
         lines += [
             "",
             "Wall time of the refit (`mfprune.repair.refit.refit_model`, in the benchmark's "
-            "process) on each task's profile tokens:",
+            "process) on each task's profile tokens, closed form only and with the default "
+            "refinement:",
             "",
-            "| keep | " + " | ".join(domains) + " |",
-            "|---|" + "---:|" * len(domains),
+            "| keep | refit | " + " | ".join(domains) + " |",
+            "|---|---|" + "---:|" * len(domains),
         ]
         for keep in sorted({c["keep"] for c in costs}, reverse=True):
-            by_task = {c["task"]: c for c in costs if c["keep"] == keep}
-            cells = [
-                f"{by_task[d]['seconds']:.1f} s ({by_task[d]['tokens']:,} tokens)"
-                if d in by_task
-                else "—"
-                for d in domains
-            ]
-            lines.append(f"| {keep:.0%} | " + " | ".join(cells) + " |")
+            for steps in sorted({c.get("steps", 0) for c in costs}):
+                by_task = {
+                    c["task"]: c for c in costs if c["keep"] == keep and c.get("steps", 0) == steps
+                }
+                cells = [
+                    f"{by_task[d]['seconds']:.1f} s ({by_task[d]['tokens']:,} tokens)"
+                    if d in by_task
+                    else "—"
+                    for d in domains
+                ]
+                what = "closed form" if steps == 0 else f"+ {steps} steps"
+                lines.append(f"| {keep:.0%} | {what} | " + " | ".join(cells) + " |")
     processes = result.get("prune_processes") or []
     if processes:
         lines += [
@@ -622,7 +633,7 @@ def repair_text(result: dict[str, Any], summary: dict[tuple, Any], domains: list
 
 
 def _crit_order(name: str) -> int:
-    names = [*CRITERIA, "soft + merge", "soft + refit"]
+    names = [*CRITERIA, "soft + merge", CLOSED_FORM, "soft + refit"]
     return names.index(name) if name in names else len(names)
 
 
