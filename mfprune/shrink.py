@@ -70,6 +70,7 @@ class PruneConfig:
     attention_keep_ratio: float | None = None
     verify: bool = False  # check the pruned logits equal the masked original's (small models)
     repair: str = "none"  # or "refit": kept experts refit on profile.data (mfprune.repair)
+    refit_steps: int | None = None  # refit's refinement steps per layer (None: 300; 0: none)
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,11 @@ def _check(config: ShrinkConfig) -> list[str]:
         )
     if repair not in (None, "none") and given(p, "verify"):
         problems.append("'prune.verify' checks exact rewrites: not with 'prune.repair'")
+    steps = given(p, "refit_steps")
+    if steps is not None and steps < 0:
+        problems.append(f"'prune.refit_steps' must be 0 or more, got {steps}")
+    if steps is not None and repair != "refit":
+        problems.append("'prune.refit_steps' is only read with prune.repair = \"refit\"")
     criterion = given(p, "criterion")
     if criterion is not None and criterion not in CRITERIA:
         problems.append(
@@ -394,6 +400,7 @@ def run_shrink(
                 repair=p.repair,
                 data=config.profile.data if p.repair != "none" else None,
                 max_tokens=config.profile.max_tokens,
+                refit_steps=p.refit_steps,
             )
             outcome.plan.save(tmp / PLAN_FILE)
             seconds["prune"] = time.perf_counter() - start
@@ -546,7 +553,8 @@ def render_report(result: ShrinkOutcome, stats: Any) -> str:
         + (" (cached stats: profiling skipped)" if result.stats_cached else ""),
         f"- repair: {c.prune.repair}"
         + (
-            " (kept experts' down projections refit on the calibration data)"
+            " (kept experts refit on the calibration data"
+            + (", closed form only)" if c.prune.refit_steps == 0 else ")")
             if c.prune.repair == "refit"
             else " (exact rewrite)"
         ),

@@ -266,7 +266,7 @@ def test_repair_refit_through_the_config(setup, rerun, tmp_path):
     out = tmp_path / "refit"
     assert "- repair: refit" in (out / "report.md").read_text()
     record = json.loads((out / "model" / "mfprune_provenance.json").read_text())["repair"]
-    assert record["method"] == "refit" and record["tokens"] > 0
+    assert record["method"] == "refit" and record["tokens"] > 0 and record["steps"] == 300
     assert record["data"] == str(setup["root"] / "calib.jsonl")
     assert load_pretrained(out / "model").config.num_experts == 4
 
@@ -289,6 +289,26 @@ def test_bad_repair_in_the_config(tmp_path):
         " ".join(problems) + " "
     )
     assert "'prune.verify' checks exact rewrites: not with 'prune.repair'" in problems
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ('repair = "refit"\n        refit_steps = -1', "'prune.refit_steps' must be 0 or more"),
+        ("refit_steps = 10", "'prune.refit_steps' is only read with prune.repair"),
+    ],
+)
+def test_bad_refit_steps_in_the_config(tmp_path, lines, message):
+    config = f"""
+        model = "m"
+        out = "o"
+        [profile]
+        data = "d"
+        [prune]
+        keep = 2
+        {lines}
+        """
+    assert any(message in p for p in problems_of(tmp_path, config)), problems_of(tmp_path, config)
 
 
 def test_output_folder_is_checked_before_profiling(setup, tmp_path):
