@@ -11,8 +11,8 @@ the real commands, in this process:
 3. ``mfprune prune default --profile ... --criterion soft --keep-ratio 0.5 --repair refit
    --data <task>.profile.jsonl``: half the experts of every layer, the kept experts refit on
    the task's profile texts (``mfprune.repair``: closed form, then the default refinement; the
-   best method in ``benchmarks/specialize.py``), and, for comparison, the same plan with plain dropping
-   (``--repair none``, the exact rewrite) into ``dropped/``;
+   best method in ``benchmarks/specialize.py``), and, for comparison, the same plan with
+   plain dropping (``--repair none``, the exact rewrite) into ``dropped/``;
 4. ``mfprune bench <pruned> --baseline default --data <every domain>.eval.jsonl --limit N``:
    lm-eval perplexity on held-out texts of every domain, speed and size, both models; then
    ``mfprune bench dropped/`` (quality only);
