@@ -180,6 +180,8 @@ def routing_rule(e: ExpertLayout) -> str:
             f"an expert takes a fixed number of tokens at most ({keys}; kept as it is), so the "
             "kept experts drop the same tokens"
         )
+    if e.passes.looped:
+        parts.append(f"looped: {e.passes.describe()}; profiling sums every pass")
     if e.stacks:  # encoder-decoder: each stack's router and rule, and its layer numbers
         for stack in e.stacks:
             last = stack.first + stack.num_layers - 1

@@ -304,6 +304,20 @@ _INKLING2_TEXT: dict[str, Any] = {
     "eos_token_id": 2,  # the default lies outside the tiny vocabulary
 }
 
+#: Inkling 2 Loop's language model: Inkling 2's with attention-residual blocks of one layer,
+#: layers 1 (full attention) and 2 (sliding window) looped 3 times per token between layer 0
+#: and layer 3 (each pass after the first gets messages from the one before).
+_INKLING2_LOOP_TEXT: dict[str, Any] = {
+    **_INKLING2_TEXT,
+    "num_hidden_layers": 4,
+    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+    "n_layers_per_attn_res_block": 1,
+    "loop_layer_index_start": 1,
+    "loop_layer_index_end": 3,
+    "loop_num_passes": 3,
+    "loop_gate_rank": 8,
+}
+
 #: A one-block Inkling 2 vision tower projecting to the tiny language model's width.
 _INKLING2_VISION: dict[str, Any] = {
     "hidden_size": 32,
@@ -1026,6 +1040,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
     },
     "inkling2": {"text_config": _INKLING2_TEXT, "vision_config": _INKLING2_VISION},
     "inkling2_text": _INKLING2_TEXT,
+    "inkling2_loop": {"text_config": _INKLING2_LOOP_TEXT, "vision_config": _INKLING2_VISION},
+    "inkling2_loop_text": _INKLING2_LOOP_TEXT,
     "inkling_text": _INKLING_TEXT,
     # a two-layer vision tower (its layer plan needs a temporal patch of 2) and an audio tower
     "inkling_mm_model": {
@@ -1285,6 +1301,15 @@ _ZERO_INIT_STD: dict[str, float] = {
     "self_attn.softmax_offset": 0.5,  # flint per-head attention sinks (sliced per head)
 }
 
+# Weights whose init scale makes them all but inert, redrawn larger: Inkling 2 Loop's message
+# gates and queries (at std 0.02, a pass after the first routes as the first did).
+_INERT_INIT_STD: dict[str, float] = {
+    "_message_gate.down_proj.weight": 0.5,
+    "_message_gate.forget_gate_proj.weight": 0.5,
+    "_message_gate.message_gate_proj.weight": 1.0,
+    "message_input.query": 1.0,
+}
+
 # Per-expert scales that start at one, redrawn at one plus noise of this std.
 _ONE_INIT_STD: dict[str, float] = {"router.per_expert_scale": 0.5}  # gemma4
 
@@ -1337,7 +1362,7 @@ def _randomise(model: PreTrainedModel, generator: torch.Generator) -> None:
             if isinstance(bias, torch.Tensor):
                 draw(bias, std)
     for name, param in model.named_parameters():
-        for suffix, std in _ZERO_INIT_STD.items():
+        for suffix, std in (_ZERO_INIT_STD | _INERT_INIT_STD).items():
             if name.endswith(suffix):
                 draw(param, std)
         for suffix, std in _ONE_INIT_STD.items():

@@ -101,6 +101,8 @@ EXPERT_CASES = {
     "dots3_note_text": (_half(1, 2), "n_routed_experts"),  # V3 routing, groups; experts one by one
     # saved as released (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight)
     "inkling2_text": (_half(0, 1, 2), "n_routed_experts"),
+    # the same names; layers 1 and 2 run 3 times per token (the oracle masks every pass)
+    "inkling2_loop_text": (_half(0, 1, 2, 3), "n_routed_experts"),
     # gated shared expert; hyper-connections, PLE in layer 0, a QSA indexer in layer 1
     "qwen4_exp_text": (_half(0, 1), "num_experts"),
     # router rows 8, 9 score the 2 shared experts: kept after the kept ones; layer 0 dense
@@ -352,6 +354,7 @@ def test_qwen4_exp_released_layer_types_are_exact(tiny_checkpoint, tmp_path):
         ("minimax", "lightning-attention layers take their head count"),
         ("dots3_note_text", "swa_num_attention_heads"),  # sliding layers' own head count
         ("inkling2_text", "swa_num_attention_heads"),  # and per-head sinks, relative states
+        ("inkling2_loop_text", "swa_num_attention_heads"),  # the same
         ("inkling_text", "swa_num_attention_heads"),  # and relative states, convolutions
     ],
 )
@@ -427,6 +430,8 @@ COMPOSITE_CASES = {
     # released names (model.llm.layers.*: gate.bias, experts.w13_weight / w2_weight); heads
     # refused (per-layer-type head counts, per-head sinks and relative states)
     "inkling2": ("n_routed_experts", "model.visual.", {}, (0, 1, 2)),
+    # the same, with layers 1 and 2 looped 3 times per token (messages between the passes)
+    "inkling2_loop": ("n_routed_experts", "model.visual.", {}, (0, 1, 2, 3)),
     # the same names; router rows for the shared experts after the routed ones; layer 0 dense
     "inkling_mm_model": ("n_routed_experts", "model.audio.", {}, (1, 2)),
     # the thinker under thinker_config.text_config; the talker (an MoE too) carried over whole
@@ -689,6 +694,7 @@ def test_nemo_speechlm_with_experts_one_by_one_is_refused(tmp_path):
         ("deepseek_ocr2", "recomputes head_dim"),
         ("muse_spark", "not a multiple of num_attention_heads"),
         ("inkling2", "swa_num_attention_heads"),
+        ("inkling2_loop", "swa_num_attention_heads"),
         ("inkling_mm_model", "swa_num_attention_heads"),
         ("dots3_note", "swa_num_attention_heads"),
     ],

@@ -78,6 +78,37 @@ def _layer_count(cfg: dict[str, Any], stack: Stack) -> int:
 
 
 @dataclass(frozen=True)
+class LayerPasses:
+    """How many times each decoder layer runs per token: once, except the looped layers
+    ``first .. end - 1`` (the adapter's ``[loop]``), which run ``passes`` times, every pass
+    through the same weights. ``keys``: the config keys that said so (start, end, passes)."""
+
+    first: int = 0
+    end: int = 0
+    passes: int = 1
+    keys: tuple[str, ...] = ()
+
+    def of(self, layer: int) -> int:
+        """How many times ``layer`` runs per token."""
+        return self.passes if self.first <= layer < self.end else 1
+
+    @property
+    def looped(self) -> tuple[int, ...]:
+        """The layers that run more than once per token."""
+        return tuple(range(self.first, self.end)) if self.passes > 1 else ()
+
+    def describe(self) -> str:
+        """The looped layers in words ('' when every layer runs once)."""
+        if not self.looped:
+            return ""
+        start, end, passes = self.keys
+        return (
+            f"layers {self.first}..{self.end - 1} ({start}..{end} - 1) run {self.passes} times "
+            f"per token ({passes}), so their routers see every token {self.passes} times"
+        )
+
+
+@dataclass(frozen=True)
 class ExpertLayout:
     """Routed experts of one kind (``kind`` is 'experts' or 'attention_experts')."""
 
@@ -111,6 +142,8 @@ class ExpertLayout:
     # why this config's expert capacity follows the expert count ('' when it does not): a plan
     # that prunes experts is refused with it
     capacity_unsupported: str = ""
+    # how many times each layer runs per token (looped layers: more than once)
+    passes: LayerPasses = LayerPasses()
 
     @property
     def all_layers(self) -> tuple[int, ...]:
@@ -176,10 +209,23 @@ class ModelLayout:
     attention_experts: ExpertLayout | None
     heads: HeadLayout | None  # None when the config does not say how many heads
     mtp_layers: tuple[int, ...] = ()  # multi-token-prediction layers: num_layers, num_layers+1..
+    passes: LayerPasses = LayerPasses()  # how many times each layer runs per token
 
     @property
     def family(self) -> str:
         return self.spec.family
+
+    def require_single_pass(self, what: str, *, hint: str) -> None:
+        """Refuse ``what`` for a model whose looped layers run several times per token: a step
+        that runs (or refits) each decoder layer once, in order (profiling layer by layer,
+        repair)."""
+        if self.passes.looped:
+            raise ModelError(
+                f"{what} is not supported for models with looped layers ({self.family}: "
+                f"{self.passes.describe()}, each pass after the first fed by the one before); "
+                "it runs each decoder layer once, in order",
+                hint=hint,
+            )
 
     def require_one_stack(self, what: str) -> None:
         """Refuse ``what`` for an encoder-decoder model: a step that knows one decoder stack of
@@ -260,6 +306,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
     present = group_by_layer(ckpt.tensors.values(), layer_prefix(spec.experts)) if n_mtp else {}
     mtp = tuple(L for L in range(num_layers, num_layers + n_mtp) if L in present)
     others = (spec.attention_experts,) if spec.attention_experts else ()
+    passes = resolve_passes(cfg, spec, num_layers, where=where)
     experts = _resolve_experts(
         ckpt,
         cfg,
@@ -268,6 +315,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         num_layers,
         mtp=mtp,
         others=others,
+        passes=passes,
     )
     attention = (
         _resolve_experts(
@@ -278,6 +326,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             num_layers,
             mtp=mtp,
             others=(spec.experts,),
+            passes=passes,
         )
         if spec.attention_experts
         else None
@@ -289,6 +338,7 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
         attention_experts=attention,
         heads=_resolve_heads(cfg, spec.heads, ckpt, (*range(num_layers), *mtp)),
         mtp_layers=mtp,
+        passes=passes,
     )
     check_config_against_weights(ckpt, layout)
     return layout
@@ -377,6 +427,45 @@ def _int_key(cfg: dict[str, Any], key: str | None, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def resolve_passes(
+    cfg: dict[str, Any], spec: ArchSpec, num_layers: int, *, where: str = ""
+) -> LayerPasses:
+    """The adapter's ``[loop]`` rule applied to ``cfg`` (the language model's config): every
+    layer once without one; a config that lacks the keys, or whose loop lies outside the
+    layers, is refused (transformers would fall back to its class defaults)."""
+    loop = spec.loop
+    if loop is None:
+        return LayerPasses()
+    found: list[tuple[str, int]] = []
+    rules = (
+        ("first looped layer", loop.start_keys),
+        ("end of the looped layers", loop.end_keys),
+        ("passes through them", loop.passes_keys),
+    )
+    for what, keys in rules:
+        key = next((k for k in keys if config_value(cfg, k) is not None), None)
+        value = config_value(cfg, key)
+        if key is None or not isinstance(value, int) or isinstance(value, bool):
+            shown = " or ".join(f"'{where}{k}'" for k in keys)
+            got = f" (got {value!r})" if key is not None else ""
+            raise ModelError(
+                f"config.json has no valid {shown}{got}: the {what} of {spec.family}'s looped "
+                "layers",
+                hint="the config does not match the adapter's [loop] rule; write the key into "
+                "config.json (transformers would use its class default)",
+            )
+        found.append((key, value))
+    (start_key, first), (end_key, end), (passes_key, passes) = found
+    if not 0 <= first <= end <= num_layers or passes < 1:
+        raise ModelError(
+            f"config.json loops layers {where}{start_key} = {first} to {where}{end_key} = "
+            f"{end} (exclusive) {where}{passes_key} = {passes} times, but the model has "
+            f"{num_layers} layers",
+            hint="the loop must lie within the layers and run at least once; fix config.json",
+        )
+    return LayerPasses(first=first, end=end, passes=passes, keys=(start_key, end_key, passes_key))
+
+
 def _moe_by_config(cfg: dict[str, Any], spec: ExpertSpec, layer: int, num_layers: int) -> bool:
     """The adapter's MoE-layer rule (``MoeLayers``) applied to ``config.json``."""
     rules = spec.layers
@@ -407,6 +496,7 @@ def _resolve_experts(
     *,
     mtp: tuple[int, ...] = (),
     others: tuple[ExpertSpec, ...] = (),
+    passes: LayerPasses = LayerPasses(),
 ) -> ExpertLayout:
     tensors = ckpt.tensors
     count_key = next((k for k in spec.count_keys if _int_key(cfg, k, -1) >= 0), None)
@@ -536,6 +626,7 @@ def _resolve_experts(
         id_tables=id_tables,
         sub_experts=sub_experts,
         capacity_unsupported=capacity_reason(cfg, spec),
+        passes=passes,
     )
 
 

@@ -203,6 +203,20 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
+class LoopSpec:
+    """Looped layers (Inkling 2 Loop): decoder layers ``config[start] .. config[end] - 1`` run
+    ``config[passes]`` times per token, every pass through the same weights (and routers), so
+    their routers see each token that many times. Each field lists config keys (dotted: in a
+    sub-config), the first the config holds decides (Inkling 2 Loop's ``loop_config.core_start``
+    overrides ``loop_layer_index_start``, as transformers reads them); a config that holds none
+    of them is refused, not taken as unlooped."""
+
+    start_keys: tuple[str, ...]
+    end_keys: tuple[str, ...]
+    passes_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     family: str
     model_types: tuple[str, ...]
@@ -220,6 +234,8 @@ class ArchSpec:
     # encoder-decoder models: their layer stacks, in order (empty: one decoder stack, whose
     # templates are [experts]'s and whose count is num_layers_key); ``experts`` is the first's
     stacks: tuple[Stack, ...] = ()
+    # looped layers: they run several times per token (profiling sums every pass)
+    loop: LoopSpec | None = None
     description: str = ""
     source: str = ""  # the file it came from
 
@@ -314,6 +330,7 @@ _HEAD_KEYS = {
     "per_layer_count_key",
 }
 _HEAD_TENSOR_KEYS = {"name", "axis", "owner", "width", "optional"}
+_LOOP_KEYS = {"start_key", "end_key", "passes_key"}
 _TOP_KEYS = {
     "family",
     "model_types",
@@ -323,6 +340,7 @@ _TOP_KEYS = {
     "config_path_aliases",
     "mtp_layers_key",
     "stacks",
+    "loop",
     "experts",
     "attention_experts",
     "heads",
@@ -485,6 +503,23 @@ def _one_or_more(r: _Reader, t: dict, key: str, where: str) -> tuple[str, ...]:
     return r.names(t, key, where) if value is not None else ()
 
 
+def _parse_loop(r: _Reader, data: Any, where: str) -> LoopSpec | None:
+    t = r.table(data, where, _LOOP_KEYS)
+    keys: dict[str, tuple[str, ...]] = {}
+    for key in sorted(_LOOP_KEYS):
+        if key not in t:
+            r.problems.append(f"{where}: missing required key '{key}'")
+            continue
+        keys[key] = _one_or_more(r, t, key, where)
+        if t[key] == []:
+            r.problems.append(f"{where}.{key}: name at least one config key")
+    if len(keys) < len(_LOOP_KEYS) or not all(keys.values()):
+        return None
+    return LoopSpec(
+        start_keys=keys["start_key"], end_keys=keys["end_key"], passes_keys=keys["passes_key"]
+    )
+
+
 def _parse_heads(r: _Reader, data: Any, where: str) -> HeadSpec:
     t = r.table(data, where, _HEAD_KEYS)
     tensors = []
@@ -557,8 +592,9 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         else None
     )
     heads = _parse_heads(r, t.get("heads", {}), "heads")
+    loop = _parse_loop(r, t["loop"], "loop") if "loop" in t else None
     if "stacks" in t:
-        for key in ("attention_experts", "mtp_layers_key", "num_layers_key"):
+        for key in ("attention_experts", "mtp_layers_key", "num_layers_key", "loop"):
             if key in t:
                 problems.append(f"adapter: {key} and [[stacks]] exclude each other")
         if heads.unsupported is None:
@@ -584,6 +620,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         config_path_aliases=r.names(t, "config_path_aliases", "adapter"),
         mtp_layers_key=r.get(t, "mtp_layers_key", "adapter", str, None),
         stacks=stacks,
+        loop=loop,
         description=r.get(t, "description", "adapter", str, ""),
         source=source,
     )
