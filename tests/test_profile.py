@@ -100,6 +100,21 @@ def assert_same_stats(a: ProfileStats, b: ProfileStats, *, rtol: float = 1e-6) -
         torch.testing.assert_close(a.heads.usage, b.heads.usage, rtol=rtol, atol=1e-9)
 
 
+#: tiny models whose layers 1 and 2 run 3 times per token (the adapter's [loop])
+LOOPED = {"inkling2_loop", "inkling2_loop_text"}
+
+
+def passes_by_hand(path: Path) -> Callable[[int], int]:
+    """How many times each decoder layer runs per token, read from config.json's loop keys
+    (Inkling 2 Loop's; every layer once elsewhere)."""
+    config = json.loads((path / "config.json").read_text())
+    text = config.get("text_config", config)
+    if "loop_num_passes" not in text:
+        return lambda _layer: 1
+    loop = range(text["loop_layer_index_start"], text["loop_layer_index_end"])
+    return lambda layer: text["loop_num_passes"] if layer in loop else 1
+
+
 def load_model(path: Path) -> Any:
     model_type = open_checkpoint(path).config["model_type"]
     return auto_model_class(model_type).from_pretrained(path, dtype=torch.float32).eval()
@@ -138,11 +153,14 @@ def test_counts_sum_to_tokens_times_top_k(family, model_dir, data):
     assert stats.meta.documents == len(DOCS)
     assert stats.meta.family == spec_for_config({"model_type": family}).family
     assert stats.meta.model_fingerprint == open_checkpoint(model_dir(family)).fingerprint()
+    passes = passes_by_hand(model_dir(family))
     for kind in expert_kinds(stats):
         s = getattr(stats, kind)
-        assert (s.tokens == real).all()
+        runs = torch.tensor([passes(L) for L in s.layers])  # [L] runs per token
+        assert torch.equal(s.layer_passes(), runs) and (s.passes is not None) == (family in LOOPED)
+        assert (s.tokens == real * runs).all()  # looped layers: every pass counts
         extra = s.extra_slots if s.extra_slots is not None else 0  # LongCat's zero experts
-        assert (s.count.sum(dim=1) + extra == real * s.top_k).all(), kind
+        assert (s.count.sum(dim=1) + extra == real * runs * s.top_k).all(), kind
         # slots to no expert: LongCat's zero experts; tokens Switch's expert capacity dropped
         assert (s.extra_slots is not None) == (family in ("longcat_flash", "switch_transformers"))
         routed = s.count > 0
@@ -160,7 +178,9 @@ def test_counts_sum_to_tokens_times_top_k(family, model_dir, data):
         layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
         if layout.spec.heads.tensors:  # all layers, or a hybrid's attention layers
             assert stats.heads.layers == layout.heads.layers
-        assert (stats.heads.tokens == real).all() and (stats.heads.usage > 0).all()
+        runs = torch.tensor([passes(L) for L in stats.heads.layers])
+        assert torch.equal(stats.heads.layer_passes(), runs)
+        assert (stats.heads.tokens == real * runs).all() and (stats.heads.usage > 0).all()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "jetmoe"])
@@ -319,7 +339,7 @@ def _expert_by_hand(family: str, block: Any, e: int, x: torch.Tensor, config: An
         return F.linear(F.relu(F.linear(x, expert.wi.weight)), expert.wo.weight)
     if family in ("nemotron_h", "nemotron_h_omni", "nemo_speechlm"):  # non-gated: down(act(up(x)))
         return F.linear(ex.act_fn(F.linear(x, ex.up_proj[e])), ex.down_proj[e])
-    if family in ("inkling2", "inkling2_text", "inkling2_loop"):  # softcapped SwiGLU (gate, up)
+    if family.startswith("inkling2"):  # softcapped SwiGLU (gate, up); inkling2_loop(_text) too
         return F.linear(ex._apply_gate(F.linear(x, ex.gate_up_proj[e])), ex.down_proj[e])
     if family == "muse_spark":  # at moe_hidden_size, then one norm shared by every expert
         gate, up = F.linear(x, ex.gate_up_proj[e]).chunk(2, dim=-1)
@@ -343,9 +363,11 @@ class _Sums:
         self.soft, self.ean, self.reap_num = (
             torch.zeros(layers, experts, dtype=torch.float64) for _ in range(3)
         )
+        self.tokens = torch.zeros(layers, dtype=torch.int64)  # token passes through each row
 
     def add(self, row: int, index: Any, weight: Any, outputs: Any) -> None:
-        """index / weight [T, K]; outputs [T, K, D] unweighted expert outputs."""
+        """index / weight [T, K]; outputs [T, K, D] unweighted expert outputs (one pass)."""
+        self.tokens[row] += index.shape[0]
         for t in range(index.shape[0]):
             for k in range(index.shape[1]):
                 e, g = int(index[t, k]), float(weight[t, k])
@@ -365,10 +387,15 @@ OWN_EXPERT_INPUT = ROUTER_ON_THE_LAYER | {"muse_spark"}
 
 
 def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict[str, Any]:
-    """Run each chunk alone (no padding) and sum routing and expert norms by hand."""
+    """Run each chunk alone (no padding) and sum routing and expert norms by hand, over every
+    call of each layer's modules: a looped layer (Inkling 2 Loop) runs once per pass, and each
+    pass is routed and summed on its own inputs."""
     model = load_model(path)
     config = model.config.get_text_config()
     chunks = load_token_data(data, tokenizer, seq_len=SEQ_LEN).chunks
+    # one forward before any hook: where grouped_mm refuses the shapes (Llama 4), the oracle
+    # falls back to eager after a failed try that would leave a partial call's inputs behind
+    logits(model, chunks[0].long()[None])
     ckpt = open_checkpoint(path)
     layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
     E = layout.experts.num_experts
@@ -385,14 +412,14 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
     mlp = _Sums(len(routers), E)
     moa = _Sums(len(routers), E)
     usage = torch.zeros(len(o_projs), heads, dtype=torch.float64)
-    inputs: dict[tuple[str, int], Any] = {}
+    inputs: dict[tuple[str, int], list[Any]] = {}  # module -> its input at each call
     handles = []
     for row, layer in enumerate(sorted(routers)):
         name, router = routers[layer]
         block = moe_block(model, name)
         handles.append(
             block.register_forward_pre_hook(
-                lambda _m, a, row=row: inputs.__setitem__(("mlp", row), a[0])
+                lambda _m, a, row=row: inputs.setdefault(("mlp", row), []).append(a[0])
             )
         )
         if family == "zaya":  # keep what its router returned (it reads the last layer's)
@@ -405,13 +432,15 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
             for key, module in (("router", router), ("experts", block.experts)):
                 handles.append(
                     module.register_forward_pre_hook(
-                        lambda _m, a, key=key, row=row: inputs.__setitem__((key, row), a[0])
+                        lambda _m, a, key=key, row=row: inputs.setdefault((key, row), []).append(
+                            a[0]
+                        )
                     )
                 )
     for layer, o_proj in o_projs.items():
         handles.append(
             o_proj.register_forward_pre_hook(
-                lambda _m, a, layer=layer: inputs.__setitem__(("o", layer), a[0])
+                lambda _m, a, layer=layer: inputs.setdefault(("o", layer), []).append(a[0])
             )
         )
     attention = find_routers(model, attention=True)
@@ -420,7 +449,7 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
 
         def spy(fn: Any, key: tuple[str, int]) -> Any:
             def wrapped(x: Any, *rest: Any) -> Any:
-                inputs[key] = x
+                inputs.setdefault(key, []).append(x)
                 return fn(x, *rest)
 
             return wrapped
@@ -429,43 +458,49 @@ def reference_stats(family: str, path: Path, data: Path, tokenizer: Any) -> dict
         block.reduce = spy(block.reduce, ("reduce", row))
     with torch.no_grad():
         for chunk in chunks:
+            inputs.clear()
             logits(model, chunk.long()[None])  # (Llama 4: through its language_model)
             for row, layer in enumerate(sorted(routers)):
                 name, router = routers[layer]
                 block = moe_block(model, name)
-                x = inputs["mlp", row].reshape(-1, config.hidden_size)  # [T, D]
-                if family in OWN_EXPERT_INPUT:
-                    index, weight = _route_by_hand(family, router, inputs["router", row], config)
-                    x = inputs["experts", row]  # [T, D]
-                else:
-                    index, weight = _route_by_hand(
-                        family, router, x, config, block=block, ids=chunk.long()
-                    )
-                outs = torch.stack(
-                    [
-                        torch.stack(
-                            [_expert_by_hand(family, block, int(e), x[t], config) for e in row_ids]
+                for call, x in enumerate(inputs["mlp", row]):  # every pass of a looped layer
+                    x = x.reshape(-1, config.hidden_size)  # [T, D]
+                    if family in OWN_EXPERT_INPUT:
+                        x_router = inputs["router", row][call]
+                        index, weight = _route_by_hand(family, router, x_router, config)
+                        x = inputs["experts", row][call]  # [T, D]
+                    else:
+                        index, weight = _route_by_hand(
+                            family, router, x, config, block=block, ids=chunk.long()
                         )
-                        for t, row_ids in enumerate(index)
-                    ]
-                )  # [T, K, D]
-                mlp.add(row, index, weight, outs)
+                    outs = torch.stack(
+                        [
+                            torch.stack(
+                                [_expert_by_hand(family, block, int(e), x[t], config) for e in ids]
+                            )
+                            for t, ids in enumerate(index)
+                        ]
+                    )  # [T, K, D]
+                    mlp.add(row, index, weight, outs)
             for row, layer in enumerate(sorted(attention)):
                 name, router = attention[layer]
                 block = parent_of(model, name)
-                x = inputs["map", row].reshape(-1, config.hidden_size)
-                index, weight = _route_by_hand(family, router, x, config)
-                slots = inputs["reduce", row].reshape(index.shape[0], index.shape[1], -1)
-                w_out = block.output_linear.weight  # [E, D, hd]
-                outs = torch.einsum("tkh,tkdh->tkd", slots, w_out[index])  # [T, K, D]
-                moa.add(row, index, weight, outs)
+                for call, x in enumerate(inputs["map", row]):
+                    x = x.reshape(-1, config.hidden_size)
+                    index, weight = _route_by_hand(family, router, x, config)
+                    slots = inputs["reduce", row][call]
+                    slots = slots.reshape(index.shape[0], index.shape[1], -1)
+                    w_out = block.output_linear.weight  # [E, D, hd]
+                    outs = torch.einsum("tkh,tkdh->tkd", slots, w_out[index])  # [T, K, D]
+                    moa.add(row, index, weight, outs)
             for att_row, (layer, o_proj) in enumerate(sorted(o_projs.items())):
-                x = inputs["o", layer].reshape(-1, o_proj.in_features)
-                width = o_proj.in_features // heads
-                for h in range(heads):
-                    cols = slice(h * width, (h + 1) * width)
-                    part = F.linear(x[:, cols], o_proj.weight[:, cols])  # [T, D]
-                    usage[att_row, h] += part.double().norm(dim=-1).sum()
+                for x in inputs["o", layer]:
+                    x = x.reshape(-1, o_proj.in_features)
+                    width = o_proj.in_features // heads
+                    for h in range(heads):
+                        cols = slice(h * width, (h + 1) * width)
+                        part = F.linear(x[:, cols], o_proj.weight[:, cols])  # [T, D]
+                        usage[att_row, h] += part.double().norm(dim=-1).sum()
     for handle in handles:
         handle.remove()
     return {"experts": mlp, "attention_experts": moa if attention else None, "heads": usage}
@@ -483,6 +518,7 @@ def test_sums_match_a_by_hand_reference(family, model_dir, data):
     ref = reference_stats(family, path, data, tokenizer)
     for kind in expert_kinds(stats):
         got, want = getattr(stats, kind), ref[kind]
+        assert torch.equal(got.tokens, want.tokens), kind  # token passes, counted by hand
         assert torch.equal(got.count, want.count), kind
         for name in ("soft", "ean", "reap_num"):
             torch.testing.assert_close(

@@ -31,6 +31,10 @@ They only read: the model's outputs are unchanged (a test checks the logits).
 
 Hooks see flattened tokens (B*S rows); ``Recorder.set_mask`` gives the [B, S] attention mask of
 the batch about to run, and rows where it is 0 (padding) are dropped before anything is summed.
+
+A looped layer (Inkling 2 Loop: the adapter's ``[loop]``) runs its modules once per pass, so
+every hook above fires once per pass and adds: its sums cover every pass, and its ``tokens``
+count token passes (tokens x passes), the number of times its router routed a token.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class ExpertSums:
         self.ean = torch.zeros(shape, dtype=dtype, device=device)
         self.reap_num = torch.zeros(shape, dtype=dtype, device=device)
         self.tokens = torch.zeros(len(self.layers), dtype=torch.int64, device=device)  # [L]
+        self.passes = [layout.passes.of(L) for L in self.layers]  # [L] runs per token
         # slots routed to rows that are not prunable experts (LongCat's zero experts)  [L]
         self.extra = torch.zeros(len(self.layers), dtype=torch.int64, device=device)
 
@@ -75,7 +80,8 @@ class ExpertSums:
         tokens: int,
     ) -> None:
         """Add N routed (token, slot) pairs: ``expert`` [N] ids, ``gate`` [N] g_i(t),
-        ``norm`` [N] ‖E_i(x_t)‖₂; ``tokens`` real tokens went through the layer."""
+        ``norm`` [N] ‖E_i(x_t)‖₂; ``tokens`` real tokens went through the layer (in one
+        pass: a looped layer's hook adds once per pass)."""
         acc = self.soft.dtype
         # not counted as routed: LongCat's zero-compute experts (ids >= E), and slots of weight
         # 0, which add nothing (Zaya passes its skip class on as expert 0 with weight 0)
@@ -101,7 +107,13 @@ class ExpertSums:
             reap_num=cpu(self.reap_num, torch.float64),
             tokens=cpu(self.tokens, torch.int64),
             extra_slots=cpu(self.extra, torch.int64) if bool(self.extra.any()) else None,
+            passes=_passes_tensor(self.passes),
         )
+
+
+def _passes_tensor(passes: list[int]) -> torch.Tensor | None:
+    """[L] int64 runs per token of each row's layer; None when every layer runs once."""
+    return torch.tensor(passes, dtype=torch.int64) if any(p != 1 for p in passes) else None
 
 
 class Recorder:
@@ -131,6 +143,7 @@ class Recorder:
             self.sums[kind] = ExpertSums(expert_layout, device=self.device, dtype=acc)
             self._plan_experts(kind, expert_layout)
         self.head_layers: tuple[int, ...] = ()
+        self._head_passes: list[int] = []  # runs per token of each head layer
         self._head_usage: torch.Tensor | None = None  # [L_all, H]
         self._head_tokens: torch.Tensor | None = None  # [L_all]
         if heads:
@@ -197,6 +210,7 @@ class Recorder:
             layers=self.head_layers,
             usage=self._head_usage.detach().to("cpu", torch.float64),
             tokens=self._head_tokens.detach().to("cpu", torch.int64),
+            passes=_passes_tensor(self._head_passes),
         )
 
     # ---------------------------------------------------------------------------- experts
@@ -336,6 +350,7 @@ class Recorder:
                 hint="its adapter must refuse head pruning (heads.unsupported)",
             ) from None
         self.head_layers = tuple(sorted(o_projs))
+        self._head_passes = [layout.passes.of(L) for L in self.head_layers]
         self._head_usage = torch.zeros(len(o_projs), heads, dtype=acc, device=self.device)
         self._head_tokens = torch.zeros(len(o_projs), dtype=torch.int64, device=self.device)
         for row, layer in enumerate(self.head_layers):

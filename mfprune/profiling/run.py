@@ -79,6 +79,9 @@ def profile_model(
     layout = resolve_layout(ckpt, spec)
     if sequential:
         layout.require_one_stack("--sequential profiling")
+        layout.require_single_pass(
+            "--sequential profiling", hint="profile it whole (without --sequential)"
+        )
     _check_counts(max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len)
     seq_len = resolve_seq_len(ckpt.config, seq_len)
     world = distributed.detect_world()
@@ -210,17 +213,33 @@ class _Run:
 
 
 def _complete(stats: ExpertStats | None, total: int, what: str) -> ExpertStats:
-    """Every MoE layer must have seen every token: a module that bypassed the hooks (a fused
-    kernel swapped in for the MoE block, say) would otherwise leave silent zeros."""
-    seen = [] if stats is None else zip(stats.layers, stats.tokens.tolist(), strict=True)
-    missed = [layer for layer, n in seen if n != total]
-    if stats is None or missed:
+    """Every MoE layer must have seen every token, once per pass (a looped layer runs several
+    times per token, ``ExpertStats.passes``): a module that bypassed the hooks (a fused kernel
+    swapped in for the MoE block, say) would otherwise leave silent zeros, and a loop the
+    adapter does not describe, sums over the wrong number of passes."""
+    if stats is None:
         raise ModelError(
-            f"the profiling hooks saw no {what} output in layers {missed or 'any'}",
+            f"the profiling hooks saw no {what} output in any layer",
             hint="the model ran a code path mfprune does not hook (e.g. a hub kernel for the "
             "MoE block); please report it with the model's config.json",
         )
-    return stats
+    seen = zip(stats.layers, stats.tokens.tolist(), stats.layer_passes().tolist(), strict=True)
+    off = [(layer, n, passes) for layer, n, passes in seen if n != total * passes]
+    if not off:
+        return stats
+    if all(n == 0 for _, n, _ in off):
+        raise ModelError(
+            f"the profiling hooks saw no {what} output in layers {[L for L, _, _ in off]}",
+            hint="the model ran a code path mfprune does not hook (e.g. a hub kernel for the "
+            "MoE block); please report it with the model's config.json",
+        )
+    shown = ", ".join(f"layer {L}: {n} for {passes} x {total}" for L, n, passes in off)
+    raise ModelError(
+        f"the {what} routers routed another number of tokens than the model ran ({shown}): "
+        "a layer ran more or fewer times per token than the adapter says",
+        hint="a model whose layers run several times per token (looped layers) needs a [loop] "
+        "rule in its adapter (docs/adding-an-architecture.md)",
+    )
 
 
 DEFAULT_SEQ_LEN = 2048

@@ -42,15 +42,22 @@ class ExpertStats:
     soft: torch.Tensor  # [L, E] float64: Σ_{t∈T_i} g_i(t)
     ean: torch.Tensor  # [L, E] float64: Σ_{t∈T_i} ‖E_i(x_t)‖₂
     reap_num: torch.Tensor  # [L, E] float64: Σ_{t∈T_i} g_i(t)·‖E_i(x_t)‖₂
-    tokens: torch.Tensor  # [L] int64: tokens through each layer
+    tokens: torch.Tensor  # [L] int64: token passes through each layer (tokens x passes)
     # [L] int64: slots routed to router rows that are not prunable experts (LongCat's
     # zero-compute experts, Zaya's skip class) or given weight 0; None when there are none.
     # count sums to tokens * K minus these.
     extra_slots: torch.Tensor | None = None
+    # [L] int64: how many times each layer runs per token (looped layers, Inkling 2 Loop: more
+    # than once, every pass summed); None: every layer once
+    passes: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
         return self.count.shape[1]
+
+    def layer_passes(self) -> torch.Tensor:
+        """[L] int64: how many times each layer runs per token."""
+        return _passes(self.passes, len(self.layers))
 
     def reap(self) -> torch.Tensor:
         """[L, E] mean of g·‖E(x)‖ over routed tokens; 0 for experts never routed to."""
@@ -73,10 +80,25 @@ class HeadStats:
 
     layers: tuple[int, ...]  # [L_att]
     usage: torch.Tensor  # [L_att, H] float64
-    tokens: torch.Tensor  # [L_att] int64
+    tokens: torch.Tensor  # [L_att] int64: token passes (tokens x passes)
+    passes: torch.Tensor | None = None  # [L_att] int64, as ExpertStats.passes
 
     def add(self, other: HeadStats) -> HeadStats:
         return replace(self, usage=self.usage + other.usage, tokens=self.tokens + other.tokens)
+
+    def layer_passes(self) -> torch.Tensor:
+        """[L_att] int64: how many times each layer runs per token."""
+        return _passes(self.passes, len(self.layers))
+
+
+def _passes(passes: torch.Tensor | None, rows: int) -> torch.Tensor:
+    return passes if passes is not None else torch.ones(rows, dtype=torch.int64)
+
+
+def looped(passes: torch.Tensor | None) -> bool:
+    """Whether a ``passes`` tensor names a layer that runs more than once per token (the file
+    records it only then)."""
+    return passes is not None and bool((passes != 1).any())
 
 
 @dataclass(frozen=True)
@@ -130,10 +152,14 @@ class ProfileStats:
                 tensors[f"{kind}.{name}"] = getattr(stats, name)
             if stats.extra_slots is not None and bool(stats.extra_slots.any()):
                 tensors[f"{kind}.extra_slots"] = stats.extra_slots
+            if looped(stats.passes):
+                tensors[f"{kind}.passes"] = stats.layer_passes()
         if self.heads is not None:
             tensors["heads.layers"] = torch.tensor(self.heads.layers, dtype=torch.int64)
             tensors["heads.usage"] = self.heads.usage
             tensors["heads.tokens"] = self.heads.tokens
+            if looped(self.heads.passes):
+                tensors["heads.passes"] = self.heads.layer_passes()
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         target = path if isinstance(path, OutputTarget) else check_stats_out(path)
         return write_file(target, sorted_metadata(save(tensors, metadata=meta)))
@@ -220,7 +246,8 @@ def _add(a: ProfileStats, b: ProfileStats) -> ProfileStats:
     for kind in (*EXPERT_KINDS, "heads"):
         if _Shape.of(getattr(a, kind)) != _Shape.of(getattr(b, kind)):
             raise StatsError(
-                f"the stats disagree on {kind} (layers, shapes or top-k) although they name "
+                f"the stats disagree on {kind} (layers, shapes, top-k or passes per layer) "
+                "although they name "
                 "the same model",
                 hint="one of the files was edited; re-create it with `mfprune profile`",
             )
@@ -246,14 +273,16 @@ class _Shape:
     layers: tuple[int, ...]
     shape: tuple[int, ...]
     top_k: int
+    passes: tuple[int, ...]
 
     @classmethod
     def of(cls, s: ExpertStats | HeadStats | None) -> _Shape | None:
         if s is None:
             return None
+        passes = tuple(s.layer_passes().tolist())
         if isinstance(s, HeadStats):
-            return cls(s.layers, tuple(s.usage.shape), 0)
-        return cls(s.layers, tuple(s.count.shape), s.top_k)
+            return cls(s.layers, tuple(s.usage.shape), 0, passes)
+        return cls(s.layers, tuple(s.count.shape), s.top_k, passes)
 
 
 # ---------------------------------------------------------------------------------- save/load
@@ -374,10 +403,25 @@ class _Parser:
             raise self.fail(f"'{name}' = {list(layers)} is not a sorted list of layer indices")
         return layers
 
-    def tokens(self, kind: str, rows: int, total: int) -> torch.Tensor:
+    def passes(self, kind: str, rows: int) -> torch.Tensor | None:
+        """``{kind}.passes`` [rows]: absent (every layer once: files of models without looped
+        layers, and every file before it existed) or each layer's passes per token (≥ 1)."""
+        name = f"{kind}.passes"
+        if name not in self.tensors:
+            return None
+        passes = self.tensor(name, torch.int64, (rows,))
+        if (passes < 1).any():
+            raise self.fail(f"'{name}' = {passes.tolist()}: a layer runs at least once per token")
+        return passes
+
+    def tokens(self, kind: str, rows: int, total: int, passes: torch.Tensor | None) -> torch.Tensor:
         tokens = self.tensor(f"{kind}.tokens", torch.int64, (rows,))
-        if (tokens != total).any():
-            raise self.fail(f"'{kind}.tokens' = {tokens.tolist()} but the file says {total} tokens")
+        want = total * _passes(passes, rows)  # [rows]: every pass of a looped layer counts
+        if (tokens != want).any():
+            per = f" x passes {passes.tolist()}" if passes is not None else ""
+            raise self.fail(
+                f"'{kind}.tokens' = {tokens.tolist()} but the file says {total} tokens{per}"
+            )
         return tokens
 
     def experts(self, kind: str, total: int) -> ExpertStats | None:
@@ -391,7 +435,8 @@ class _Parser:
         shape = (len(layers), count.shape[1])
         sums = {k: self.tensor(f"{kind}.{k}", torch.float64, shape) for k in _EXPERT_SUMS[1:]}
         count = self.tensor(f"{kind}.count", torch.int64, shape)
-        tokens = self.tokens(kind, len(layers), total)
+        passes = self.passes(kind, len(layers))
+        tokens = self.tokens(kind, len(layers), total, passes)
         extra = None
         if f"{kind}.extra_slots" in self.tensors:
             extra = self.tensor(f"{kind}.extra_slots", torch.int64, (len(layers),))
@@ -400,10 +445,16 @@ class _Parser:
             more = f" (with {extra.tolist()} to zero-compute experts)" if extra is not None else ""
             raise self.fail(
                 f"'{kind}.count' routes {routed.tolist()} tokens per layer{more}, expected "
-                f"{total} tokens x top-{top_k}"
+                f"{tokens.tolist()} token passes x top-{top_k}"
             )
         return ExpertStats(
-            layers=layers, top_k=top_k, count=count, tokens=tokens, extra_slots=extra, **sums
+            layers=layers,
+            top_k=top_k,
+            count=count,
+            tokens=tokens,
+            extra_slots=extra,
+            passes=passes,
+            **sums,
         )
 
     def heads(self, total: int) -> HeadStats | None:
@@ -414,8 +465,12 @@ class _Parser:
         if usage is None or usage.dim() != 2:
             raise self.fail("tensor 'heads.usage' is missing or not 2-D")
         usage = self.tensor("heads.usage", torch.float64, (len(layers), usage.shape[1]))
+        passes = self.passes("heads", len(layers))
         return HeadStats(
-            layers=layers, usage=usage, tokens=self.tokens("heads", len(layers), total)
+            layers=layers,
+            usage=usage,
+            tokens=self.tokens("heads", len(layers), total, passes),
+            passes=passes,
         )
 
     def stats(self) -> ProfileStats:
@@ -443,9 +498,9 @@ class _Parser:
         known = {
             f"{k}.{n}"
             for k in EXPERT_KINDS
-            for n in (*_EXPERT_SUMS, "tokens", "layers", "extra_slots")
+            for n in (*_EXPERT_SUMS, "tokens", "layers", "extra_slots", "passes")
         }
-        known |= {"heads.layers", "heads.usage", "heads.tokens"}
+        known |= {"heads.layers", "heads.usage", "heads.tokens", "heads.passes"}
         unknown = sorted(set(self.tensors) - known)
         if unknown:
             raise self.fail(f"unknown tensors {unknown}")

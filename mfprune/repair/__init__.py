@@ -125,6 +125,7 @@ def repaired_tensors(
     if steps < 0:
         raise MfpruneError(f"--refit-steps must be 0 or more, not {steps}", hint="try 300")
     layout.require_one_stack("--repair")
+    layout.require_single_pass("--repair", hint="prune it with --repair none (the exact rewrite)")
     refuse_block_diffusion(ckpt.config, "--repair")
     start = time.perf_counter()
     experts = layout.experts
