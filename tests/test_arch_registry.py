@@ -154,6 +154,15 @@ def test_unknown_family_message(model_type, expected, absent):
         ),
         ("mixtral", ["top-2 of 8 experts scored by model.layers.L.block_sparse_moe.gate"]),
         ("llama4", ["the layers listed in moe_layers (when the config has it)"]),
+        (
+            "inkling2_loop",
+            [
+                "looped: layers 1..2 (loop_layer_index_start..loop_layer_index_end - 1) run 3 "
+                "times per token (loop_num_passes), so their routers see every token 3 times; "
+                "profiling sums every pass",
+                "MoE layers: every layer",
+            ],
+        ),
     ],
 )
 def test_inspect_states_the_routing_rule(family, phrases, tiny_checkpoint):
@@ -165,6 +174,8 @@ def test_inspect_states_the_routing_rule(family, phrases, tiny_checkpoint):
     if family in ("jamba", "mixtral"):
         assert "group-limited" not in report.experts.routing
         assert "bias" not in report.experts.routing
+    if family != "inkling2_loop":
+        assert "looped" not in report.experts.routing
 
 
 def test_a_list_of_moe_layers_decides_over_the_interleave_step(tiny_checkpoint, tmp_path):
@@ -254,3 +265,56 @@ def test_an_encoder_decoder_adapter_is_checked(tiny_checkpoint, tmp_path):
     (source / "config.json").write_text(json.dumps(config | {"num_decoder_layers": 3}))
     with pytest.raises(ModelError, match="num_decoder_layers = 3 but the weights hold 2 layers"):
         resolve_layout(open_checkpoint(source), parse_spec(data, source="ok.toml"))
+
+
+def test_a_loop_adapter_is_checked(tiny_checkpoint, tmp_path):
+    """[loop]: closed parsing; the passes come from the config's keys, the first present
+    deciding (a released config's loop_config wins, as in transformers); a config without
+    them, or with a loop outside the layers, is refused."""
+    import shutil
+    import tomllib
+
+    from mfprune.arch import parse_spec
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.checkpoint import open_checkpoint
+    from mfprune.errors import ModelError
+
+    text = (Path(__file__).parents[1] / "mfprune/arch/families/inkling2_loop.toml").read_text()
+    data = tomllib.loads(text)
+    bad = json.loads(json.dumps(data))  # a deep copy
+    bad["loop"]["pases_key"] = bad["loop"].pop("passes_key")
+    bad["loop"]["end_key"] = []
+    with pytest.raises(ArchError) as err:
+        parse_spec(bad, source="bad.toml")
+    for fragment in (
+        "loop: unknown key 'pases_key' — did you mean 'passes_key'?",
+        "loop: missing required key 'passes_key'",
+        "loop.end_key: name at least one config key",
+    ):
+        assert fragment in str(err.value)
+    spec = parse_spec(data, source="ok.toml")
+    source = tmp_path / "loop"
+    shutil.copytree(tiny_checkpoint("inkling2_loop"), source)
+    config = json.loads((source / "config.json").read_text())
+
+    def passes(text_config: dict) -> list[int]:
+        edited = json.loads(json.dumps(config))
+        edited["text_config"].update(text_config)
+        edited["text_config"] = {k: v for k, v in edited["text_config"].items() if v is not None}
+        (source / "config.json").write_text(json.dumps(edited))
+        layout = resolve_layout(open_checkpoint(source), spec)
+        assert layout.experts.passes == layout.passes
+        return [layout.passes.of(L) for L in range(layout.num_layers)]
+
+    assert passes({}) == [1, 3, 3, 1]
+    assert passes({"loop_config": {"num_passes": 2}}) == [1, 2, 2, 1]  # it wins; the rest flat
+    assert passes({"loop_config": {"core_start": 2, "core_end": 3}}) == [1, 1, 3, 1]
+    assert passes({"loop_num_passes": 1}) == [1, 1, 1, 1]  # once: no loop
+    with pytest.raises(ModelError, match=r"no valid 'text_config\.loop_config\.num_passes' or "):
+        passes({"loop_num_passes": None})  # transformers would take its default (3)
+    with pytest.raises(ModelError, match=r"got 2\.0"):
+        passes({"loop_num_passes": 2.0})
+    with pytest.raises(ModelError, match="but the model has 4 layers"):
+        passes({"loop_layer_index_end": 6})
+    with pytest.raises(ModelError, match="run at least once"):
+        passes({"loop_num_passes": 0})

@@ -905,3 +905,102 @@ def test_cli_profiles_a_block_diffusion_model_through_its_encoder(model_dir, dat
     assert_clean_error(run("bench", model), "benching is not supported for block-diffusion")
     result = run("profile", model, *common, "--out", tmp_path / "s.st", "--sequential")
     assert_clean_error(result, "no causal-LM class to run layer by layer")
+
+
+@pytest.mark.parametrize("family", sorted(LOOPED))
+def test_cli_profiles_looped_layers_and_prunes_them_exactly(family, model_dir, data, tmp_path):
+    # Inkling 2 Loop: layers 1 and 2 run 3 times per token; their stats sum every pass (token
+    # passes: tokens x 3, recorded as experts.passes), a plan from them prunes the model
+    # exactly (the oracle masks every pass), and the steps that run each layer once refuse it
+    from checks import assert_exact, removed
+
+    from mfprune.plan import PrunePlan
+
+    model, stats = model_dir(family), tmp_path / "stats.safetensors"
+    common = ["--data", data, "--seq-len", SEQ_LEN, "--device", "cpu"]
+    assert run("profile", model, *common, "--out", stats).exit_code == 0
+    loaded = ProfileStats.load(stats)
+    real, experts = loaded.meta.tokens, loaded.experts
+    assert experts.passes is not None and experts.passes.tolist() == [1, 3, 3, 1]
+    assert experts.tokens.tolist() == [real, 3 * real, 3 * real, real]
+    prune = ["prune", model, "--profile", stats, "--keep-ratio", "0.5"]
+    result = run(*prune, "--out", tmp_path / "small", "--verify")
+    assert result.exit_code == 0, result.stderr
+    kept = PrunePlan.load(tmp_path / "small" / "mfprune_plan.json").experts
+    assert sorted(kept) == [0, 1, 2, 3]
+    assert_exact(
+        model, tmp_path / "small", experts=removed({L: list(v) for L, v in kept.items()}, 8)
+    )
+    result = run("profile", model, *common, "--out", tmp_path / "s.st", "--sequential")
+    assert_clean_error(
+        result,
+        "--sequential profiling is not supported for models with looped layers",
+        "layers 1..2 (loop_layer_index_start..loop_layer_index_end - 1) run 3 times per token",
+        "without --sequential",
+    )
+    result = run(*prune, "--out", tmp_path / "r", "--repair", "refit", "--data", data)
+    assert_clean_error(result, "--repair is not supported for models with looped layers")
+    assert not (tmp_path / "s.st").exists() and not (tmp_path / "r").exists()
+
+
+def test_looped_stats_save_merge_and_are_checked(model_dir, data, tmp_path):
+    """Each layer's passes travel with the stats: saved (only where a layer runs more than
+    once, so every other file is as before), merged, and checked against the token counts."""
+    path = model_dir("inkling2_loop")
+    whole = profile(path, data)
+    halves = [profile(path, data, shard=Shard(i, 2)) for i in range(2)]
+    merged = merge_stats(*halves)
+    assert_same_stats(whole, merged, rtol=1e-5)
+    assert torch.equal(merged.experts.layer_passes(), torch.tensor([1, 3, 3, 1]))
+    good = merged.save(tmp_path / "merged.safetensors")
+    loaded = ProfileStats.load(good)
+    assert_same_stats(merged, loaded, rtol=0)
+    assert torch.equal(loaded.experts.passes, merged.experts.passes)
+    with safe_open(good, "pt") as f:
+        assert "experts.passes" in f.keys()  # noqa: SIM118 - safe_open API
+    plain = profile(model_dir("mixtral"), data).save(tmp_path / "plain.safetensors")
+    with safe_open(plain, "pt") as f:
+        assert not any(k.endswith(".passes") for k in f.keys())  # noqa: SIM118
+    assert ProfileStats.load(plain).experts.passes is None  # every layer once
+
+    def once(t: dict, _m: dict) -> None:
+        t["experts.passes"] = torch.ones(4, dtype=torch.int64)
+
+    def never(t: dict, _m: dict) -> None:
+        t["experts.passes"][1] = 0
+
+    cases = {
+        "passes dropped": (lambda t, _m: t.pop("experts.passes"), "'experts.tokens' = ["),
+        "passes edited": (once, "x passes [1, 1, 1, 1]"),
+        "zero passes": (never, "a layer runs at least once per token"),
+    }
+    for name, (edit, fragment) in cases.items():
+        bad = _tamper(good, tmp_path / f"{name}.safetensors", edit)
+        with pytest.raises(StatsError) as info:
+            ProfileStats.load(bad)
+        assert fragment in str(info.value), (name, str(info.value))
+    with pytest.raises(StatsError, match="passes per layer"):  # the same model, edited stats
+        once_more = replace(halves[1], experts=replace(halves[1].experts, passes=None))
+        merge_stats(halves[0], once_more)
+
+
+def test_a_loop_the_adapter_does_not_describe_is_an_error(model_dir, data):
+    """Without its [loop] rule, Inkling 2 Loop's looped layers route 3 times as many tokens as
+    the profile ran: refused with the reason, never stats that count a pass as a token."""
+    import tomllib
+
+    from mfprune.arch import parse_spec
+
+    text = (Path(__file__).parents[1] / "mfprune/arch/families/inkling2_loop.toml").read_text()
+    adapter = tomllib.loads(text)
+    del adapter["loop"]
+    with pytest.raises(ModelError) as info:
+        profile(model_dir("inkling2_loop"), data, spec=parse_spec(adapter, source="no-loop.toml"))
+    message = str(info.value)
+    assert "routed another number of tokens than the model ran" in message
+    found = re.findall(r"layer (\d+): (\d+) for 1 x (\d+)", message)
+    assert [(L, int(n) // int(t), int(n) % int(t)) for L, n, t in found] == [
+        ("1", 3, 0),
+        ("2", 3, 0),
+    ]
+    assert "[loop]" in info.value.hint

@@ -272,6 +272,8 @@ def test_bad_repair_options(pruned, task, tmp_path, args, message):
     [
         ("gpt_oss", [], "cannot refit GptOssExperts"),
         ("jetmoe", ["--attention-keep-ratio", "0.5"], "repairs MLP experts only"),
+        # layers 1 and 2 run 3 times per token: the refit takes each layer's input once
+        ("inkling2_loop_text", [], "--repair is not supported for models with looped layers"),
     ],
 )
 def test_refit_refuses_what_it_cannot_model(model_dir, task, tmp_path, family, extra, message):
