@@ -181,6 +181,13 @@ class ModelLayout:
     def family(self) -> str:
         return self.spec.family
 
+    def real_name(self, name: str) -> str:
+        """``name`` as stored: mfprune numbers MTP layers kept under their own prefix
+        (``spec.mtp_prefix``) after the decoder layers (``mfprune.arch.mtp_prefix``)."""
+        from mfprune.arch.mtp_prefix import real_name
+
+        return real_name(self.spec, self.num_layers, name)
+
     def require_one_stack(self, what: str) -> None:
         """Refuse ``what`` for an encoder-decoder model: a step that knows one decoder stack of
         a causal LM (profiling layer by layer, repair, bench)."""
@@ -253,7 +260,9 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             hint="the config does not match the weights; fix config.json",
         )
     from mfprune.arch.consistency import check_config_against_weights, check_layer_count
+    from mfprune.arch.mtp_prefix import mtp_view
 
+    ckpt = mtp_view(ckpt, spec, num_layers)  # MTP layers under their own prefix: N, N + 1..
     check_layer_count(ckpt, spec, num_layers)
     n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
     # MTP layers as stored: save_pretrained writes the config key but never the layer
