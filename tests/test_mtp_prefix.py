@@ -1,0 +1,247 @@
+"""Multi-token-prediction layers under their own prefix (Qwen3-Next, Qwen3.5-MoE, Qwen4-Exp:
+``mtp.layers.N.*`` beside ``mtp.fc`` / ``mtp.norm`` / ``mtp.pre_fc_norm_*``, counted by
+``mtp_num_hidden_layers``). transformers ignores ``^mtp.*``; servers build the head with the
+config's expert count, so the rewrite prunes it like the last decoder layer, or removes it
+whole with ``--drop-mtp``. An expert-looking tensor outside the decoder layers that no rule
+covers stops a prune that changes the count."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from importlib import resources
+
+import pytest
+import torch
+from checks import assert_exact, removed
+from safetensors.torch import load_file, save_file
+
+from mfprune import PrunePlan, rewrite_checkpoint
+from mfprune.arch import load_spec_file
+from mfprune.arch.spec import parse_spec
+from mfprune.errors import ArchError, ModelError
+from mfprune.inspect import inspect_model
+
+E = 8
+KEPT = {0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}  # the last decoder layer keeps 1, 3, 4, 6
+# family -> (decoder-layer prefix, where the counts live: "" top level or "text_config")
+FAMILIES = {
+    "qwen3_next": ("model.layers.", ""),
+    "qwen4_exp_text": ("model.layers.", ""),
+    "qwen3_5_moe": ("model.language_model.layers.", "text_config"),
+}
+HEAD = {  # the MTP head's own tensors, copied unchanged
+    "mtp.fc.weight": lambda d: [d, 2 * d],
+    "mtp.norm.weight": lambda d: [d],
+    "mtp.pre_fc_norm_embedding.weight": lambda d: [d],
+    "mtp.pre_fc_norm_hidden.weight": lambda d: [d],
+}
+
+
+def _with_mtp(source, out, *, prefix: str, where: str, n_mtp: int = 1, stored: int = 1):
+    """Copy ``source`` with ``stored`` MTP layers mtp.layers.i.* (the last decoder layer's
+    tensors, perturbed: a full-attention MoE layer) and the MTP head's own tensors."""
+    shutil.copytree(source, out)
+    tensors = load_file(out / "model.safetensors")
+    last = f"{prefix}{max(KEPT)}."
+    g = torch.Generator().manual_seed(5)
+    for name, t in list(tensors.items()):
+        if name.startswith(last):
+            for i in range(stored):
+                noise = torch.randn(t.shape, generator=g) * 0.01
+                tensors[f"mtp.layers.{i}." + name[len(last) :]] = (t + noise).contiguous()
+    d = next(t for n, t in tensors.items() if n.endswith("embed_tokens.weight")).shape[1]
+    for name, shape in HEAD.items():
+        tensors[name] = torch.randn(shape(d), generator=g)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    (config[where] if where else config)["mtp_num_hidden_layers"] = n_mtp
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _lm(config: dict, where: str) -> dict:
+    return config[where] if where else config
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def source(request, tiny_checkpoint, tmp_path_factory):
+    family = request.param
+    prefix, where = FAMILIES[family]
+    out = tmp_path_factory.mktemp(f"mtp-{family}") / "model"
+    return family, _with_mtp(tiny_checkpoint(family), out, prefix=prefix, where=where)
+
+
+def _mtp_experts(tensors: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """MTP layer 0's per-expert tensors: expert id -> {name after the id: tensor}."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        m = re.match(r"mtp\.layers\.0\.mlp\.experts\.(\d+)\.(.*)$", name)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = t
+    return found
+
+
+def test_mtp_layer_keeps_the_last_layers_experts_and_the_model_stays_exact(source, tmp_path):
+    family, src = source
+    _, where = FAMILIES[family]
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    # the MTP router's rows and every tensor of a kept expert, byte for byte, renumbered
+    router = "mtp.layers.0.mlp.gate.weight"
+    assert torch.equal(after[router], before[router][KEPT[1]])
+    old, new = _mtp_experts(before), _mtp_experts(after)
+    assert sorted(new) == [0, 1, 2, 3] and len(new[0]) == 3
+    for new_id, old_id in enumerate(KEPT[1]):
+        for rest, t in new[new_id].items():
+            assert torch.equal(t.view(torch.uint8), old[old_id][rest].view(torch.uint8)), rest
+    # everything else of the MTP head is copied: fc, norms, attention, the shared expert
+    for name, t in before.items():
+        if name.startswith("mtp.") and ".mlp.experts." not in name and name != router:
+            assert torch.equal(after[name], t), name
+    # every output tensor is its source's bytes (a kept expert's under its new number)
+    prefix = re.escape(FAMILIES[family][0])
+    expert = re.compile(rf"^((?:{prefix}|mtp\.layers\.)(\d+)\.mlp\.experts\.)(\d+)(\..*)$")
+    for name, t in after.items():
+        m = expert.match(name)
+        layer = 1 if name.startswith("mtp.") else int(m.group(2)) if m else None
+        origin = f"{m.group(1)}{KEPT[layer][int(m.group(3))]}{m.group(4)}" if m else name
+        if before[origin].shape == t.shape:
+            assert torch.equal(t.view(torch.uint8), before[origin].view(torch.uint8)), name
+    config = json.loads((out / "config.json").read_text())
+    assert (_lm(config, where)["num_experts"], _lm(config, where)["mtp_num_hidden_layers"]) == (
+        4,
+        1,
+    )
+    plan = PrunePlan.load(out / "mfprune_plan.json")
+    assert plan.experts[2] == tuple(KEPT[1]) and "MTP layer(s) [2]" in plan.meta["mtp"]
+    # stock transformers ignores ^mtp.*: the language model is the masked original
+    assert_exact(src, out, experts=removed(KEPT, E), allow_unexpected=True)
+
+
+def test_mtp_heads_follow_the_last_layer(tiny_checkpoint, tmp_path):
+    src = _with_mtp(
+        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where=""
+    )
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(src, PrunePlan(heads={1: [1, 3]}), out)  # layer 0: Gated DeltaNet
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for part in ("q_proj", "o_proj"):
+        name = f"model.layers.1.self_attn.{part}.weight"
+        mtp = f"mtp.layers.0.self_attn.{part}.weight"
+        assert after[mtp].shape == after[name].shape != before[name].shape, part
+    assert after["mtp.layers.0.mlp.gate.weight"].shape[0] == E  # no expert plan: all kept
+    assert_exact(src, out, heads=removed({1: [1, 3]}, 4), allow_unexpected=True)
+
+
+def test_drop_mtp_removes_the_whole_mtp_head_and_says_so(tiny_checkpoint, tmp_path):
+    src = _with_mtp(
+        tiny_checkpoint("qwen3_5_moe"),
+        tmp_path / "src",
+        prefix="model.language_model.layers.",
+        where="text_config",
+    )
+    out = tmp_path / "pruned"
+    result = rewrite_checkpoint(src, PrunePlan(experts=KEPT), out, drop_mtp=True)
+    assert not [n for n in load_file(out / "model.safetensors") if n.startswith("mtp.")]
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["num_experts"], text["mtp_num_hidden_layers"]) == (4, 0)
+    assert result.config_changes["text_config.mtp_num_hidden_layers"] == [1, 0]
+    assert_exact(src, out, experts=removed(KEPT, E))  # no unexpected keys left
+
+
+def test_inspect_reports_the_mtp_layer_under_its_own_prefix(source):
+    report = inspect_model(source[1])
+    assert report.mtp_layers == [2] and report.uncovered_expert_tensors == []
+
+
+def test_more_mtp_layers_stored_than_the_config_counts_is_refused(tiny_checkpoint, tmp_path):
+    src = _with_mtp(
+        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where="", stored=2
+    )
+    with pytest.raises(
+        ModelError, match=r"num_hidden_layers = 2 \(\+ 1 MTP\) but the weights hold 4"
+    ):
+        rewrite_checkpoint(src, PrunePlan(experts=KEPT), tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()
+
+
+def _without_rule(tmp_path):
+    """The built-in qwen3_next adapter without its mtp_prefix rule."""
+    builtin = resources.files("mfprune.arch").joinpath("families", "qwen3_next.toml")
+    text = builtin.read_text("utf-8").replace('mtp_prefix = "mtp.layers.{layer}."', "")
+    adapter = tmp_path / "no_prefix.toml"
+    adapter.write_text(text)
+    return load_spec_file(adapter)
+
+
+def test_an_mtp_head_the_adapter_does_not_describe_stops_the_prune(tiny_checkpoint, tmp_path):
+    src = _with_mtp(
+        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where=""
+    )
+    spec = _without_rule(tmp_path)
+    out = tmp_path / "pruned"
+    with pytest.raises(
+        ModelError,
+        match=r"25 tensor\(s\) outside the decoder layers look like experts or a router of an "
+        r"MoE this rewrite does not prune: mtp\.layers\.0\.mlp\.experts\.0\..*num_experts = 8 "
+        r"changes; nothing was written",
+    ):
+        rewrite_checkpoint(src, PrunePlan(experts=KEPT), out, spec=spec)
+    assert not out.exists()
+    uncovered = inspect_model(src, spec=spec).uncovered_expert_tensors
+    assert "mtp.layers.0.mlp.gate.weight" in uncovered and len(uncovered) == 25
+
+
+def test_an_unknown_expert_tensor_outside_the_layers_stops_the_prune(tiny_checkpoint, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("qwen3_next"), src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.extra_moe.experts.3.w.weight"] = torch.zeros(4, 4)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "pruned"
+    with pytest.raises(ModelError, match=r"model\.extra_moe\.experts\.3\.w\.weight \[4, 4\]"):
+        rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)
+    assert not out.exists()
+    # a plan that keeps every expert changes no count: the tensor is copied as it is
+    rewrite_checkpoint(src, PrunePlan(heads={1: [1, 3]}), out)
+    assert "model.extra_moe.experts.3.w.weight" in load_file(out / "model.safetensors")
+
+
+def test_parts_carried_on_purpose_pass_the_check(tiny_checkpoint, tmp_path):
+    """dots.note 3's vision tower routes over experts of its own (``untouched``): copied."""
+    src = tiny_checkpoint("dots3_note")
+    spec_text = resources.files("mfprune.arch").joinpath("families", "dots3_note.toml")
+    adapter = tmp_path / "no_untouched.toml"
+    adapter.write_text(spec_text.read_text("utf-8").replace('untouched = ["vision_encoder."]', ""))
+    kept = {1: [0, 2, 5, 7], 2: [1, 3, 4, 6]}
+    with pytest.raises(ModelError, match=r"vision_encoder\.blocks\.0\.mlp\.experts\.0\."):
+        rewrite_checkpoint(
+            src, PrunePlan(experts=kept), tmp_path / "a", spec=load_spec_file(adapter)
+        )
+    rewrite_checkpoint(src, PrunePlan(experts=kept), tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, "mtp_prefix needs mtp_layers_key"),
+        ({"mtp_layers_key": "n", "mtp_prefix": "mtp.{layer}."}, "expected '<module>.<list>"),
+        ({"mtp_layers_key": "n", "mtp_prefix": "model.mtp_layers.{layer}."}, "holds the decoder"),
+    ],
+)
+def test_a_malformed_mtp_prefix_is_refused(extra, message):
+    data = {
+        "family": "x",
+        "mtp_prefix": "mtp.layers.{layer}.",
+        "experts": {
+            "count_keys": ["num_experts"],
+            "router": "model.layers.{layer}.mlp.gate.weight",
+            "per_expert": ["model.layers.{layer}.mlp.experts.{expert}.w.weight"],
+        },
+        **extra,
+    }
+    with pytest.raises(ArchError, match=re.escape(message)):
+        parse_spec(data, source="test")
