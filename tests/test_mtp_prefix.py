@@ -245,3 +245,21 @@ def test_a_malformed_mtp_prefix_is_refused(extra, message):
     }
     with pytest.raises(ArchError, match=re.escape(message)):
         parse_spec(data, source="test")
+
+
+def test_quantization_config_names_of_mtp_experts_are_renumbered(tiny_checkpoint, tmp_path):
+    src = _with_mtp(
+        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where=""
+    )
+    config = json.loads((src / "config.json").read_text())
+    names = [
+        "mtp.layers.0.mlp.experts.4.down_proj",
+        "mtp.layers.0.mlp.experts.5.up_proj",
+        "lm_head",
+    ]
+    config["quantization_config"] = {"quant_method": "fp8", "modules_to_not_convert": names}
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)  # MTP keeps 1, 3, 4, 6
+    written = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert written["modules_to_not_convert"] == ["mtp.layers.0.mlp.experts.2.down_proj", "lm_head"]
