@@ -263,3 +263,38 @@ def test_quantization_config_names_of_mtp_experts_are_renumbered(tiny_checkpoint
     rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)  # MTP keeps 1, 3, 4, 6
     written = json.loads((out / "config.json").read_text())["quantization_config"]
     assert written["modules_to_not_convert"] == ["mtp.layers.0.mlp.experts.2.down_proj", "lm_head"]
+
+
+def test_an_mtp_layer_saved_with_fused_experts_is_sliced(tiny_checkpoint, tmp_path):
+    """A released Qwen4-Exp checkpoint saves its MTP experts fused
+    (``mtp.layers.0.mlp.experts.gate_up_proj`` [E, 2I, D], ``down_proj`` [E, D, I]) beside
+    decoder layers saved one expert at a time: sliced along the expert axis."""
+    src = _with_mtp(
+        tiny_checkpoint("qwen4_exp_text"), tmp_path / "src", prefix="model.layers.", where=""
+    )
+    tensors = load_file(src / "model.safetensors")
+    per = _mtp_experts(tensors)
+    for name in [n for n in tensors if n.startswith("mtp.layers.0.mlp.experts.")]:
+        del tensors[name]
+    fused = {
+        "gate_up_proj": torch.stack(
+            [torch.cat([per[e]["gate_proj.weight"], per[e]["up_proj.weight"]]) for e in range(E)]
+        ),
+        "down_proj": torch.stack([per[e]["down_proj.weight"] for e in range(E)]),
+    }
+    for part, t in fused.items():
+        tensors[f"mtp.layers.0.mlp.experts.{part}"] = t
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)
+    after = load_file(out / "model.safetensors")
+    for part, t in fused.items():
+        assert torch.equal(after[f"mtp.layers.0.mlp.experts.{part}"], t[KEPT[1]]), part
+    assert after["mtp.layers.0.mlp.gate.weight"].shape[0] == 4
+    # fused, with one tensor lacking the expert axis: refused, as in any pruned layer
+    tensors["mtp.layers.0.mlp.experts.down_proj"] = fused["down_proj"][0].contiguous()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ModelError, match=r"covers them: mtp\.layers\.0\.mlp\.experts\.down_proj \["
+    ):
+        rewrite_checkpoint(src, PrunePlan(experts=KEPT), tmp_path / "refused")

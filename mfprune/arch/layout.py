@@ -511,6 +511,8 @@ def _resolve_experts(
     for L in [*with_router, *beyond]:
         rules = rules_for(spec, L, others=others)
         sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
+        if L in beyond and _fused(sorted_layers[L], spec):
+            continue  # an MTP layer saved with fused experts: sliced by the stacked rule
         _check_per_expert(
             sorted_layers[L], spec, num_experts=num_experts, count_key=count_key, extra=extra
         )
@@ -545,6 +547,19 @@ def _resolve_experts(
         id_tables=id_tables,
         sub_experts=sub_experts,
         capacity_unsupported=capacity_reason(cfg, spec),
+    )
+
+
+def _fused(lt: LayerTensors, spec: ExpertSpec) -> bool:
+    """Whether ``lt`` holds its experts fused (tensors of an expert module with a leading axis
+    of E, ``mlp.experts.gate_up_proj``) and none one by one, where the adapter names them one
+    by one: released MTP layers differ from their decoder layers (a Qwen4-Exp checkpoint
+    saves ``mtp.layers.0.mlp.experts.gate_up_proj`` beside per-expert decoder layers)."""
+    listed = {st.name.format(layer=lt.layer) for st in spec.stacked}
+    return (
+        bool(spec.per_expert)
+        and not lt.per_expert
+        and any(info.name not in listed for info, _axis in lt.stacked)
     )
 
 
