@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from importlib import resources
 
 import pytest
@@ -25,13 +26,7 @@ from mfprune.inspect import inspect_model
 
 E = 8
 KEPT = {0: [0, 2, 5, 7], 1: [1, 3, 4, 6]}  # the last decoder layer keeps 1, 3, 4, 6
-# family -> (decoder-layer prefix, where the counts live: "" top level or "text_config")
-FAMILIES = {
-    "qwen3_next": ("model.layers.", ""),
-    "qwen4_exp_text": ("model.layers.", ""),
-    "qwen3_5_moe": ("model.language_model.layers.", "text_config"),
-}
-HEAD = {  # the MTP head's own tensors, copied unchanged
+QWEN_HEAD = {  # the MTP head's own tensors, copied unchanged
     "mtp.fc.weight": lambda d: [d, 2 * d],
     "mtp.norm.weight": lambda d: [d],
     "mtp.pre_fc_norm_embedding.weight": lambda d: [d],
@@ -39,24 +34,75 @@ HEAD = {  # the MTP head's own tensors, copied unchanged
 }
 
 
-def _with_mtp(source, out, *, prefix: str, where: str, n_mtp: int = 1, stored: int = 1):
-    """Copy ``source`` with ``stored`` MTP layers mtp.layers.i.* (the last decoder layer's
-    tensors, perturbed: a full-attention MoE layer) and the MTP head's own tensors."""
+@dataclass(frozen=True)
+class Case:
+    prefix: str  # the decoder layers'
+    where: str  # the sub-config holding the counts ("" top level)
+    count_key: str
+    mtp_key: str
+    stored: str  # an MTP layer's prefix, with {i}
+    head: dict = field(default_factory=lambda: QWEN_HEAD)
+    kept: dict = field(default_factory=lambda: KEPT)
+
+    @property
+    def module(self) -> str:
+        return self.stored.split("{i}")[0].rsplit(".", 2)[0] + "."
+
+
+CASES = {
+    "qwen3_next": Case(
+        "model.layers.", "", "num_experts", "mtp_num_hidden_layers", "mtp.layers.{i}."
+    ),
+    "qwen4_exp_text": Case(
+        "model.layers.", "", "num_experts", "mtp_num_hidden_layers", "mtp.layers.{i}."
+    ),
+    "qwen3_5_moe": Case(
+        "model.language_model.layers.",
+        "text_config",
+        "num_experts",
+        "mtp_num_hidden_layers",
+        "mtp.layers.{i}.",
+    ),
+    "mellum": Case(
+        "model.layers.", "", "num_local_experts", "num_nextn_predict_layers", "mtp.layers.{i}."
+    ),
+    # fused experts, a router row per shared expert after the routed ones (kept); layer 0 dense
+    "inkling_text": Case(
+        "model.layers.",
+        "",
+        "n_routed_experts",
+        "num_mtp_layers",
+        "model.mtp.layers.{i}.transformer_block.",
+        head={
+            "model.mtp.layers.0.hidden_norm.weight": lambda d: [d],
+            "model.mtp.layers.0.embed_norm.weight": lambda d: [d],
+            "model.mtp.layers.0.input_proj.weight": lambda d: [d, 2 * d],
+            "model.mtp.chain_norm.weight": lambda d: [d],
+        },
+        kept={1: [0, 2, 5, 7], 2: [1, 3, 4, 6]},
+    ),
+}
+
+
+def _with_mtp(source, out, case: Case, *, n_mtp: int = 1, stored: int = 1):
+    """Copy ``source`` with ``stored`` MTP layers under ``case.stored`` (the last decoder
+    layer's tensors, perturbed: a full-attention MoE layer) and the MTP head's own tensors."""
     shutil.copytree(source, out)
     tensors = load_file(out / "model.safetensors")
-    last = f"{prefix}{max(KEPT)}."
+    last = f"{case.prefix}{max(case.kept)}."
     g = torch.Generator().manual_seed(5)
     for name, t in list(tensors.items()):
         if name.startswith(last):
             for i in range(stored):
                 noise = torch.randn(t.shape, generator=g) * 0.01
-                tensors[f"mtp.layers.{i}." + name[len(last) :]] = (t + noise).contiguous()
+                new = case.stored.format(i=i) + name[len(last) :]
+                tensors[new] = (t + noise).to(t.dtype).contiguous()
     d = next(t for n, t in tensors.items() if n.endswith("embed_tokens.weight")).shape[1]
-    for name, shape in HEAD.items():
+    for name, shape in case.head.items():
         tensors[name] = torch.randn(shape(d), generator=g)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
-    (config[where] if where else config)["mtp_num_hidden_layers"] = n_mtp
+    (config[case.where] if case.where else config)[case.mtp_key] = n_mtp
     (out / "config.json").write_text(json.dumps(config))
     return out
 
@@ -65,12 +111,16 @@ def _lm(config: dict, where: str) -> dict:
     return config[where] if where else config
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def _num_layers(src, case: Case) -> int:
+    """The decoder-layer count: mfprune numbers the MTP layers from there."""
+    return _lm(json.loads((src / "config.json").read_text()), case.where)["num_hidden_layers"]
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
 def source(request, tiny_checkpoint, tmp_path_factory):
     family = request.param
-    prefix, where = FAMILIES[family]
     out = tmp_path_factory.mktemp(f"mtp-{family}") / "model"
-    return family, _with_mtp(tiny_checkpoint(family), out, prefix=prefix, where=where)
+    return family, _with_mtp(tiny_checkpoint(family), out, CASES[family])
 
 
 def _mtp_experts(tensors: dict) -> dict[int, dict[str, torch.Tensor]]:
@@ -85,46 +135,45 @@ def _mtp_experts(tensors: dict) -> dict[int, dict[str, torch.Tensor]]:
 
 def test_mtp_layer_keeps_the_last_layers_experts_and_the_model_stays_exact(source, tmp_path):
     family, src = source
-    _, where = FAMILIES[family]
+    case = CASES[family]
+    kept, last = case.kept, max(case.kept)
     out = tmp_path / "pruned"
-    rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)
+    rewrite_checkpoint(src, PrunePlan(experts=kept), out)
     before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-    # the MTP router's rows and every tensor of a kept expert, byte for byte, renumbered
-    router = "mtp.layers.0.mlp.gate.weight"
-    assert torch.equal(after[router], before[router][KEPT[1]])
-    old, new = _mtp_experts(before), _mtp_experts(after)
-    assert sorted(new) == [0, 1, 2, 3] and len(new[0]) == 3
-    for new_id, old_id in enumerate(KEPT[1]):
-        for rest, t in new[new_id].items():
-            assert torch.equal(t.view(torch.uint8), old[old_id][rest].view(torch.uint8)), rest
-    # everything else of the MTP head is copied: fc, norms, attention, the shared expert
-    for name, t in before.items():
-        if name.startswith("mtp.") and ".mlp.experts." not in name and name != router:
-            assert torch.equal(after[name], t), name
-    # every output tensor is its source's bytes (a kept expert's under its new number)
-    prefix = re.escape(FAMILIES[family][0])
-    expert = re.compile(rf"^((?:{prefix}|mtp\.layers\.)(\d+)\.mlp\.experts\.)(\d+)(\..*)$")
+    mtp = case.stored.format(i=0)
+    router = before[f"{mtp}mlp.gate.weight"]
+    extra = list(range(E, router.shape[0]))  # Inkling: a row per shared expert, kept
+    assert torch.equal(after[f"{mtp}mlp.gate.weight"], router[kept[last] + extra])
+    # every output tensor is its source's bytes: a kept expert's under its new number, a
+    # sliced one (router rows, fused experts, biases) its kept rows; the MTP head's fc, norms,
+    # attention and shared expert unchanged
+    layer_of = re.compile(rf"^(?:{re.escape(case.prefix)}(\d+)\.|{re.escape(mtp)})")
+    expert = re.compile(r"^(.*\.experts\.)(\d+)(\..*)$")
     for name, t in after.items():
-        m = expert.match(name)
-        layer = 1 if name.startswith("mtp.") else int(m.group(2)) if m else None
-        origin = f"{m.group(1)}{KEPT[layer][int(m.group(3))]}{m.group(4)}" if m else name
+        where = layer_of.match(name)
+        layer = None if where is None else last if where.group(1) is None else int(where[1])
+        m = expert.match(name) if layer in kept else None
+        origin = f"{m[1]}{kept[layer][int(m[2])]}{m[3]}" if m else name
         if before[origin].shape == t.shape:
             assert torch.equal(t.view(torch.uint8), before[origin].view(torch.uint8)), name
-    config = json.loads((out / "config.json").read_text())
-    assert (_lm(config, where)["num_experts"], _lm(config, where)["mtp_num_hidden_layers"]) == (
-        4,
-        1,
-    )
+        else:
+            assert layer in kept, name
+            ids = kept[layer] + list(range(E, before[origin].shape[0]))
+            assert torch.equal(t, before[origin][ids]), name
+    assert {n for n in before if n.startswith(case.module)} >= set(case.head)
+    assert set(case.head) <= set(after)
+    config = _lm(json.loads((out / "config.json").read_text()), case.where)
+    assert (config[case.count_key], config[case.mtp_key]) == (4, 1)
     plan = PrunePlan.load(out / "mfprune_plan.json")
-    assert plan.experts[2] == tuple(KEPT[1]) and "MTP layer(s) [2]" in plan.meta["mtp"]
-    # stock transformers ignores ^mtp.*: the language model is the masked original
-    assert_exact(src, out, experts=removed(KEPT, E), allow_unexpected=True)
+    mtp_layer = _num_layers(src, case)
+    assert plan.experts[mtp_layer] == tuple(kept[last])
+    assert f"MTP layer(s) [{mtp_layer}]" in plan.meta["mtp"]
+    # stock transformers ignores the MTP head: the language model is the masked original
+    assert_exact(src, out, experts=removed(kept, E), allow_unexpected=True)
 
 
 def test_mtp_heads_follow_the_last_layer(tiny_checkpoint, tmp_path):
-    src = _with_mtp(
-        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where=""
-    )
+    src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"])
     out = tmp_path / "pruned"
     rewrite_checkpoint(src, PrunePlan(heads={1: [1, 3]}), out)  # layer 0: Gated DeltaNet
     before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
@@ -136,31 +185,30 @@ def test_mtp_heads_follow_the_last_layer(tiny_checkpoint, tmp_path):
     assert_exact(src, out, heads=removed({1: [1, 3]}, 4), allow_unexpected=True)
 
 
-def test_drop_mtp_removes_the_whole_mtp_head_and_says_so(tiny_checkpoint, tmp_path):
-    src = _with_mtp(
-        tiny_checkpoint("qwen3_5_moe"),
-        tmp_path / "src",
-        prefix="model.language_model.layers.",
-        where="text_config",
-    )
+@pytest.mark.parametrize("family", ["qwen3_5_moe", "inkling_text"])
+def test_drop_mtp_removes_the_whole_mtp_head_and_says_so(family, tiny_checkpoint, tmp_path):
+    case = CASES[family]
+    src = _with_mtp(tiny_checkpoint(family), tmp_path / "src", case)
     out = tmp_path / "pruned"
-    result = rewrite_checkpoint(src, PrunePlan(experts=KEPT), out, drop_mtp=True)
-    assert not [n for n in load_file(out / "model.safetensors") if n.startswith("mtp.")]
-    text = json.loads((out / "config.json").read_text())["text_config"]
-    assert (text["num_experts"], text["mtp_num_hidden_layers"]) == (4, 0)
-    assert result.config_changes["text_config.mtp_num_hidden_layers"] == [1, 0]
-    assert_exact(src, out, experts=removed(KEPT, E))  # no unexpected keys left
+    result = rewrite_checkpoint(src, PrunePlan(experts=case.kept), out, drop_mtp=True)
+    # the MTP layers and the head's own tensors (fc, norms; Inkling's per-layer extras)
+    assert not [n for n in load_file(out / "model.safetensors") if n.startswith(case.module)]
+    config = _lm(json.loads((out / "config.json").read_text()), case.where)
+    assert (config[case.count_key], config[case.mtp_key]) == (4, 0)
+    key = f"{case.where}.{case.mtp_key}" if case.where else case.mtp_key
+    assert result.config_changes[key] == [1, 0]
+    assert_exact(src, out, experts=removed(case.kept, E))  # no unexpected keys left
 
 
 def test_inspect_reports_the_mtp_layer_under_its_own_prefix(source):
-    report = inspect_model(source[1])
-    assert report.mtp_layers == [2] and report.uncovered_expert_tensors == []
+    family, src = source
+    report = inspect_model(src)
+    assert report.mtp_layers == [_num_layers(src, CASES[family])]
+    assert report.uncovered_expert_tensors == []
 
 
 def test_more_mtp_layers_stored_than_the_config_counts_is_refused(tiny_checkpoint, tmp_path):
-    src = _with_mtp(
-        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where="", stored=2
-    )
+    src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"], stored=2)
     with pytest.raises(
         ModelError, match=r"num_hidden_layers = 2 \(\+ 1 MTP\) but the weights hold 4"
     ):
@@ -178,9 +226,7 @@ def _without_rule(tmp_path):
 
 
 def test_an_mtp_head_the_adapter_does_not_describe_stops_the_prune(tiny_checkpoint, tmp_path):
-    src = _with_mtp(
-        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where=""
-    )
+    src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"])
     spec = _without_rule(tmp_path)
     out = tmp_path / "pruned"
     with pytest.raises(
@@ -248,9 +294,7 @@ def test_a_malformed_mtp_prefix_is_refused(extra, message):
 
 
 def test_quantization_config_names_of_mtp_experts_are_renumbered(tiny_checkpoint, tmp_path):
-    src = _with_mtp(
-        tiny_checkpoint("qwen3_next"), tmp_path / "src", prefix="model.layers.", where=""
-    )
+    src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"])
     config = json.loads((src / "config.json").read_text())
     names = [
         "mtp.layers.0.mlp.experts.4.down_proj",
@@ -269,9 +313,7 @@ def test_an_mtp_layer_saved_with_fused_experts_is_sliced(tiny_checkpoint, tmp_pa
     """A released Qwen4-Exp checkpoint saves its MTP experts fused
     (``mtp.layers.0.mlp.experts.gate_up_proj`` [E, 2I, D], ``down_proj`` [E, D, I]) beside
     decoder layers saved one expert at a time: sliced along the expert axis."""
-    src = _with_mtp(
-        tiny_checkpoint("qwen4_exp_text"), tmp_path / "src", prefix="model.layers.", where=""
-    )
+    src = _with_mtp(tiny_checkpoint("qwen4_exp_text"), tmp_path / "src", CASES["qwen4_exp_text"])
     tensors = load_file(src / "model.safetensors")
     per = _mtp_experts(tensors)
     for name in [n for n in tensors if n.startswith("mtp.layers.0.mlp.experts.")]:

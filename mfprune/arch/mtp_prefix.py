@@ -26,18 +26,22 @@ if TYPE_CHECKING:
     from mfprune.arch.layout import ModelLayout
 
 
-def _heads(spec: ArchSpec) -> tuple[str, str]:
-    """(stored MTP-layer prefix, decoder-layer prefix), both without the layer index."""
+def _parts(spec: ArchSpec) -> tuple[str, str, str]:
+    """(stored MTP-layer prefix before and after the index, decoder-layer prefix before it):
+    ``("mtp.layers.", ".", "model.layers.")``; Inkling's ``("model.mtp.layers.",
+    ".transformer_block.", "model.layers.")``."""
     assert spec.mtp_prefix is not None
     router = spec.experts.router
-    return spec.mtp_prefix.split("{layer}")[0], router[: router.index("{layer}")]
+    head, tail = spec.mtp_prefix.split("{layer}")
+    return head, tail, router[: router.index("{layer}")]
 
 
 def mtp_module(spec: ArchSpec) -> str | None:
-    """The MTP head's module (``mtp.``): its layers and its own tensors; None without one."""
+    """The MTP head's module (``mtp.``: the prefix up to its list of layers), holding its
+    layers and its own tensors; None without one."""
     if not spec.mtp_prefix:
         return None
-    return ".".join(spec.mtp_prefix.split(".")[:-3]) + "."
+    return spec.mtp_prefix.split("{layer}")[0].rsplit(".", 2)[0] + "."
 
 
 def mtp_view(ckpt: Checkpoint, spec: ArchSpec, num_layers: int) -> Checkpoint:
@@ -45,8 +49,8 @@ def mtp_view(ckpt: Checkpoint, spec: ArchSpec, num_layers: int) -> Checkpoint:
     ``num_layers + i``; ``ckpt`` itself without such a prefix (or already viewed)."""
     if not spec.mtp_prefix:
         return ckpt
-    stored, decoder = _heads(spec)
-    pattern = re.compile(re.escape(stored) + r"(\d+)\.")
+    stored, tail, decoder = _parts(spec)
+    pattern = re.compile(re.escape(stored) + r"(\d+)" + re.escape(tail))
     tensors = {}
     renamed = 0
     for name, info in ckpt.tensors.items():
@@ -71,11 +75,11 @@ def real_name(spec: ArchSpec, num_layers: int, name: str) -> str:
     """The stored name of ``name`` from a ``mtp_view`` (MTP layers back under their prefix)."""
     if not spec.mtp_prefix:
         return name
-    stored, decoder = _heads(spec)
+    stored, tail, decoder = _parts(spec)
     m = re.match(re.escape(decoder) + r"(\d+)\.", name)
     if m is None or int(m.group(1)) < num_layers:
         return name
-    return f"{stored}{int(m.group(1)) - num_layers}.{name[m.end() :]}"
+    return f"{stored}{int(m.group(1)) - num_layers}{tail}{name[m.end() :]}"
 
 
 _EXPERTS = re.compile(r"(?:^|\.)experts\.")

@@ -218,8 +218,9 @@ class ArchSpec:
     # layers stored after the last one, at indices num_layers.., that transformers ignores
     mtp_layers_key: str | None = None
     # MTP layers stored under their own prefix (Qwen3-Next, Qwen3.5: ``mtp.layers.{layer}.``,
-    # {layer} from 0) in place of the decoder-layer prefix; the MTP head's other tensors sit
-    # under its module (the prefix less its last two parts: ``mtp.``). None: DeepSeek-style
+    # Inkling: ``model.mtp.layers.{layer}.transformer_block.``; {layer} from 0) in place of the
+    # decoder-layer prefix; the MTP head's other tensors sit under its module (the prefix up to
+    # its list of layers: ``mtp.``). None: DeepSeek-style
     mtp_prefix: str | None = None
     # name prefixes of parts carried over byte for byte that route over experts of their own
     # (a vision tower's MoE, a talker): never pruned, and exempt from the fail-closed check on
@@ -605,20 +606,27 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
 
 
 def _check_mtp_prefix(problems: list[str], prefix: str, experts: ExpertSpec, counted: bool) -> None:
-    """``mtp_prefix`` is ``<module>.<list>.{layer}.``, with a count key, outside the decoder."""
-    parts = prefix.split(".")
+    """``mtp_prefix`` is ``<module>.<list>.{layer}.[<block>.]``, with a count key, outside the
+    decoder layers."""
     layer = experts.router[: experts.router.index("{layer}")]
+    head, _, tail = prefix.partition("{layer}")
+    module = head.rsplit(".", 2)[0] + "."
     if not counted:
         problems.append("adapter: mtp_prefix needs mtp_layers_key (the config key of their count)")
-    if prefix.count("{layer}") != 1 or len(parts) < 4 or parts[-2:] != ["{layer}", ""]:
+    if (
+        "{" in head + tail
+        or head.count(".") < 2
+        or not head.endswith(".")
+        or not (tail.startswith(".") and tail.endswith("."))
+    ):
         problems.append(
             f"adapter.mtp_prefix: expected '<module>.<list>.{{layer}}.' (Qwen3-Next: "
             f"'mtp.layers.{{layer}}.'), got {prefix!r}"
         )
-    elif layer.startswith(".".join(parts[:-3]) + "."):
+    elif layer.startswith(module):
         problems.append(
-            f"adapter.mtp_prefix: its module '{'.'.join(parts[:-3])}.' holds the decoder "
-            f"layers ({layer}{{layer}}.); --drop-mtp would remove them"
+            f"adapter.mtp_prefix: its module '{module}' holds the decoder layers "
+            f"({layer}{{layer}}.); --drop-mtp would remove them"
         )
 
 
