@@ -210,7 +210,9 @@ def test_inspect_reports_the_mtp_layer_under_its_own_prefix(source):
 def test_more_mtp_layers_stored_than_the_config_counts_is_refused(tiny_checkpoint, tmp_path):
     src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"], stored=2)
     with pytest.raises(
-        ModelError, match=r"num_hidden_layers = 2 \(\+ 1 MTP\) but the weights hold 4"
+        ModelError,
+        match=r"num_hidden_layers = 2 \(\+ 1 MTP\) but the weights hold 4 layers "
+        r"\(model\.layers\.0 … model\.layers\.1, mtp\.layers\.0\. … mtp\.layers\.1\.\)",
     ):
         rewrite_checkpoint(src, PrunePlan(experts=KEPT), tmp_path / "pruned")
     assert not (tmp_path / "pruned").exists()
