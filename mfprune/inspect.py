@@ -10,6 +10,7 @@ from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.expert_tensors import block_of
 from mfprune.arch.formats import WeightFormat, detect_format
 from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
+from mfprune.arch.mtp_prefix import mtp_view, outside_experts
 from mfprune.checkpoint import Checkpoint, open_checkpoint
 
 
@@ -57,6 +58,7 @@ def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelRe
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
+    ckpt = mtp_view(ckpt, spec, layout.num_layers)  # the names the layout uses
     heads = layout.heads
     if spec.heads.unsupported or not spec.heads.tensors:
         head_pruning = spec.heads.unsupported or "no head tensors in the adapter"
@@ -86,11 +88,12 @@ def inspect_model(model: str | Path, *, spec: ArchSpec | None = None) -> ModelRe
         mtp_layers=list(layout.mtp_layers),
         expert_tensors=expert_tensor_names(layout.experts),
         uncovered_expert_tensors=[
-            info.name
+            layout.real_name(info.name)
             for kind in filter(None, (layout.experts, layout.attention_experts))
             for layer in kind.all_layers
             for info in kind.tensors[layer].unknown
-        ],
+        ]
+        + [info.name for info in outside_experts(ckpt, layout)],
     )
 
 

@@ -167,3 +167,34 @@ def test_step3p7_mtp_layers_under_text_config_follow_the_last_layer(tiny_checkpo
     config = json.loads((dropped / "config.json").read_text())["text_config"]
     assert (config["n_routed_experts"], config["num_nextn_predict_layers"]) == (4, 0)
     assert_exact(source, dropped, experts=removed(KEPT, 8))  # no unexpected keys left
+
+
+@pytest.mark.parametrize(
+    ("family", "count_key"), [("glm4_moe", "n_routed_experts"), ("bailing_hybrid", "num_experts")]
+)
+def test_deepseek_style_mtp_layers_of_other_families_follow_the_last_layer(
+    family, count_key, tiny_checkpoint, tmp_path
+):
+    """GLM-4.5 and Bailing hybrid store their MTP layers as model.layers.N.* after the last
+    decoder layer (num_nextn_predict_layers), as transformers' MtpModel reads them."""
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint(family), source)
+    tensors = load_file(source / "model.safetensors")
+    for name, t in list(tensors.items()):
+        if name.startswith("model.layers.2."):
+            tensors[name.replace("layers.2.", f"layers.{MTP}.")] = t.clone()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (source / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "pruned"
+    rewrite_checkpoint(source, PrunePlan(experts=KEPT), out)
+    assert_experts_follow(source, out, kept={**KEPT, MTP: KEPT[2]})
+    assert load_file(out / "model.safetensors")[f"model.layers.{MTP}.mlp.gate.weight"].shape[0] == 4
+    config = json.loads((out / "config.json").read_text())
+    assert (config[count_key], config["num_nextn_predict_layers"]) == (4, 1)
+    assert_exact(source, out, experts=removed(KEPT, 8), allow_unexpected=True)
+    dropped = tmp_path / "dropped"
+    rewrite_checkpoint(source, PrunePlan(experts=KEPT), dropped, drop_mtp=True)
+    assert json.loads((dropped / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    assert_exact(source, dropped, experts=removed(KEPT, 8))

@@ -58,9 +58,15 @@ def check_layer_count(ckpt: Checkpoint, spec: Any, num_layers: int) -> None:
                 "; an MTP / extra layer the adapter does not describe would keep its experts "
                 "while the config's count changes (the adapter's mtp_layers_key names its count)"
             )
+        stored = f"{prefix}0 … {prefix}{found - 1}"
+        if spec.mtp_prefix and found > num_layers:  # mtp_view numbered them after the decoder
+            last = spec.mtp_prefix.replace("{layer}", str(found - 1 - num_layers))
+            stored = (
+                f"{prefix}0 … {prefix}{num_layers - 1}, {spec.mtp_prefix.format(layer=0)} … {last}"
+            )
         raise ModelError(
             f"config.json says {key} = {num_layers}{mtp} but the weights hold {found} layers "
-            f"({prefix}0 … {prefix}{found - 1})",
+            f"({stored})",
             hint=hint,
         )
     missing = sorted(set(range(found)) - indices)

@@ -215,6 +215,13 @@ class ModelLayout:
     def family(self) -> str:
         return self.spec.family
 
+    def real_name(self, name: str) -> str:
+        """``name`` as stored: mfprune numbers MTP layers kept under their own prefix
+        (``spec.mtp_prefix``) after the decoder layers (``mfprune.arch.mtp_prefix``)."""
+        from mfprune.arch.mtp_prefix import real_name
+
+        return real_name(self.spec, self.num_layers, name)
+
     def require_single_pass(self, what: str, *, hint: str) -> None:
         """Refuse ``what`` for a model whose looped layers run several times per token: a step
         that runs (or refits) each decoder layer once, in order (profiling layer by layer,
@@ -299,7 +306,9 @@ def resolve_layout(ckpt: Checkpoint, spec: ArchSpec) -> ModelLayout:
             hint="the config does not match the weights; fix config.json",
         )
     from mfprune.arch.consistency import check_config_against_weights, check_layer_count
+    from mfprune.arch.mtp_prefix import mtp_view
 
+    ckpt = mtp_view(ckpt, spec, num_layers)  # MTP layers under their own prefix: N, N + 1..
     check_layer_count(ckpt, spec, num_layers)
     n_mtp = max(0, _int_key(cfg, spec.mtp_layers_key, 0))
     # MTP layers as stored: save_pretrained writes the config key but never the layer
@@ -592,6 +601,8 @@ def _resolve_experts(
     for L in [*with_router, *beyond]:
         rules = rules_for(spec, L, others=others)
         sorted_layers[L] = sort_layer(by_layer[L], rules, layer=L, num_experts=num_experts)
+        if L in beyond and _fused(sorted_layers[L], spec):
+            continue  # an MTP layer saved with fused experts: sliced by the stacked rule
         _check_per_expert(
             sorted_layers[L], spec, num_experts=num_experts, count_key=count_key, extra=extra
         )
@@ -627,6 +638,19 @@ def _resolve_experts(
         sub_experts=sub_experts,
         capacity_unsupported=capacity_reason(cfg, spec),
         passes=passes,
+    )
+
+
+def _fused(lt: LayerTensors, spec: ExpertSpec) -> bool:
+    """Whether ``lt`` holds its experts fused (tensors of an expert module with a leading axis
+    of E, ``mlp.experts.gate_up_proj``) and none one by one, where the adapter names them one
+    by one: released MTP layers differ from their decoder layers (a Qwen4-Exp checkpoint
+    saves ``mtp.layers.0.mlp.experts.gate_up_proj`` beside per-expert decoder layers)."""
+    listed = {st.name.format(layer=lt.layer) for st in spec.stacked}
+    return (
+        bool(spec.per_expert)
+        and not lt.per_expert
+        and any(info.name not in listed for info, _axis in lt.stacked)
     )
 
 

@@ -231,6 +231,15 @@ class ArchSpec:
     # multi-token-prediction layers (DeepSeek-V3 num_nextn_predict_layers): whole decoder
     # layers stored after the last one, at indices num_layers.., that transformers ignores
     mtp_layers_key: str | None = None
+    # MTP layers stored under their own prefix (Qwen3-Next, Qwen3.5: ``mtp.layers.{layer}.``,
+    # Inkling: ``model.mtp.layers.{layer}.transformer_block.``; {layer} from 0) in place of the
+    # decoder-layer prefix; the MTP head's other tensors sit under its module (the prefix up to
+    # its list of layers: ``mtp.``). None: DeepSeek-style
+    mtp_prefix: str | None = None
+    # name prefixes of parts carried over byte for byte that route over experts of their own
+    # (a vision tower's MoE, a talker): never pruned, and exempt from the fail-closed check on
+    # expert-looking tensors outside the decoder layers
+    untouched: tuple[str, ...] = ()
     # encoder-decoder models: their layer stacks, in order (empty: one decoder stack, whose
     # templates are [experts]'s and whose count is num_layers_key); ``experts`` is the first's
     stacks: tuple[Stack, ...] = ()
@@ -339,6 +348,8 @@ _TOP_KEYS = {
     "config_path",
     "config_path_aliases",
     "mtp_layers_key",
+    "mtp_prefix",
+    "untouched",
     "stacks",
     "loop",
     "experts",
@@ -594,7 +605,7 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
     heads = _parse_heads(r, t.get("heads", {}), "heads")
     loop = _parse_loop(r, t["loop"], "loop") if "loop" in t else None
     if "stacks" in t:
-        for key in ("attention_experts", "mtp_layers_key", "num_layers_key", "loop"):
+        for key in ("attention_experts", "mtp_layers_key", "mtp_prefix", "num_layers_key", "loop"):
             if key in t:
                 problems.append(f"adapter: {key} and [[stacks]] exclude each other")
         if heads.unsupported is None:
@@ -602,6 +613,9 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
                 "heads.unsupported: an adapter with [[stacks]] must say why its heads are not "
                 "pruned (head pruning knows one decoder stack)"
             )
+    mtp_prefix = r.get(t, "mtp_prefix", "adapter", str, None)
+    if mtp_prefix is not None and experts is not None:
+        _check_mtp_prefix(problems, mtp_prefix, experts, "mtp_layers_key" in t)
     if problems:
         raise ArchError(
             f"adapter {source} is invalid: " + "; ".join(problems),
@@ -619,11 +633,38 @@ def parse_spec(data: dict[str, Any], *, source: str) -> ArchSpec:
         config_path=r.get(t, "config_path", "adapter", str, None),
         config_path_aliases=r.names(t, "config_path_aliases", "adapter"),
         mtp_layers_key=r.get(t, "mtp_layers_key", "adapter", str, None),
+        mtp_prefix=mtp_prefix,
+        untouched=r.names(t, "untouched", "adapter"),
         stacks=stacks,
         loop=loop,
         description=r.get(t, "description", "adapter", str, ""),
         source=source,
     )
+
+
+def _check_mtp_prefix(problems: list[str], prefix: str, experts: ExpertSpec, counted: bool) -> None:
+    """``mtp_prefix`` is ``<module>.<list>.{layer}.[<block>.]``, with a count key, outside the
+    decoder layers."""
+    layer = experts.router[: experts.router.index("{layer}")]
+    head, _, tail = prefix.partition("{layer}")
+    module = head.rsplit(".", 2)[0] + "."
+    if not counted:
+        problems.append("adapter: mtp_prefix needs mtp_layers_key (the config key of their count)")
+    if (
+        "{" in head + tail
+        or head.count(".") < 2
+        or not head.endswith(".")
+        or not (tail.startswith(".") and tail.endswith("."))
+    ):
+        problems.append(
+            f"adapter.mtp_prefix: expected '<module>.<list>.{{layer}}.' (Qwen3-Next: "
+            f"'mtp.layers.{{layer}}.'), got {prefix!r}"
+        )
+    elif layer.startswith(module):
+        problems.append(
+            f"adapter.mtp_prefix: its module '{module}' holds the decoder layers "
+            f"({layer}{{layer}}.); --drop-mtp would remove them"
+        )
 
 
 def load_spec_file(path: str | Path) -> ArchSpec:

@@ -1,8 +1,10 @@
-"""Multi-token-prediction layers on request: removed whole, with the config saying so.
+"""Multi-token-prediction layers on request: removed whole, with the config saying so; and
+the fail-closed check on expert-looking tensors outside the decoder layers.
 
 By default an MTP layer is pruned like the decoder layers (``PrunePlan.with_mtp``), so a
 server that loads it for speculative decoding finds the config's expert count. ``drop_mtp``
-removes every tensor of every MTP layer and sets the config's MTP count to 0 instead.
+removes every tensor of every MTP layer (and of an MTP head under its own module,
+``mfprune.arch.mtp_prefix``) and sets the config's MTP count to 0 instead.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 
 from mfprune.arch.expert_tensors import group_by_layer, layer_prefix
 from mfprune.arch.layout import ModelLayout, lm_config
+from mfprune.arch.mtp_prefix import mtp_module, outside_experts
 from mfprune.checkpoint import Checkpoint
-from mfprune.errors import PlanError
+from mfprune.errors import ModelError, PlanError
 from mfprune.io.writer import OutTensor
 from mfprune.plan import PrunePlan
 
@@ -41,11 +44,45 @@ def check_drop(plan: PrunePlan, layout: ModelLayout) -> None:
 
 
 def drop_actions(ckpt: Checkpoint, layout: ModelLayout, actions: dict[str, OutTensor | None]):
-    """Mark every tensor of every MTP layer as dropped."""
+    """Mark every tensor of every MTP layer as dropped, and every tensor of the MTP head's
+    own module (``mtp.fc``, ``mtp.norm``...) where its layers have their own prefix."""
     prefix = layer_prefix(layout.spec.experts)
     for layer, infos in group_by_layer(ckpt.tensors.values(), prefix).items():
         if layer in layout.mtp_layers:
             actions.update((info.name, None) for info in infos)
+    module = mtp_module(layout.spec)
+    if module:
+        actions.update((name, None) for name in ckpt.tensors if name.startswith(module))
+
+
+def check_outside_layers(
+    ckpt: Checkpoint,
+    layout: ModelLayout,
+    plan: PrunePlan,
+    actions: dict[str, OutTensor | None],
+) -> None:
+    """Refuse a plan that changes an expert count while a tensor of ``outside_experts`` is
+    copied unchanged: its experts would no longer match the config's count."""
+    kinds = [k for k in (layout.experts, layout.attention_experts) if k is not None]
+    changed = [
+        k for k in kinds if any(len(plan.kept_experts(k, L)) < k.num_experts for L in k.layers)
+    ]
+    if not changed:
+        return
+    found = [info for info in outside_experts(ckpt, layout) if info.name not in actions]
+    if not found:
+        return
+    names = ", ".join(f"{layout.real_name(i.name)} {list(i.shape)}" for i in found[:3])
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    counts = ", ".join(f"{k.count_key} = {k.num_experts}" for k in changed)
+    raise ModelError(
+        f"{len(found)} tensor(s) outside the decoder layers look like experts or a router of "
+        f"an MoE this rewrite does not prune: {names}{more}; they would keep their experts "
+        f"while the config's {counts} changes; nothing was written",
+        hint="an MTP head under its own prefix: the adapter's mtp_prefix and mtp_layers_key; "
+        "a part carried on purpose with experts of its own: the adapter's untouched; see "
+        "docs/checkpoint-formats.md",
+    )
 
 
 def dropped_config(config: dict[str, Any], layout: ModelLayout) -> dict[str, Any]:

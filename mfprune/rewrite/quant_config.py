@@ -30,17 +30,17 @@ class _Renumber:
         self.rules: list[tuple[re.Pattern[str], str, dict[int, int]]] = []
         self.pruned_layers: set[int] = set()
         for experts in filter(None, (layout.experts, layout.attention_experts)):
-            self._add(experts, plan)
+            self._add(experts, plan, layout)
 
-    def _add(self, experts: ExpertLayout, plan: PrunePlan) -> None:
-        for layer in experts.layers:
+    def _add(self, experts: ExpertLayout, plan: PrunePlan, layout: ModelLayout) -> None:
+        for layer in experts.all_layers:  # MTP layers too, under their stored names
             kept = plan.kept_experts(experts, layer)
             if len(kept) == experts.num_experts:
                 continue
             self.pruned_layers.add(layer)
             new_id = {old: new for new, old in enumerate(kept)}
             for template in dict.fromkeys(expert_prefix(t) for t in experts.spec.per_expert):
-                prefix = template.replace("{layer}", str(layer))
+                prefix = layout.real_name(template.replace("{layer}", str(layer)))
                 head, tail = prefix.split("{expert}")
                 pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
                 self.rules.append((pattern, head, new_id))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +20,7 @@ from mfprune import __version__
 from mfprune.arch import ArchSpec, spec_for_config
 from mfprune.arch.expert_tensors import ExpertTensor
 from mfprune.arch.layout import ExpertLayout, ModelLayout, resolve_layout
+from mfprune.arch.mtp_prefix import mtp_view
 from mfprune.checkpoint import (
     INDEX_NAME,
     PICKLE_SUFFIXES,
@@ -34,7 +35,7 @@ from mfprune.io.writer import OutTensor, fsync_path, write_shard
 from mfprune.plan import PrunePlan, head_index
 from mfprune.rewrite.card import CARD_FILE, model_card, source_history
 from mfprune.rewrite.config_patch import config_changes, patch_config
-from mfprune.rewrite.mtp import check_drop, drop_actions, dropped_config
+from mfprune.rewrite.mtp import check_drop, check_outside_layers, drop_actions, dropped_config
 from mfprune.rewrite.quant_config import patch_quantization_config
 from mfprune.rewrite.quantized import companion_slices, missing_head_tensor
 from mfprune.rewrite.slicing import blocks_for, copy_tensor, slice_tensor
@@ -92,6 +93,7 @@ def rewrite_checkpoint(
     ckpt = open_checkpoint(model)
     spec = spec or spec_for_config(ckpt.config)
     layout = resolve_layout(ckpt, spec)
+    ckpt = mtp_view(ckpt, spec, layout.num_layers)  # the names the layout uses
     plan.validate(layout, allow_uneven=allow_uneven)
     if drop_mtp:
         check_drop(plan, layout)
@@ -180,14 +182,16 @@ def plan_tensors(
     replacements: Mapping[str, TensorInfo] | None = None,
 ) -> tuple[list[OutTensor], dict[str, int]]:
     """Every output tensor, in source order, with where its bytes come from (a replaced
-    source tensor's bytes from its replacement, same slices)."""
+    source tensor's bytes from its replacement, same slices), under its stored name
+    (``ckpt``: viewed as the layout names it, ``mtp_view``)."""
     actions: dict[str, OutTensor | None] = {}  # None: dropped
     if drop_mtp:
         drop_actions(ckpt, layout, actions)
     for experts in filter(None, (layout.experts, layout.attention_experts)):
-        _expert_actions(experts, plan, actions, drop_mtp=drop_mtp)
+        _expert_actions(experts, plan, actions, drop_mtp=drop_mtp, stored=layout.real_name)
     if plan.heads:
         _head_actions(ckpt.tensors, layout, plan, actions)
+    check_outside_layers(ckpt, layout, plan, actions)
     out, stats = [], {"tensors_sliced": 0, "tensors_dropped": 0, "tensors_copied": 0}
     for name, info in ckpt.tensors.items():
         if name not in actions:
@@ -200,6 +204,8 @@ def plan_tensors(
             stats["tensors_sliced" if actions[name].shape != info.shape else "tensors_copied"] += 1
     if replacements:
         out = [_replaced(t, ckpt.tensors, replacements) for t in out]
+    if layout.spec.mtp_prefix:  # MTP layers back under their own prefix
+        out = [replace(t, name=layout.real_name(t.name)) for t in out]
     return out, stats
 
 
@@ -227,13 +233,14 @@ def _expert_actions(
     actions: dict[str, OutTensor | None],
     *,
     drop_mtp: bool = False,
+    stored: Callable[[str], str] = str,
 ) -> None:
     """Pruned layers: router rows and stacked tensors sliced; every tensor under a kept
     expert's prefix renumbered, every tensor of a dropped expert dropped. Refuses a layer
     holding a tensor that looks per-expert and that no rule covers."""
     layers = experts.layers if drop_mtp else experts.all_layers
     unknown = [
-        info
+        replace(info, name=stored(info.name))
         for layer in layers
         if len(plan.kept_experts(experts, layer)) < experts.num_experts
         for info in experts.tensors[layer].unknown
