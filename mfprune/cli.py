@@ -543,7 +543,12 @@ def _repair_table(repair: Any) -> Table:
         row = [str(fit.layer), f"{fit.tokens:,}", f"{fit.error_dropped / fit.target:.4f}", after]
         if refined:
             r = fit.refined
-            row.append("—" if r is None else f"{r.error_before:.4f} → {r.error_after:.4f}")
+            if r is None:
+                row.append("—")
+            elif r.best_step == 0:  # no step did better on the held-out tokens
+                row.append(f"{r.error_before:.4f}, closed form kept")
+            else:
+                row.append(f"{r.error_before:.4f} → {r.error_after:.4f} (step {r.best_step})")
         table.add_row(*row)
     return table
 

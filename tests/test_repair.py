@@ -441,3 +441,23 @@ def test_cli_sequential_refit_writes_the_same_model(pruned, task, tmp_path):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
     provenance = json.loads((out / "mfprune_provenance.json").read_text())
     assert provenance["repair"]["method"] == "refit"
+
+
+def test_prune_prints_the_refinement_per_layer(pruned, task, tmp_path):
+    """The repair table says, per layer, what the refinement did on its held-out tokens."""
+    source, _, stats = pruned("qwen3_moe", "plain")
+    result = run(
+        "prune", source, "--profile", stats, "--keep-ratio", "0.5", "--out", tmp_path / "out",
+        "--repair", "refit", "--data", task, "--refit-steps", "50",
+    )  # fmt: skip
+    assert "refined (held-out tokens)" in result.output, result.output
+    record = json.loads((tmp_path / "out" / "mfprune_provenance.json").read_text())["repair"]
+    assert record["steps"] == 50
+    for fit in record["layers"]:
+        r = fit["refined"]
+        shown = (
+            f"{r['error_before']:.4f}, closed form kept"
+            if r["best_step"] == 0
+            else f"{r['error_before']:.4f} → {r['error_after']:.4f} (step {r['best_step']})"
+        )
+        assert shown in result.output, (shown, result.output)
