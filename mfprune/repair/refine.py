@@ -17,7 +17,9 @@ the refinement never ends worse on those tokens than the closed form. The learni
 relative to each tensor's root-mean-square (the step is about ``lr × rms(θ⁰)``).
 
 Memory: the sample, 2 · n · H floats (n ≤ ``MAX_SAMPLE``), the kept experts' weights three
-times (θ, Adam's two moments) and one minibatch's activations and gradients.
+times (θ, Adam's two moments), one minibatch's activations and gradients, and during each step
+one copy of the layer's whole expert tensors [E, …] with the kept rows swapped in (what the
+block's own forward runs on).
 """
 
 from __future__ import annotations
