@@ -172,17 +172,98 @@ def test_mtp_layer_keeps_the_last_layers_experts_and_the_model_stays_exact(sourc
     assert_exact(src, out, experts=removed(kept, E), allow_unexpected=True)
 
 
-def test_mtp_heads_follow_the_last_layer(tiny_checkpoint, tmp_path):
-    src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"])
+# family -> kept query heads (4 heads, 2 KV heads): the MTP layer follows the last layer's
+HEADS_ONLY = {
+    "qwen3_next": {1: [1, 3]},  # layer 0: Gated DeltaNet
+    "qwen3_5_moe": {1: [1, 3]},  # the same, beside a vision tower (untouched)
+    "qwen4_exp_text": {1: [1, 3]},  # the same, with a QSA indexer (heads of its own)
+    "mellum": {0: [0, 1], 1: [2, 3]},  # a whole KV group goes: num_key_value_heads 2 -> 1
+}
+
+
+@pytest.mark.parametrize("family", sorted(HEADS_ONLY))
+def test_mtp_heads_follow_the_last_layer(family, tiny_checkpoint, tmp_path):
+    """A plan that prunes only heads: the MTP layer keeps the last decoder layer's heads (its
+    attention matches the config's new head counts) and every expert; the model stays exact."""
+    case, heads = CASES[family], HEADS_ONLY[family]
+    src = _with_mtp(tiny_checkpoint(family), tmp_path / "src", case)
     out = tmp_path / "pruned"
-    rewrite_checkpoint(src, PrunePlan(heads={1: [1, 3]}), out)  # layer 0: Gated DeltaNet
+    rewrite_checkpoint(src, PrunePlan(heads=heads), out)
     before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-    for part in ("q_proj", "o_proj"):
-        name = f"model.layers.1.self_attn.{part}.weight"
-        mtp = f"mtp.layers.0.self_attn.{part}.weight"
-        assert after[mtp].shape == after[name].shape != before[name].shape, part
-    assert after["mtp.layers.0.mlp.gate.weight"].shape[0] == E  # no expert plan: all kept
-    assert_exact(src, out, heads=removed({1: [1, 3]}, 4), allow_unexpected=True)
+    last, mtp = f"{case.prefix}{max(heads)}.", case.stored.format(i=0)
+    for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        name = f"{last}self_attn.{part}.weight"
+        assert after[f"{mtp}self_attn.{part}.weight"].shape == after[name].shape, part
+    assert after[f"{mtp}self_attn.o_proj.weight"].shape != before[f"{mtp}self_attn.o_proj.weight"]
+    assert after[f"{mtp}mlp.gate.weight"].shape[0] == E  # no expert plan: all kept
+    assert set(case.head) <= set(after)
+    config = _lm(json.loads((out / "config.json").read_text()), case.where)
+    kv = len({q // 2 for q in heads[max(heads)]})
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (2, kv)
+    assert PrunePlan.load(out / "mfprune_plan.json").heads[_num_layers(src, case)] == tuple(
+        heads[max(heads)]
+    )
+    assert_exact(src, out, heads=removed(heads, 4), allow_unexpected=True)
+
+
+def test_an_undescribed_mtp_attention_stops_a_heads_only_prune(tiny_checkpoint, tmp_path):
+    """A heads-only plan changes no expert count, but the config's head counts are one for
+    every layer: an MTP head the adapter does not describe would keep its old heads."""
+    src = _with_mtp(tiny_checkpoint("qwen3_next"), tmp_path / "src", CASES["qwen3_next"])
+    spec = _without_rule(tmp_path)
+    out = tmp_path / "pruned"
+    with pytest.raises(
+        ModelError,
+        match=r"^6 tensor\(s\) outside the decoder layers look like the attention of a layer "
+        r"this rewrite does not prune: mtp\.layers\.0\.self_attn\..*; they would keep their "
+        r"heads while the config's num_attention_heads = 4 → 2 changes; nothing was "
+        r"written \(hint",
+    ) as refused:
+        rewrite_checkpoint(src, PrunePlan(heads={1: [1, 3]}), out, spec=spec)
+    assert "mtp_prefix" in refused.value.hint and "untouched" in refused.value.hint
+    assert not out.exists()
+
+
+def test_an_attention_tensor_outside_the_layers_stops_a_heads_only_prune(tiny_checkpoint, tmp_path):
+    """One stray ``mtp.layers.0.self_attn.q_proj.weight`` in a family without MTP rules."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint("qwen3_moe"), src)
+    tensors = load_file(src / "model.safetensors")
+    q = tensors["model.layers.1.self_attn.q_proj.weight"]
+    tensors["mtp.layers.0.self_attn.q_proj.weight"] = q.clone()
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "pruned"
+    with pytest.raises(
+        ModelError,
+        match=r"^1 tensor\(s\) outside the decoder layers look like the attention of a layer "
+        rf"this rewrite does not prune: mtp\.layers\.0\.self_attn\.q_proj\.weight "
+        rf"\[{q.shape[0]}, {q.shape[1]}\]; they would keep their heads while the config's "
+        r"num_attention_heads = 4 → 2, num_key_value_heads = 2 → 1 changes",
+    ):
+        rewrite_checkpoint(src, PrunePlan(heads={0: [0, 1], 1: [2, 3]}), out)
+    assert not out.exists()
+    # a plan that changes no head count leaves it consistent: copied as it is
+    rewrite_checkpoint(src, PrunePlan(experts=KEPT), out)
+    assert torch.equal(
+        load_file(out / "model.safetensors")["mtp.layers.0.self_attn.q_proj.weight"], q
+    )
+
+
+def test_towers_with_attention_of_their_own_pass_through_untouched(tiny_checkpoint, tmp_path):
+    """Qwen3.5-MoE's vision tower (model.visual.blocks.N.attn.*) reads vision_config's heads:
+    carried on purpose (``untouched``); without that key a heads-only plan is refused."""
+    src = tiny_checkpoint("qwen3_5_moe")
+    spec_text = resources.files("mfprune.arch").joinpath("families", "qwen3_5_moe.toml")
+    text = spec_text.read_text("utf-8")
+    assert 'untouched = ["model.visual."]' in text
+    adapter = tmp_path / "no_untouched.toml"
+    adapter.write_text(text.replace('untouched = ["model.visual."]', ""))
+    with pytest.raises(ModelError, match=r"model\.visual\.blocks\.0\.attn\."):
+        rewrite_checkpoint(
+            src, PrunePlan(heads={1: [1, 3]}), tmp_path / "a", spec=load_spec_file(adapter)
+        )
+    rewrite_checkpoint(src, PrunePlan(heads={1: [1, 3]}), tmp_path / "b")
+    assert_exact(src, tmp_path / "b", heads=removed({1: [1, 3]}, 4))
 
 
 @pytest.mark.parametrize("family", ["qwen3_5_moe", "inkling_text"])

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mfprune.arch.expert_tensors import layer_prefix
-from mfprune.arch.spec import ArchSpec
+from mfprune.arch.spec import ArchSpec, ExpertSpec
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ModelError
 from mfprune.io.reader import TensorInfo
@@ -83,27 +83,50 @@ def real_name(spec: ArchSpec, num_layers: int, name: str) -> str:
 
 
 _EXPERTS = re.compile(r"(?:^|\.)experts\.")
+# attention of a layer: its module (self_attn., attention., attn., cross_attn.) or projections
+_ATTENTION = re.compile(r"(?:^|\.)(?:(?:\w*_)?(?:attn|attention)|[qkvo]_proj|w?qkv\w*)\.")
+
+
+def _expert_specs(layout: ModelLayout) -> list[ExpertSpec]:
+    spec = layout.spec
+    return [s.experts for s in spec.stacks] or [
+        k.spec for k in (layout.experts, layout.attention_experts) if k is not None
+    ]
+
+
+def _outside_layers(ckpt: Checkpoint, layout: ModelLayout) -> list[TensorInfo]:
+    """The tensors outside the decoder layers (MTP layers the adapter describes are decoder
+    layers here, ``mtp_view``), less the parts the adapter carries on purpose
+    (``spec.untouched``: towers with experts or attention of their own, a talker)."""
+    spec = layout.spec
+    heads = [t.name for t in spec.heads.tensors] if layout.heads is not None else []
+    prefixes = {layer_prefix(es).split("{layer}")[0] for es in _expert_specs(layout)}
+    prefixes |= {name.split("{layer}")[0] for name in heads if "{layer}" in name}
+    layers = [re.compile(re.escape(head) + r"\d+\.") for head in sorted(prefixes)]
+    return [
+        info
+        for name, info in ckpt.tensors.items()
+        if not any(p.match(name) for p in layers) and not name.startswith(spec.untouched)
+    ]
 
 
 def outside_experts(ckpt: Checkpoint, layout: ModelLayout) -> list[TensorInfo]:
-    """The tensors outside the decoder layers named like an expert (``experts.``) or like the
-    adapter's router module (``mlp.gate.``), less the parts the adapter carries on purpose
-    (``spec.untouched``: a vision tower's MoE, a talker): an MoE the rewrite would not prune
-    (an MTP head under a prefix the adapter does not describe)."""
-    spec = layout.spec
-    specs = [s.experts for s in spec.stacks] or [
-        k.spec for k in (layout.experts, layout.attention_experts) if k is not None
-    ]
-    layers, routers = [], []
-    for es in specs:
-        head = layer_prefix(es).split("{layer}")[0]
-        layers.append(re.compile(re.escape(head) + r"\d+\."))
+    """The tensors outside the decoder layers (and ``untouched``) named like an expert
+    (``experts.``) or like the adapter's router module (``mlp.gate.``): an MoE the rewrite
+    would not prune (an MTP head under a prefix the adapter does not describe)."""
+    routers = []
+    for es in _expert_specs(layout):
         module = es.router.rsplit(".", 1)[0] + "."
         routers.append(re.compile(r"(?:^|\.)" + re.escape(module[len(layer_prefix(es)) :])))
     return [
         info
-        for name, info in ckpt.tensors.items()
-        if not any(p.match(name) for p in layers)
-        and not name.startswith(spec.untouched)
-        and (_EXPERTS.search(name) or any(r.search(name) for r in routers))
+        for info in _outside_layers(ckpt, layout)
+        if _EXPERTS.search(info.name) or any(r.search(info.name) for r in routers)
     ]
+
+
+def outside_attention(ckpt: Checkpoint, layout: ModelLayout) -> list[TensorInfo]:
+    """The tensors outside the decoder layers (and ``untouched``) named like a layer's
+    attention (``self_attn.``, ``attention.``, ``q_proj``, ``qkv``...): heads the rewrite would
+    not prune (an MTP head under a prefix the adapter does not describe)."""
+    return [info for info in _outside_layers(ckpt, layout) if _ATTENTION.search(info.name)]

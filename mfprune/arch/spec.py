@@ -236,9 +236,9 @@ class ArchSpec:
     # decoder-layer prefix; the MTP head's other tensors sit under its module (the prefix up to
     # its list of layers: ``mtp.``). None: DeepSeek-style
     mtp_prefix: str | None = None
-    # name prefixes of parts carried over byte for byte that route over experts of their own
-    # (a vision tower's MoE, a talker): never pruned, and exempt from the fail-closed check on
-    # expert-looking tensors outside the decoder layers
+    # name prefixes of parts carried over byte for byte that have experts or attention of their
+    # own (a vision tower's MoE or heads from vision_config, a talker): never pruned, and exempt
+    # from the fail-closed check on expert- and attention-looking tensors outside the layers
     untouched: tuple[str, ...] = ()
     # encoder-decoder models: their layer stacks, in order (empty: one decoder stack, whose
     # templates are [experts]'s and whose count is num_layers_key); ``experts`` is the first's

@@ -1,5 +1,5 @@
 """Multi-token-prediction layers on request: removed whole, with the config saying so; and
-the fail-closed check on expert-looking tensors outside the decoder layers.
+the fail-closed check on expert- and attention-looking tensors outside the decoder layers.
 
 By default an MTP layer is pruned like the decoder layers (``PrunePlan.with_mtp``), so a
 server that loads it for speculative decoding finds the config's expert count. ``drop_mtp``
@@ -14,11 +14,12 @@ from typing import Any
 
 from mfprune.arch.expert_tensors import group_by_layer, layer_prefix
 from mfprune.arch.layout import ModelLayout, lm_config
-from mfprune.arch.mtp_prefix import mtp_module, outside_experts
+from mfprune.arch.mtp_prefix import mtp_module, outside_attention, outside_experts
 from mfprune.checkpoint import Checkpoint
 from mfprune.errors import ModelError, PlanError
+from mfprune.io.reader import TensorInfo
 from mfprune.io.writer import OutTensor
-from mfprune.plan import PrunePlan
+from mfprune.plan import PrunePlan, head_index
 
 
 def check_drop(plan: PrunePlan, layout: ModelLayout) -> None:
@@ -62,25 +63,55 @@ def check_outside_layers(
     actions: dict[str, OutTensor | None],
 ) -> None:
     """Refuse a plan that changes an expert count while a tensor of ``outside_experts`` is
-    copied unchanged: its experts would no longer match the config's count."""
+    copied unchanged (its experts would no longer match the config's count), or that changes
+    a head count while a tensor of ``outside_attention`` is (the config's head counts are one
+    for every layer: its heads would no longer match them)."""
     kinds = [k for k in (layout.experts, layout.attention_experts) if k is not None]
     changed = [
         k for k in kinds if any(len(plan.kept_experts(k, L)) < k.num_experts for L in k.layers)
     ]
-    if not changed:
-        return
-    found = [info for info in outside_experts(ckpt, layout) if info.name not in actions]
+    if changed:
+        _refuse(
+            [info for info in outside_experts(ckpt, layout) if info.name not in actions],
+            layout,
+            what="experts or a router of an MoE",
+            counts=", ".join(f"{k.count_key} = {k.num_experts}" for k in changed),
+            keep="experts",
+            own="experts",
+        )
+    heads = layout.heads
+    if plan.heads and heads is not None:
+        kept_q = next(iter(plan.heads.values()))  # one kept count for every layer
+        counts = [(heads.spec.count_key, heads.num_heads, len(kept_q))]
+        if heads.spec.kv_count_key:
+            counts.append(
+                (heads.spec.kv_count_key, heads.num_kv_heads, len(head_index(heads, kept_q)))
+            )
+        counts = [(key, old, new) for key, old, new in counts if old != new]
+        if counts:
+            _refuse(
+                [info for info in outside_attention(ckpt, layout) if info.name not in actions],
+                layout,
+                what="the attention of a layer",
+                counts=", ".join(f"{key} = {old} → {new}" for key, old, new in counts),
+                keep="heads",
+                own="attention",
+            )
+
+
+def _refuse(
+    found: list[TensorInfo], layout: ModelLayout, *, what: str, counts: str, keep: str, own: str
+) -> None:
     if not found:
         return
     names = ", ".join(f"{layout.real_name(i.name)} {list(i.shape)}" for i in found[:3])
     more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-    counts = ", ".join(f"{k.count_key} = {k.num_experts}" for k in changed)
     raise ModelError(
-        f"{len(found)} tensor(s) outside the decoder layers look like experts or a router of "
-        f"an MoE this rewrite does not prune: {names}{more}; they would keep their experts "
-        f"while the config's {counts} changes; nothing was written",
+        f"{len(found)} tensor(s) outside the decoder layers look like {what} this rewrite "
+        f"does not prune: {names}{more}; they would keep their {keep} while the config's "
+        f"{counts} changes; nothing was written",
         hint="an MTP head under its own prefix: the adapter's mtp_prefix and mtp_layers_key; "
-        "a part carried on purpose with experts of its own: the adapter's untouched; see "
+        f"a part carried on purpose with {own} of its own: the adapter's untouched; see "
         "docs/checkpoint-formats.md",
     )
 
