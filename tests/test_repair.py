@@ -396,7 +396,8 @@ def test_refit_refuses_a_quantized_checkpoint(tiny_checkpoint, task, tmp_path):
 # --repair refit refuses their experts in memory too (biases, other layouts)
 REFIT_REFUSED = {"gpt_oss", "longcat_flash", "aria_text", "minimax_m3_vl_text"}
 # fail in memory too, with a raw error (left for their own fix): no router found by layer
-# (afmoe, hunyuan_v1_moe), experts without gate_up_proj (nemotron_h), nothing repaired (jetmoe)
+# (afmoe, hunyuan_v1_moe), experts without gate_up_proj (nemotron_h), a MoE block without
+# .experts (jetmoe)
 REFIT_BROKEN = {"afmoe", "hunyuan_v1_moe", "nemotron_h", "jetmoe"}
 # every family that --sequential runs (test_profile_sequential.FAMILIES) and whose experts
 # --repair refit handles; qwen3_5_moe: refused (test_sequential_refit_refuses_a_skeleton_...)
