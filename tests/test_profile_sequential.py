@@ -48,7 +48,7 @@ REFUSED = {
     "inkling2_text": "inputs made from more than the hidden states",
     "glm_moe_dsa": "cannot run with its decoder layers one at a time",
     "hy_v4": "cannot run with its decoder layers one at a time",
-    "deepseek_v4": "cannot run with its decoder layers one at a time",
+    "deepseek_v4": "objects besides tensors (position_embeddings: dict)",  # and HC streams
     "qwen4_exp_text": "cannot run with its decoder layers one at a time",
     "qwen4_exp": "cannot run with its decoder layers one at a time",
     "zaya": "cannot run with its decoder layers one at a time",
@@ -117,6 +117,21 @@ def test_layer_outputs_unpacked_into_state_are_refused_at_any_batch_size(model_d
     path = model_dir("glm_moe_dsa", num_hidden_layers=2, mlp_layer_types=["dense", "sparse"])
     with pytest.raises(ModelError, match="passes decoder layer 1 more than layer 0's output"):
         profile(path, data, batch_size=2, sequential=True)
+
+
+def test_layer_arguments_besides_tensors_are_refused(model_dir, data, monkeypatch):
+    """A dict handed to every layer (which layers could fill: shared keys and values) is state
+    the stand-ins never write: refused, though mixtral itself runs."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralModel
+
+    original = MixtralModel.forward
+
+    def with_shared(self: MixtralModel, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs, shared_state={})  # its **kwargs go to the layers
+
+    monkeypatch.setattr(MixtralModel, "forward", with_shared)
+    with pytest.raises(ModelError, match=r"layer 0 objects besides tensors \(shared_state: dict"):
+        profile(model_dir("mixtral"), data, sequential=True)
 
 
 def test_bf16_sharded_checkpoint_auto_dtype(model_dir, data):

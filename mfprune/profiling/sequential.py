@@ -21,8 +21,9 @@ That holds only where the decoder does nothing between its layers but hand one l
 to the next, and builds their other arguments from the hidden states' shape alone; so before
 layer 0, one forward from the token ids with stand-ins for every layer checks the hand-over,
 and each layer's rebuilt arguments are compared with that forward's (first batch). A model
-that carries state between layers (hyper-connection streams, block states, top-k indices) or
-gives layers inputs made from the token ids is refused in one line, never run differently.
+that carries state between layers (hyper-connection streams, block states, top-k indices, or
+any object but tensors among a layer's arguments, which layers could write into) or gives
+layers inputs made from the token ids is refused in one line, never run differently.
 
 Peak memory: one layer's weights (twice while per-expert tensors are fused), the embeddings
 until layer 0's inputs are made, every batch's hidden states [T, D], and one batch's
@@ -284,6 +285,16 @@ class LayerByLayer:
                     "at a time",
                     hint="profile it without --sequential",
                 )
+        for i, _, (args, kwargs), _ in calls:
+            held = [f"{k}: {_opaque(v)}" for k, v in (*enumerate(args), *kwargs.items())]
+            held = [h for h in held if not h.endswith(": ")]
+            if held:  # a cache, a dict the layers write into: state the stand-ins never fill
+                raise ModelError(
+                    f"{name}.forward gives decoder layer {i} objects besides tensors "
+                    f"({', '.join(held[:3])}), which may carry state between layers: "
+                    "--sequential cannot run it one layer at a time",
+                    hint="profile it without --sequential",
+                )
         return [(args, kwargs) for _, _, (args, kwargs), _ in calls]
 
     def _inputs(self, index: int, **model_inputs: Any) -> tuple[torch.Tensor, tuple, dict]:
@@ -407,6 +418,15 @@ def _check_same_inputs(decoder: nn.Module, index: int, want: tuple, got: tuple) 
             "--sequential cannot run it one layer at a time",
             hint="profile it without --sequential",
         )
+
+
+def _opaque(value: Any) -> str:
+    """'' for a tensor, None, a number, a string or a tuple of them; else the type's name."""
+    if value is None or isinstance(value, torch.Tensor | bool | int | float | str):
+        return ""
+    if isinstance(value, tuple):
+        return next((t for t in map(_opaque, value) if t), "")
+    return type(value).__name__
 
 
 def _same(a: Any, b: Any) -> bool:
