@@ -5,6 +5,7 @@ load."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,39 @@ from mfprune.errors import ModelError
 from mfprune.profiling import ProfileStats
 from mfprune.profiling.sequential import LayerByLayer
 
-# per-expert on-disk names (mixtral w1/w2/w3, qwen2_moe gate/up/down + shared expert), a dense
-# first layer and groups (deepseek_v3), fused experts with biases and sliding-window layers
-# (gpt_oss), attention experts (jetmoe)
+# every family with a tiny model that --sequential runs: per-expert on-disk names (mixtral
+# w1/w2/w3, qwen2_moe gate/up/down + shared expert), dense first layers and groups (deepseek_v3),
+# fused experts with biases and sliding-window layers (gpt_oss), attention experts (jetmoe),
+# hybrid linear-attention / mamba layers (qwen3_next, jamba, nemotron_h: a decoder that reads
+# each layer's block type), layer-dependent rotary and windows (mimo_v2_flash, cohere2_moe)
 FAMILIES = [
-    "mixtral",
-    "qwen2_moe",
-    "deepseek_v3",
-    "gpt_oss",
-    "jetmoe",
-    "glm4_moe",
-    "qwen3_next",
-    "jamba",
-    "granitemoehybrid",
-    "deepseek_v32",
-]
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+    "granitemoe", "phimoe", "jetmoe", "glm4_moe", "dots1", "solar_open", "sarvam_moe",
+    "sarvam_mla", "deepseek_v32", "glm4_moe_lite", "mimo_v2_flash", "minimax", "flex_olmo",
+    "mellum", "cohere2_moe", "jamba", "granitemoeshared", "granitemoehybrid", "granitemoe_swa",
+    "lara_mini", "qwen3_next", "ernie4_5_moe", "exaone_moe", "minimax_m2", "lfm2_moe", "afmoe",
+    "hunyuan_v1_moe", "kolibri1", "longcat_flash", "kimi_linear", "axk1", "axk2", "beam",
+    "nemotron_h", "hy_v3", "laguna", "flint", "bailing_hybrid", "qwen3_5_moe", "inkling_text",
+    "dots3_note_text", "dots3_note", "aria_text", "minimax_m3_vl_text",
+]  # fmt: skip
+# the families --sequential refuses (with the start of the reason): whatever the decoder does
+# beyond handing one layer's output to the next could not be rebuilt one layer at a time
+REFUSED = {
+    # block states / top-k indices / hyper-connection streams carried between layers
+    "inkling2_text": "inputs made from more than the hidden states",
+    "glm_moe_dsa": "cannot run with its decoder layers one at a time",
+    "hy_v4": "cannot run with its decoder layers one at a time",
+    "deepseek_v4": "objects besides tensors (position_embeddings: dict)",  # and HC streams
+    "qwen4_exp_text": "cannot run with its decoder layers one at a time",
+    "qwen4_exp": "cannot run with its decoder layers one at a time",
+    "zaya": "cannot run with its decoder layers one at a time",
+    # no `.layers` to run one by one
+    "dbrx": "keeps no decoder layers in `.layers`",
+    "llama4_text": "keeps no decoder layers in `.layers`",
+    "llama4": "keeps no decoder layers in `.layers`",
+    "gemma4": "keeps no decoder layers in `.layers`",
+    "gemma4_text": "computes buffers (embed_scale) next to weights",
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +75,63 @@ def test_sequential_equals_whole_model(family, model_dir, data):
     layered = profile(model_dir(family), data, batch_size=3, sequential=True)
     assert_same_stats(whole, layered, rtol=1e-6)
     assert layered.meta == whole.meta  # same data and model fingerprints, tokens, dtype
+
+
+# refused before the model is built, each by its own test: looped layers,
+# encoder-decoder (both in test_profile.py), unsupported model types (test_arch_registry.py)
+REFUSED_EARLIER = {
+    "inkling2_loop", "inkling2_loop_text", "switch_transformers", "nllb-moe", "ernie4_5_vl_moe"
+}  # fmt: skip
+
+
+def test_every_tiny_family_is_checked():
+    """Each tiny family is compared with the whole model here, or refused with a tested
+    reason: a new family cannot reach --sequential unchecked."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from mfprune.tinymodels import FAMILIES as TINY
+    from mfprune.tinymodels import make_config
+
+    listed = [*FAMILIES, *REFUSED, *REFUSED_EARLIER]
+    assert len(listed) == len(set(listed)) and set(listed) <= set(TINY)
+    rest = [
+        family
+        for family in TINY
+        if family not in listed
+        and make_config(family).model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ]
+    assert not rest, f"add {rest} to FAMILIES or REFUSED"  # composites are refused up front
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_refused_families_say_why_in_one_line(family, model_dir, data):
+    with pytest.raises(ModelError, match=re.escape(REFUSED[family])) as err:
+        profile(model_dir(family), data, batch_size=3, sequential=True)
+    assert "\n" not in str(err.value) and "without --sequential" in err.value.hint
+
+
+def test_layer_outputs_unpacked_into_state_are_refused_at_any_batch_size(model_dir, data):
+    """glm_moe_dsa's decoder unpacks each layer's output into (hidden, top-k indices): with 2
+    layers and 2 sequences a batch, the stand-ins' [2, S, D] outputs unpack without an error;
+    the probe still sees layer 1 get something else than layer 0's output."""
+    path = model_dir("glm_moe_dsa", num_hidden_layers=2, mlp_layer_types=["dense", "sparse"])
+    with pytest.raises(ModelError, match="passes decoder layer 1 more than layer 0's output"):
+        profile(path, data, batch_size=2, sequential=True)
+
+
+def test_layer_arguments_besides_tensors_are_refused(model_dir, data, monkeypatch):
+    """A dict handed to every layer (which layers could fill: shared keys and values) is state
+    the stand-ins never write: refused, though mixtral itself runs."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralModel
+
+    original = MixtralModel.forward
+
+    def with_shared(self: MixtralModel, *args: Any, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs, shared_state={})  # its **kwargs go to the layers
+
+    monkeypatch.setattr(MixtralModel, "forward", with_shared)
+    with pytest.raises(ModelError, match=r"layer 0 objects besides tensors \(shared_state: dict"):
+        profile(model_dir("mixtral"), data, sequential=True)
 
 
 def test_bf16_sharded_checkpoint_auto_dtype(model_dir, data):

@@ -17,6 +17,13 @@ A layer gets exactly the arguments the model's own forward would give it — the
 sliding-window mask of its layer type, the rotary position embeddings, the position ids —
 found by running the decoder's own forward with stand-ins for its layers that record the
 arguments of layer i and stop there (masks and rotary embeddings are cheap next to a layer).
+That holds only where the decoder does nothing between its layers but hand one layer's output
+to the next, and builds their other arguments from the hidden states' shape alone; so before
+layer 0, one forward from the token ids with stand-ins for every layer checks the hand-over,
+and each layer's rebuilt arguments are compared with that forward's (first batch). A model
+that carries state between layers (hyper-connection streams, block states, top-k indices, or
+any object but tensors among a layer's arguments, which layers could write into) or gives
+layers inputs made from the token ids is refused in one line, never run differently.
 
 Peak memory: one layer's weights (twice while per-expert tensors are fused), the embeddings
 until layer 0's inputs are made, every batch's hidden states [T, D], and one batch's
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import itertools
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -113,7 +121,14 @@ def build_skeleton(ckpt: Checkpoint, *, dtype: torch.dtype, device: torch.device
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     model.eval()
-    _init_buffers(model, model, device, skip=model.base_model.layers)
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ModelError(
+            f"{type(model.base_model).__name__} keeps no decoder layers in `.layers`: "
+            "--sequential cannot run it one layer at a time",
+            hint="profile it without --sequential",
+        )
+    _init_buffers(model, model, device, skip=layers)
     return model
 
 
@@ -181,11 +196,7 @@ class LayerByLayer:
     def _run(
         self, batches: list[Batch], recorder: Recorder, on_batch: Callable[[float], None] | None
     ) -> None:
-        with self._loaded("embed", self.embed):
-            hidden = [
-                self._inputs(0, input_ids=ids, attention_mask=mask)[0].to("cpu")
-                for ids, mask in batches
-            ]  # each [B, S, D]
+        hidden, probe = self._first_inputs(batches)
         count = len(self.layers)
         with recorder.attached():
             for i, layer in enumerate(self.layers):
@@ -193,6 +204,8 @@ class LayerByLayer:
                     for b, (_ids, mask) in enumerate(batches):
                         h = hidden[b].to(self.device)
                         _, args, kwargs = self._inputs(i, inputs_embeds=h, attention_mask=mask)
+                        if b == 0:
+                            _check_same_inputs(self.decoder, i, probe[i], (args, kwargs))
                         recorder.set_mask(mask)
                         out = layer(h, *args, **kwargs)
                         out = out[0] if isinstance(out, tuple) else out
@@ -212,11 +225,7 @@ class LayerByLayer:
         which every batch then goes through the layer for good."""
         _return_freed_memory()
         with torch.no_grad():
-            with self._loaded("embed", self.embed):
-                hidden = [
-                    self._inputs(0, input_ids=ids, attention_mask=mask)[0].to("cpu")
-                    for ids, mask in batches
-                ]  # each [B, S, D]
+            hidden, probe = self._first_inputs(batches)
             for i, layer in enumerate(self.layers):
                 with self._loaded(i, layer):
 
@@ -226,31 +235,101 @@ class LayerByLayer:
                         h = states[b].to(self.device)
                         mask = batches[b][1]
                         _, args, kwargs = self._inputs(i, inputs_embeds=h, attention_mask=mask)
+                        if b == 0:
+                            _check_same_inputs(self.decoder, i, probe[i], (args, kwargs))
                         out = layer(h, *args, **kwargs)
                         return out[0] if isinstance(out, tuple) else out
 
                     with visit(i, layer, run) or contextlib.nullcontext():
                         hidden = [run(b).to("cpu") for b in range(len(batches))]
 
+    def _first_inputs(self, batches: list[Batch]) -> tuple[list[torch.Tensor], list[tuple]]:
+        """Every batch's input of decoder layer 0 [B, S, D] (on CPU), and the (args, kwargs)
+        that the decoder gives each layer for batch 0, from the token ids (``_probe``)."""
+        with self._loaded("embed", self.embed):
+            probe = self._probe(*batches[0])
+            hidden = [
+                self._inputs(0, input_ids=ids, attention_mask=mask)[0].to("cpu")
+                for ids, mask in batches
+            ]  # each [B, S, D]
+        return hidden, probe
+
+    def _probe(self, ids: torch.Tensor, mask: torch.Tensor) -> list[tuple]:
+        """Run the decoder's forward from the token ids with stand-ins for all its layers, each
+        returning its input (up to the last), and refuse a model whose decoder does more
+        between its layers than hand one layer's output to the next (state beyond the hidden
+        states: hyper-connection streams, block states, layer outputs unpacked into several
+        values). Returns every layer's (args, kwargs): the layer-by-layer runs must rebuild
+        them from the hidden states alone."""
+        found: dict[str, Any] = {}
+        count = len(self.layers)
+        self._call_decoder(
+            [_StandIn(i, -count, found, self.layers[i]) for i in range(count)],
+            input_ids=ids,
+            attention_mask=mask,
+        )
+        calls = found.get("calls", [])
+        name = type(self.decoder).__name__
+        if [i for i, *_ in calls] != list(range(count)):
+            raise ModelError(
+                f"{name}.forward does not call its {count} decoder layers once each in order "
+                f"(called: {[i for i, *_ in calls]}): --sequential cannot run it one layer at "
+                "a time",
+                hint="profile it without --sequential",
+            )
+        for (i, _, _, returned), (j, got, _, _) in itertools.pairwise(calls):
+            if got is not returned:
+                raise ModelError(
+                    f"{name}.forward passes decoder layer {j} more than layer {i}'s output "
+                    "(state carried between layers): --sequential cannot run it one layer "
+                    "at a time",
+                    hint="profile it without --sequential",
+                )
+        for i, _, (args, kwargs), _ in calls:
+            held = [f"{k}: {_opaque(v)}" for k, v in (*enumerate(args), *kwargs.items())]
+            held = [h for h in held if not h.endswith(": ")]
+            if held:  # a cache, a dict the layers write into: state the stand-ins never fill
+                raise ModelError(
+                    f"{name}.forward gives decoder layer {i} objects besides tensors "
+                    f"({', '.join(held[:3])}), which may carry state between layers: "
+                    "--sequential cannot run it one layer at a time",
+                    hint="profile it without --sequential",
+                )
+        return [(args, kwargs) for _, _, (args, kwargs), _ in calls]
+
     def _inputs(self, index: int, **model_inputs: Any) -> tuple[torch.Tensor, tuple, dict]:
         """(hidden states, args, kwargs) that the decoder's own forward passes to layer
         ``index``, found by running it with stand-ins that stop at that layer."""
         found: dict[str, Any] = {}
-        stand_ins = nn.ModuleList(_StandIn(i, index, found) for i in range(len(self.layers)))
-        inputs = {k: v.to(self.device) for k, v in model_inputs.items()}
-        self.decoder.layers = stand_ins
-        try:
-            self.decoder(**inputs, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            self.decoder.layers = self.layers
-        if not found:
+        count = len(self.layers)
+        self._call_decoder(
+            [_StandIn(i, index, found, self.layers[i]) for i in range(count)], **model_inputs
+        )
+        if "hidden" not in found:
             raise ModelError(
                 f"{type(self.decoder).__name__}.forward never called decoder layer {index}",
                 hint="--sequential does not support this model's forward; profile without it",
             )
         return found["hidden"], found["args"], found["kwargs"]
+
+    def _call_decoder(self, stand_ins: list[nn.Module], **model_inputs: Any) -> None:
+        """The decoder's forward with ``stand_ins`` for its layers, until one stops it."""
+        inputs = {k: v.to(self.device) for k, v in model_inputs.items()}
+        self.decoder.layers = nn.ModuleList(stand_ins)
+        try:
+            self.decoder(**inputs, use_cache=False)
+        except _Stop:
+            pass
+        except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            raise ModelError(
+                f"{type(self.decoder).__name__}.forward cannot run with its decoder layers "
+                f"one at a time ({type(e).__name__}: {first}): --sequential does not support "
+                f"{self.model.config.model_type}",
+                hint="profile it without --sequential",
+            ) from e
+        finally:
+            self.decoder.layers = self.layers
 
     # ----------------------------------------------------------------------------- loading
 
@@ -297,15 +376,76 @@ class _Stop(Exception):
 
 
 class _StandIn(nn.Module):
-    def __init__(self, index: int, target: int, found: dict[str, Any]) -> None:
+    """Decoder layer ``index``'s stand-in: returns its input; records it at ``target`` and
+    stops there (``target`` -L: records every call in ``found["calls"]``, stops after the
+    last of the L layers). Plain attributes the decoder reads off its layers (a block type)
+    come from the real layer."""
+
+    def __init__(self, index: int, target: int, found: dict[str, Any], real: nn.Module) -> None:
         super().__init__()
         self.index, self.target, self.found = index, target, found
+        object.__setattr__(self, "_real", real)  # not a submodule: never loaded or moved
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            value = getattr(object.__getattribute__(self, "_real"), name)
+            if isinstance(value, nn.Module | torch.Tensor) or callable(value):
+                raise
+            return value
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.index == self.target:
             self.found.update(hidden=hidden, args=args, kwargs=kwargs)
             raise _Stop
+        if self.target < 0:
+            calls = self.found.setdefault("calls", [])
+            calls.append((self.index, hidden, (args, kwargs), hidden))
+            if self.index == -self.target - 1:  # the last layer: the final norm is not loaded
+                raise _Stop
         return hidden
+
+
+def _check_same_inputs(decoder: nn.Module, index: int, want: tuple, got: tuple) -> None:
+    """Refuse when layer ``index``'s arguments rebuilt from the hidden states (``got``) differ
+    from those the decoder gives it from the token ids (``want``): inputs made from the ids or
+    the embeddings (per-layer inputs, n-gram embeddings) or state from earlier layers."""
+    if not _same(want, got):
+        raise ModelError(
+            f"{type(decoder).__name__}.forward gives decoder layer {index} inputs made from "
+            "more than the hidden states (token ids, embeddings or earlier layers' state): "
+            "--sequential cannot run it one layer at a time",
+            hint="profile it without --sequential",
+        )
+
+
+def _opaque(value: Any) -> str:
+    """'' for a tensor, None, a number, a string or a tuple of them; else the type's name."""
+    if value is None or isinstance(value, torch.Tensor | bool | int | float | str):
+        return ""
+    if isinstance(value, tuple):
+        return next((t for t in map(_opaque, value) if t), "")
+    return type(value).__name__
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal argument trees: tensors by value, containers item by item, others by type."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a.cpu(), b.cpu())
+        )
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if a is None or isinstance(a, bool | int | float | str):
+        return a == b
+    return type(a) is type(b)
 
 
 def _init_buffers(

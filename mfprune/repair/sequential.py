@@ -46,8 +46,19 @@ def refit_sequential(
 ) -> tuple[list[LayerFit], dict[str, TensorInfo]]:
     """Refit ``model`` (a meta skeleton of ``ckpt``) layer by layer; return the fits and the
     repaired tensors, written into ``folder``, by source name."""
+    from mfprune.arch import spec_for_config
+    from mfprune.errors import MfpruneError, ModelError
     from mfprune.profiling.sequential import LayerByLayer
 
+    try:  # the masking of the dropped experts reads the skeleton's own config
+        spec_for_config(model.config.to_dict())
+    except MfpruneError as e:
+        raise ModelError(
+            f"--repair refit --sequential cannot run {ckpt.config.get('model_type')}: one layer "
+            f"at a time it runs as '{model.config.model_type}' ({type(model).__name__}), which "
+            "has no adapter of its own",
+            hint="repair it without --sequential",
+        ) from e
     runner = LayerByLayer(ckpt, model, device=device)
     drop = dropped_experts(model, kept)
     fits: list[LayerFit] = []
