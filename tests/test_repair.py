@@ -395,9 +395,9 @@ def test_refit_refuses_a_quantized_checkpoint(tiny_checkpoint, task, tmp_path):
 
 # --repair refit refuses their experts in memory too (biases, other layouts)
 REFIT_REFUSED = {"gpt_oss", "longcat_flash", "aria_text", "minimax_m3_vl_text"}
-# fail in memory too, with a raw error (left for their own fix): no router found by layer
-# (afmoe, hunyuan_v1_moe), experts without gate_up_proj (nemotron_h), a MoE block without
-# .experts (jetmoe)
+# refused up front with a one-line reason (test_refit_refuses_these_families_up_front): no
+# router module found by layer (afmoe, hunyuan_v1_moe), experts without gate_up_proj
+# (nemotron_h), a MoE block without .experts (jetmoe)
 REFIT_BROKEN = {"afmoe", "hunyuan_v1_moe", "nemotron_h", "jetmoe"}
 # every family that --sequential runs (test_profile_sequential.FAMILIES) and whose experts
 # --repair refit handles; qwen3_5_moe: refused (test_sequential_refit_refuses_a_skeleton_...)
@@ -406,6 +406,34 @@ REFIT_FAMILIES = [
     for family in SEQUENTIAL_FAMILIES
     if family not in REFIT_REFUSED | REFIT_BROKEN | {"qwen3_5_moe"}
 ]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+@pytest.mark.parametrize("family", sorted(REFIT_BROKEN))
+def test_refit_refuses_these_families_up_front(model_dir, task, family, sequential):
+    """A layout --repair refit does not model stops before any layer is refit, in one line."""
+    from mfprune import PrunePlan
+    from mfprune.arch import spec_for_config
+    from mfprune.arch.layout import resolve_layout
+    from mfprune.checkpoint import open_checkpoint
+    from mfprune.errors import ModelError
+    from mfprune.repair import repaired_tensors
+
+    ckpt = open_checkpoint(model_dir(family))
+    layout = resolve_layout(ckpt, spec_for_config(ckpt.config))
+    e = layout.experts
+    plan = PrunePlan(experts={layer: list(range(e.num_experts // 2)) for layer in e.layers})
+    calls = []
+    with (
+        pytest.raises(ModelError, match=r"--repair refit finds no router|cannot refit") as info,
+        repaired_tensors(
+            ckpt, layout, plan, method="refit", data=task, device="cpu", sequential=sequential,
+            on_batch=calls.append,
+        ),
+    ):  # fmt: skip
+        pass
+    assert info.value.hint and "--repair none" in info.value.hint
+    assert not calls  # no batch was run
 
 
 @pytest.mark.parametrize("family", REFIT_FAMILIES)

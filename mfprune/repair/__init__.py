@@ -172,10 +172,9 @@ def repaired_tensors(
         for layer in experts.layers
         if len(plan.kept_experts(experts, layer)) < experts.num_experts
     }
-    from mfprune.modules import find_routers, parent_of
+    from mfprune.repair.refit import refittable_experts
 
-    routers = find_routers(model, attention=False)
-    modules = {layer: parent_of(model, routers[layer][0]).experts for layer in kept}
+    modules = {layer: refittable_experts(model, layer) for layer in kept}  # refused up front
     where = {
         layer: locate_repaired(ckpt, experts, layer, modules[layer], kept[layer], refined=steps > 0)
         for layer in kept

@@ -92,6 +92,8 @@ def refit_model(
     (refine.py). ``kept``: per MoE layer, the expert ids kept; layers that keep every expert
     are left alone. ``on_batch`` is called after each batch of each layer with its real
     tokens."""
+    for layer in kept:  # every layer refused up front, before any work
+        refittable_experts(model, layer)
     drop = dropped_experts(model, kept)
     fits = []
     for layer in sorted(drop):
@@ -121,6 +123,8 @@ def dropped_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> dict
     routers = find_routers(model, attention=False)
     drop: dict[int, list[int]] = {}
     for layer, ids in sorted(kept.items()):
+        if layer not in routers:
+            moe_block_of(model, layer)  # raises: no router in that layer
         total = int(routers[layer][1].num_experts)
         gone = [e for e in range(total) if e not in set(ids)]
         if gone:
@@ -130,7 +134,18 @@ def dropped_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> dict
 
 def moe_block_of(model: nn.Module, layer: int) -> nn.Module:
     """The MoE block of decoder layer ``layer`` (the module around its router)."""
-    return parent_of(model, find_routers(model, attention=False)[layer][0])
+    routers = find_routers(model, attention=False)
+    if layer not in routers:
+        raise ModelError(
+            f"layer {layer}: --repair refit finds no router module in this model's layer",
+            hint="this model routes in a way --repair does not model; use --repair none",
+        )
+    return parent_of(model, routers[layer][0])
+
+
+def refittable_experts(model: nn.Module, layer: int) -> nn.Module:
+    """Layer ``layer``'s experts module, if --repair refit can model it (else ModelError)."""
+    return _check_experts(moe_block_of(model, layer), layer)
 
 
 def refit_layer(
