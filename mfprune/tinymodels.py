@@ -283,12 +283,11 @@ _SPEECH_ENCODER: dict[str, Any] = {
     "num_mel_bins": 8,
 }
 
-#: Inkling 2's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
-#: attention-residual blocks of 2 layers, an MoE in every layer; the lm head unpadded.
-_INKLING2_TEXT: dict[str, Any] = {
+#: The three attention layers of Inkling and Inkling 2: sliding-window layers 0 and 2 (their
+#: own head counts) around a full-attention layer 1, with relative-position states.
+_INKLING_LAYERS: dict[str, Any] = {
     **_BASE,
     "num_hidden_layers": 3,
-    "unpadded_vocab_size": 128,
     "head_dim": 16,
     "swa_num_attention_heads": 4,
     "swa_num_key_value_heads": 2,
@@ -297,6 +296,13 @@ _INKLING2_TEXT: dict[str, Any] = {
     "d_rel": 8,
     "rel_extent": 16,
     "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+}
+
+#: Inkling 2's language model: sliding-window layers 0 and 2 around a full-attention layer 1,
+#: attention-residual blocks of 2 layers, an MoE in every layer; the lm head unpadded.
+_INKLING2_TEXT: dict[str, Any] = {
+    **_INKLING_LAYERS,
+    "unpadded_vocab_size": 128,
     "moe_intermediate_size": 32,
     "n_routed_experts": 8,
     "num_experts_per_tok": 2,
@@ -362,16 +368,7 @@ _QWEN4_EXP_TEXT: dict[str, Any] = {
 #: layer 0 dense, then 8 routed experts (top-2) and 2 shared experts, which the router scores
 #: too (rows 8 and 9)
 _INKLING_TEXT: dict[str, Any] = {
-    **_BASE,
-    "num_hidden_layers": 3,
-    "head_dim": 16,
-    "swa_num_attention_heads": 4,
-    "swa_num_key_value_heads": 2,
-    "swa_head_dim": 16,
-    "sliding_window_size": 8,
-    "d_rel": 8,
-    "rel_extent": 16,
-    "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+    **_INKLING_LAYERS,
     "mlp_layer_types": ["dense", "sparse", "sparse"],
     "moe_intermediate_size": 32,
     "n_routed_experts": 8,
