@@ -141,19 +141,25 @@ def test_inspect_reports_mtp_layers(with_mtp):
     assert report.mtp_layers == [MTP]
 
 
-def test_step3p7_mtp_layers_under_text_config_follow_the_last_layer(tiny_checkpoint, tmp_path):
-    """Step 3.7 Flash appends its MTP layers as model.layers.N.* (num_nextn_predict_layers in
-    text_config); transformers ignores them on load. They keep the last MoE layer's experts."""
-    source = tmp_path / "src"
-    shutil.copytree(tiny_checkpoint("step3p7"), source)
+def _last_layer_as_mtp(tiny, source, config_path: str = ""):
+    """A copy of ``tiny`` whose last decoder layer (2) is also stored as the MTP layer
+    model.layers.{MTP}.*, with num_nextn_predict_layers = 1 (under ``config_path``)."""
+    shutil.copytree(tiny, source)
     tensors = load_file(source / "model.safetensors")
     for name, t in list(tensors.items()):
         if name.startswith("model.layers.2."):
             tensors[name.replace("layers.2.", f"layers.{MTP}.")] = t.clone()
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((source / "config.json").read_text())
-    config["text_config"]["num_nextn_predict_layers"] = 1
+    (config[config_path] if config_path else config)["num_nextn_predict_layers"] = 1
     (source / "config.json").write_text(json.dumps(config))
+    return source
+
+
+def test_step3p7_mtp_layers_under_text_config_follow_the_last_layer(tiny_checkpoint, tmp_path):
+    """Step 3.7 Flash appends its MTP layers as model.layers.N.* (num_nextn_predict_layers in
+    text_config); transformers ignores them on load. They keep the last MoE layer's experts."""
+    source = _last_layer_as_mtp(tiny_checkpoint("step3p7"), tmp_path / "src", "text_config")
     out = tmp_path / "pruned"
     rewrite_checkpoint(source, PrunePlan(experts=KEPT), out)
     assert_experts_follow(source, out, kept={**KEPT, MTP: KEPT[2]})
@@ -177,16 +183,7 @@ def test_deepseek_style_mtp_layers_of_other_families_follow_the_last_layer(
 ):
     """GLM-4.5 and Bailing hybrid store their MTP layers as model.layers.N.* after the last
     decoder layer (num_nextn_predict_layers), as transformers' MtpModel reads them."""
-    source = tmp_path / "src"
-    shutil.copytree(tiny_checkpoint(family), source)
-    tensors = load_file(source / "model.safetensors")
-    for name, t in list(tensors.items()):
-        if name.startswith("model.layers.2."):
-            tensors[name.replace("layers.2.", f"layers.{MTP}.")] = t.clone()
-    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((source / "config.json").read_text())
-    config["num_nextn_predict_layers"] = 1
-    (source / "config.json").write_text(json.dumps(config))
+    source = _last_layer_as_mtp(tiny_checkpoint(family), tmp_path / "src")
     out = tmp_path / "pruned"
     rewrite_checkpoint(source, PrunePlan(experts=KEPT), out)
     assert_experts_follow(source, out, kept={**KEPT, MTP: KEPT[2]})

@@ -308,7 +308,8 @@ def test_bad_refit_steps_in_the_config(tmp_path, lines, message):
         keep = 2
         {lines}
         """
-    assert any(message in p for p in problems_of(tmp_path, config)), problems_of(tmp_path, config)
+    problems = problems_of(tmp_path, config)
+    assert any(message in p for p in problems), problems
 
 
 def test_output_folder_is_checked_before_profiling(setup, tmp_path):

@@ -174,7 +174,7 @@ def repaired_tensors(
     }
     from mfprune.repair.refit import refittable_experts
 
-    modules = {layer: refittable_experts(model, layer) for layer in kept}  # refused up front
+    modules = refittable_experts(model, kept)  # refused up front
     where = {
         layer: locate_repaired(ckpt, experts, layer, modules[layer], kept[layer], refined=steps > 0)
         for layer in kept

@@ -39,6 +39,11 @@ DEFAULT_STEPS = 300
 DEFAULT_LR = 0.025  # × each tensor's rms
 
 
+def output_tensor(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A MoE block's output (some blocks also return their router logits)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def step_tokens(tokens: int) -> int:
     """Tokens per refinement step for a layer whose calibration has ``tokens`` real tokens."""
     n = min(MAX_SAMPLE, tokens)
@@ -128,8 +133,7 @@ def refine_layer(
         }
 
     def error(rows: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(block, weights(), (x[rows][None],))
-        out = (out[0] if isinstance(out, tuple) else out)[0]  # [n, H]
+        out = output_tensor(torch.func.functional_call(block, weights(), (x[rows][None],)))[0]
         return ((out.float() - y[rows]) ** 2).mean() / scale
 
     with masking(model, experts={layer: list(drop)}), torch.enable_grad():  # callers: no_grad
@@ -137,7 +141,7 @@ def refine_layer(
             before = float(error(held))
         best = (before, [p.detach().clone() for p in leaves], 0)
         ran = 0
-        for step in range(1, steps + 1 if train.numel() else 1):
+        for step in range(1, (steps if train.numel() else 0) + 1):  # one token: nothing to fit
             pick = torch.randint(train.numel(), (min(BATCH, train.numel()),), generator=generator)
             loss = error(train[pick.to(device)])
             opt.zero_grad(set_to_none=True)

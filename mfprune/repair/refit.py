@@ -47,8 +47,9 @@ from torch import nn
 from mfprune.errors import ModelError
 from mfprune.modules import find_routers, parent_of, text_model
 from mfprune.oracle import masking
-from mfprune.repair.refine import DEFAULT_LR, Refinement, Sample, refine_layer
+from mfprune.repair.refine import DEFAULT_LR, Refinement, Sample, output_tensor, refine_layer
 
+Routers = dict[int, tuple[str, nn.Module]]  # find_routers: layer -> (name, router module)
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # (input_ids [B, S], attention_mask [B, S])
 MAX_FEATURES = 8192  # K·I above this: per-expert normal equations
 _CHUNK = 4096  # tokens per feature matrix
@@ -92,8 +93,7 @@ def refit_model(
     (refine.py). ``kept``: per MoE layer, the expert ids kept; layers that keep every expert
     are left alone. ``on_batch`` is called after each batch of each layer with its real
     tokens."""
-    for layer in kept:  # every layer refused up front, before any work
-        refittable_experts(model, layer)
+    refittable_experts(model, kept)  # every layer refused up front, before any work
     drop = dropped_experts(model, kept)
     fits = []
     for layer in sorted(drop):
@@ -123,8 +123,7 @@ def dropped_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> dict
     routers = find_routers(model, attention=False)
     drop: dict[int, list[int]] = {}
     for layer, ids in sorted(kept.items()):
-        if layer not in routers:
-            moe_block_of(model, layer)  # raises: no router in that layer
+        moe_block_of(model, layer, routers)  # raises where the layer has no router
         total = int(routers[layer][1].num_experts)
         gone = [e for e in range(total) if e not in set(ids)]
         if gone:
@@ -132,9 +131,10 @@ def dropped_experts(model: nn.Module, kept: Mapping[int, Sequence[int]]) -> dict
     return drop
 
 
-def moe_block_of(model: nn.Module, layer: int) -> nn.Module:
-    """The MoE block of decoder layer ``layer`` (the module around its router)."""
-    routers = find_routers(model, attention=False)
+def moe_block_of(model: nn.Module, layer: int, routers: Routers | None = None) -> nn.Module:
+    """The MoE block of decoder layer ``layer`` (the module around its router; ``routers``:
+    ``find_routers(model, attention=False)`` when the caller has it)."""
+    routers = find_routers(model, attention=False) if routers is None else routers
     if layer not in routers:
         raise ModelError(
             f"layer {layer}: --repair refit finds no router module in this model's layer",
@@ -143,9 +143,11 @@ def moe_block_of(model: nn.Module, layer: int) -> nn.Module:
     return parent_of(model, routers[layer][0])
 
 
-def refittable_experts(model: nn.Module, layer: int) -> nn.Module:
-    """Layer ``layer``'s experts module, if --repair refit can model it (else ModelError)."""
-    return _check_experts(moe_block_of(model, layer), layer)
+def refittable_experts(model: nn.Module, layers: Iterable[int]) -> dict[int, nn.Module]:
+    """Per layer, its experts module, if --repair refit can model every one (else ModelError,
+    before any work)."""
+    routers = find_routers(model, attention=False)
+    return {layer: _check_experts(moe_block_of(model, layer, routers), layer) for layer in layers}
 
 
 def refit_layer(
@@ -244,7 +246,7 @@ def _refit_layer(
         real = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [B*S]
         with torch.no_grad():
             with _capture(experts) as seen:
-                reference = block_output(block, x)  # the original block: original routing
+                reference = output_tensor(block(x))  # the original block: original routing
             target = seen[-1].output  # [B*S, H]
             if sample is not None:  # the block's input and whole output, for refine.py
                 flat = x.reshape(-1, x.shape[-1])
@@ -278,12 +280,6 @@ def _refit_layer(
         error_refit=error_refit,
         joint=joint,
     )
-
-
-def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The MoE block's output for ``x`` [B, S, H] (some blocks also return router logits)."""
-    out = block(x)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @dataclass(frozen=True)

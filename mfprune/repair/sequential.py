@@ -65,8 +65,7 @@ def refit_sequential(
             "has no adapter of its own",
             hint="repair it without --sequential",
         ) from e
-    for layer in kept:  # refused before any layer is read (the skeleton has the shapes)
-        refittable_experts(model, layer)
+    refittable_experts(model, kept)  # refused before any layer is read (the skeleton has shapes)
     runner = LayerByLayer(ckpt, model, device=device)
     drop = dropped_experts(model, kept)
     fits: list[LayerFit] = []
@@ -76,7 +75,6 @@ def refit_sequential(
         if i not in drop:
             return None
         block = moe_block_of(model, i)
-        refittable_experts(model, i)
         # as loaded: matched to the disk before the repair changes them
         where = locate_repaired(ckpt, experts, i, block.experts, kept[i], refined=steps > 0)
         inputs = [(_block_input(block, run, b), batches[b][1]) for b in range(len(batches))]
